@@ -1,0 +1,34 @@
+"""
+coreason-budget: FinOps guardrails for LLM calls.
+
+Refuses a call *before* it is made when a user's, a project's or the whole
+organisation's daily budget would be exceeded, atomically across threads,
+processes and machines sharing one Redis.
+"""
+
+from __future__ import annotations
+
+from ._config import BudgetConfig
+from ._manager import BudgetManager, ScopeUsage
+from ._reservation import Reservation
+from .exceptions import (
+    BudgetError,
+    BudgetExceededError,
+    BudgetUnavailableError,
+    ConfigError,
+    InvalidInputError,
+    UnknownModelError,
+)
+
+__all__ = [
+    "BudgetConfig",
+    "BudgetError",
+    "BudgetExceededError",
+    "BudgetManager",
+    "BudgetUnavailableError",
+    "ConfigError",
+    "InvalidInputError",
+    "Reservation",
+    "ScopeUsage",
+    "UnknownModelError",
+]

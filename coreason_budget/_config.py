@@ -1,0 +1,167 @@
+"""
+Configuration: one frozen attrs class, built in code or from ``COREASON_BUDGET_*`` variables.
+
+A bad value is a :class:`~coreason_budget.exceptions.ConfigError` that names
+the variable (or attribute) and what was wrong, raised when the configuration
+is built, so a misconfigured worker dies at start-up instead of at its first
+LLM call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import cattrs
+from dotenv import dotenv_values
+
+from ._money import MAX_LIMIT_NANO, MAX_LIMIT_USD, to_nano
+from .exceptions import ConfigError, InvalidInputError
+
+log = logging.getLogger("coreason_budget")
+
+ENV_PREFIX = "COREASON_BUDGET_"
+STORE_SCHEMES = ("redis", "rediss", "unix", "embedded", "memory")
+# Read by other parts of the project (server, CLI), not by BudgetConfig: not typos.
+_KNOWN_ELSEWHERE = frozenset({"API_KEYS", "ADMIN_API_KEYS"})
+
+
+class _FieldError(ConfigError):
+    """A validator's complaint about one attribute; from_env renames it after its variable."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def _limit(_: object, a: attrs.Attribute[Any], value: float) -> None:
+    try:
+        to_nano(value, a.name, maximum=MAX_LIMIT_NANO)
+    except InvalidInputError as e:
+        raise _FieldError(
+            a.name, f"must be a finite number of USD from 0 to {MAX_LIMIT_USD:,}, got {value!r}"
+        ) from e
+
+
+def _positive_seconds(_: object, a: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= 3600):
+        raise _FieldError(a.name, f"must be a number of seconds above 0 and at most 3600, got {value!r}")
+
+
+def _count(low: int, high: int) -> Any:
+    def check(_: object, a: attrs.Attribute[Any], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _FieldError(a.name, f"must be a whole number from {low} to {high}, got {value!r}")
+
+    return check
+
+
+def _prefix(_: object, a: attrs.Attribute[Any], value: str) -> None:
+    # Braces would change the Redis Cluster hash tag; a colon-free, short prefix
+    # keeps every key readable and in one slot.
+    if not value or len(value) > 64 or any(c in value for c in "{}: \t\r\n"):
+        raise _FieldError(
+            a.name, f"must be 1-64 characters without braces, colons or spaces, got {value!r}"
+        )
+
+
+def _store_url(_: object, a: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    scheme = urlsplit(value).scheme
+    if scheme not in STORE_SCHEMES:
+        raise _FieldError(
+            a.name,
+            f"must start with one of {', '.join(s + '://' for s in STORE_SCHEMES)}, got {value!r}",
+        )
+    if scheme == "embedded" and not value.removeprefix("embedded://"):
+        raise _FieldError(a.name, "embedded:// needs a file path, e.g. embedded:///var/lib/budget.db")
+
+
+@attrs.frozen(kw_only=True)
+class BudgetConfig:
+    """
+    How a :class:`~coreason_budget.BudgetManager` connects and what it enforces.
+
+    Timeouts are short on purpose: a budget guard that hangs when its store
+    stalls stalls every LLM call behind it. With the defaults a dead store
+    makes a call fail in well under a second, retries included.
+    """
+
+    #: ``redis://``, ``rediss://``, ``unix://``, ``embedded://PATH`` or ``memory://``.
+    #: None: the embedded store at a per-user default path.
+    redis_url: str | None = attrs.field(default=None, validator=_store_url)
+    daily_user_limit_usd: float = attrs.field(default=10.0, validator=_limit)
+    daily_project_limit_usd: float = attrs.field(default=500.0, validator=_limit)
+    daily_global_limit_usd: float = attrs.field(default=5000.0, validator=_limit)
+    #: Every key starts with ``{key_prefix}``: one Redis Cluster slot per prefix.
+    key_prefix: str = attrs.field(default="coreason_budget", validator=_prefix)
+    connect_timeout: float = attrs.field(default=0.25, validator=_positive_seconds)
+    socket_timeout: float = attrs.field(default=0.25, validator=_positive_seconds)
+    #: Retries of a command after a connection error or timeout; safe because
+    #: every write carries an operation id.
+    retries: int = attrs.field(default=2, validator=_count(0, 10))
+    #: Connections per manager; a burst beyond it waits up to pool_timeout.
+    pool_size: int = attrs.field(default=32, validator=_count(1, 10_000))
+    pool_timeout: float = attrs.field(default=0.5, validator=_positive_seconds)
+    #: How long a day's counters and reservations are kept after the day ends.
+    retention_seconds: int = attrs.field(default=7 * 86400, validator=_count(0, 366 * 86400))
+    #: How long an operation id is remembered, so its retry is not charged twice.
+    idempotency_ttl_seconds: int = attrs.field(default=2 * 86400, validator=_count(1, 366 * 86400))
+    #: Where the server and CLI log; importing the library never writes there.
+    log_path: str = "logs/app.log"
+    #: JSON or TOML file of model prices that win over litellm's table.
+    pricing_file: str | None = None
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        env_file: str | os.PathLike[str] | None = ".env",
+    ) -> BudgetConfig:
+        """
+        Build the configuration from ``COREASON_BUDGET_*`` variables.
+
+        Values in *env_file* (if it exists) fill in what the real environment
+        does not set; the environment always wins. Empty values count as unset.
+        """
+        merged: dict[str, str | None] = {}
+        if env_file is not None and os.path.exists(env_file):
+            merged.update(dotenv_values(env_file))
+        merged.update(os.environ if environ is None else environ)
+
+        names = {a.name for a in attrs.fields(cls)}
+        values: dict[str, str] = {}
+        for var, raw in merged.items():
+            if not var.startswith(ENV_PREFIX) or raw is None or raw.strip() == "":
+                continue
+            name = var.removeprefix(ENV_PREFIX).lower()
+            if name in names:
+                values[name] = raw.strip()
+            elif name.upper() not in _KNOWN_ELSEWHERE:
+                log.warning("Ignoring unknown configuration variable %s", var)
+
+        def var(name: str) -> str:
+            return f"{ENV_PREFIX}{name.upper()}={values.get(name)!r}"
+
+        try:
+            return _converter.structure(values, cls)
+        except _FieldError as e:
+            raise ConfigError(f"{var(e.field)}: {e.reason}") from None
+        except cattrs.ClassValidationError as e:
+            with_notes, _ = e.group_exceptions()
+            problems = [f"{var(note.name)}: expected {_type_name(note.type)}" for _, note in with_notes]
+            raise ConfigError("; ".join(problems) or str(e)) from None
+
+
+def _type_name(tp: Any) -> str:
+    return {float: "a number", int: "a whole number", str: "text"}.get(tp, str(tp))
+
+
+_converter = cattrs.Converter(detailed_validation=True)

@@ -1,0 +1,186 @@
+"""
+The ledger: key names, and the one registered Lua script every operation calls.
+
+Keys all start with the hash tag ``{prefix}`` so that the keys of any one
+operation (user, project and global counters, limits, the record) live in one
+Redis Cluster slot, as a multi-key script requires. Ids always come after the
+tag and after a fixed-grammar part of the key, so no id can change the tag or
+collide with another kind of key, whatever characters it holds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Sequence
+from importlib.resources import files
+from typing import Any
+
+import attrs
+import redis
+
+from .exceptions import BudgetExceededError, BudgetUnavailableError
+
+DAY_MS = 86_400_000
+UNLIMITED = -1
+_EPOCH = datetime.date(1970, 1, 1).toordinal()
+_LUA = files(__package__).joinpath("ledger.lua").read_text(encoding="utf-8")
+
+
+@attrs.frozen
+class Scope:
+    """One counter an operation touches, and the limit it enforces there."""
+
+    name: str  # "user", "project", "global" or "model"
+    entity_id: str | None
+    field: str  # the hash field in the day's counters and in the limits
+    default_limit_nano: int  # UNLIMITED for tracked-only counters (models)
+
+
+@attrs.frozen
+class Held:
+    """What the store says a reservation holds."""
+
+    state: str
+    day: int
+    held_nano: int
+
+
+class Ledger:
+    """
+    Calls the script and turns its replies into values and exceptions.
+
+    The day is decided by the Redis server's clock (the one clock every
+    worker shares) unless a *clock* is injected; key names must still be
+    sent in KEYS, so the client guesses the day from its own clock plus the
+    skew it last learned, and the script sends it back with the right day in
+    the rare case (drift across midnight) that the guess was wrong.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str,
+        retention_seconds: int,
+        idempotency_ttl_seconds: int,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._client = client
+        self._script = client.register_script(_LUA)
+        self._tag = "{" + prefix + "}"
+        self._limits_key = f"{self._tag}:limits"
+        self._retention_ms = str(retention_seconds * 1000)
+        self._op_ttl_ms = str(idempotency_ttl_seconds * 1000)
+        self._clock = clock
+        self._skew_ms = 0
+
+    # -- key names -----------------------------------------------------------
+
+    def day_key(self, day: int) -> str:
+        return f"{self._tag}:day:{datetime.date.fromordinal(_EPOCH + day).isoformat()}"
+
+    def reservation_key(self, reservation_id: str) -> str:
+        return f"{self._tag}:res:{reservation_id}"
+
+    def operation_key(self, operation_id: str) -> str:
+        return f"{self._tag}:op:{operation_id}"
+
+    # -- operations ----------------------------------------------------------
+
+    def reserve(self, scopes: Sequence[Scope], amount: int, reservation_id: str) -> Held:
+        """Hold *amount* in every scope, or raise BudgetExceededError having written nothing."""
+        day, reply = self._call("reserve", self.reservation_key(reservation_id), amount, scopes)
+        if reply[0] == "NO":
+            self._refuse(reply, scopes, amount)
+        _, state, held_day, held = reply
+        return Held(state=state, day=int(held_day), held_nano=int(held))
+
+    def settle(
+        self,
+        scopes: Sequence[Scope],
+        reservation_id: str,
+        day: int,
+        actual: int,
+        state: str,
+    ) -> list[str]:
+        """Settle a hold to *actual* (0 for a release); the first settlement wins."""
+        _, reply = self._call(
+            "settle", self.reservation_key(reservation_id), actual, scopes, (state,), day=day
+        )
+        return reply
+
+    def spend(self, scopes: Sequence[Scope], amount: int, operation_id: str) -> None:
+        """Record *amount* in every scope, once per operation id, limits notwithstanding."""
+        self._call("spend", self.operation_key(operation_id), amount, scopes)
+
+    def check(self, scopes: Sequence[Scope], amount: int) -> None:
+        """Raise BudgetExceededError if *amount* does not fit; never writes."""
+        _, reply = self._call("check", self._limits_key, amount, scopes)
+        if reply[0] == "NO":
+            self._refuse(reply, scopes, amount)
+
+    def usage(self, scopes: Sequence[Scope]) -> list[tuple[int, int]]:
+        """(spent, limit) in nano-dollars per scope, open holds counted as spent."""
+        _, reply = self._call("usage", self._limits_key, 0, scopes)
+        values = [int(v) for v in reply[1:]]
+        return list(zip(values[::2], values[1::2], strict=True))
+
+    def set_limit(self, field: str, limit_nano: int | None) -> None:
+        try:
+            if limit_nano is None:
+                self._client.hdel(self._limits_key, field)
+            else:
+                self._client.hset(self._limits_key, field, str(limit_nano))
+        except redis.RedisError as e:
+            raise BudgetUnavailableError(f"budget store unavailable: {e}") from e
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        if self._clock is not None:
+            return int(self._clock() * 1000)
+        return int(time.time() * 1000) + self._skew_ms
+
+    def _call(
+        self,
+        op: str,
+        record_key: str,
+        amount: int,
+        scopes: Sequence[Scope],
+        extra: Sequence[str] = (),
+        day: int | None = None,
+    ) -> tuple[int, list[str]]:
+        args: list[str] = [op, "", "", self._retention_ms, self._op_ttl_ms, str(amount)]
+        args.append(str(len(scopes)))
+        for scope in scopes:
+            args += (scope.field, str(scope.default_limit_nano))
+        args += extra
+        # Twice is enough: the second attempt uses the day the server named.
+        for _ in range(2):
+            now = self._now_ms()
+            the_day = day if day is not None else now // DAY_MS
+            args[1] = str(the_day)
+            args[2] = str(now) if self._clock is not None else ""
+            keys = [self.day_key(the_day), self._limits_key, record_key]
+            try:
+                reply: Any = self._script(keys=keys, args=args)
+            except redis.RedisError as e:
+                raise BudgetUnavailableError(f"budget store unavailable: {e}") from e
+            if not isinstance(reply, list) or not reply:
+                raise BudgetUnavailableError(f"budget store sent a malformed reply: {reply!r}")
+            if reply[0] != "DAY":
+                return the_day, reply
+            self._skew_ms = int(reply[2]) - int(time.time() * 1000)
+        raise BudgetUnavailableError("could not agree with the budget store on today's date")
+
+    @staticmethod
+    def _refuse(reply: list[str], scopes: Sequence[Scope], amount: int) -> None:
+        scope = scopes[int(reply[1]) - 1]
+        raise BudgetExceededError(
+            scope=scope.name,
+            entity_id=scope.entity_id,
+            limit_nano=int(reply[3]),
+            spent_nano=int(reply[2]),
+            requested_nano=amount,
+        )

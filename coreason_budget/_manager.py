@@ -1,0 +1,235 @@
+"""
+BudgetManager: the public, synchronous, thread-safe entry point.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
+
+import attrs
+
+from ._config import BudgetConfig
+from ._ledger import UNLIMITED, Ledger, Scope
+from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, to_nano
+from ._reservation import OnError, Reservation
+from ._store import open_store
+from .exceptions import InvalidInputError
+
+if TYPE_CHECKING:
+    from ._pricing import PricingEngine
+
+ScopeName = Literal["user", "project", "global"]
+
+
+@attrs.frozen
+class ScopeUsage:
+    """Today's spend in one scope. Open reservations count as spent until settled."""
+
+    scope: str
+    entity_id: str | None
+    spent_nano: int
+    limit_nano: int
+
+    @property
+    def remaining_nano(self) -> int:
+        return max(self.limit_nano - self.spent_nano, 0)
+
+    @property
+    def spent_usd(self) -> float:
+        return nano_to_usd(self.spent_nano)
+
+    @property
+    def limit_usd(self) -> float:
+        return nano_to_usd(self.limit_nano)
+
+    @property
+    def remaining_usd(self) -> float:
+        return nano_to_usd(self.remaining_nano)
+
+
+class BudgetManager:
+    """
+    Daily USD budgets per user, per project and for the whole organisation.
+
+    One manager per process is enough: it is thread-safe and owns a bounded
+    connection pool. Every operation is one atomic call of the ledger script,
+    so budgets hold across threads, processes and machines sharing a store.
+    """
+
+    def __init__(
+        self, config: BudgetConfig, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        """
+        *clock* (seconds since the epoch) replaces the store's clock in deciding
+        which day a call belongs to; meant for tests. Without it every worker
+        uses the Redis server's clock, so drifting worker clocks cannot split a day.
+        """
+        self.config = config
+        self._store = open_store(config)
+        self._ledger = Ledger(
+            self._store.client,
+            prefix=config.key_prefix,
+            retention_seconds=config.retention_seconds,
+            idempotency_ttl_seconds=config.idempotency_ttl_seconds,
+            clock=clock,
+        )
+        self._limits = {
+            "user": to_nano(config.daily_user_limit_usd, maximum=MAX_LIMIT_NANO),
+            "project": to_nano(config.daily_project_limit_usd, maximum=MAX_LIMIT_NANO),
+            "global": to_nano(config.daily_global_limit_usd, maximum=MAX_LIMIT_NANO),
+        }
+        self._pricing: PricingEngine | None = None
+        self._pricing_lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> BudgetManager:
+        """A manager configured from ``COREASON_BUDGET_*`` variables and ``.env``."""
+        return cls(BudgetConfig.from_env())
+
+    @property
+    def pricing(self) -> PricingEngine:
+        """Model prices (litellm's table plus overrides); loaded on first use."""
+        if self._pricing is None:
+            with self._pricing_lock:
+                if self._pricing is None:
+                    from ._pricing import PricingEngine
+
+                    self._pricing = PricingEngine(self.config.pricing_file)
+        return self._pricing
+
+    # -- the guard ------------------------------------------------------------
+
+    def check_availability(
+        self, user_id: str, estimated_cost: float | Decimal, project_id: str | None = None
+    ) -> None:
+        """
+        Raise :class:`BudgetExceededError` if *estimated_cost* does not fit today.
+
+        Read-only: two callers can both pass a check and together overspend.
+        Use :meth:`reserve` where that matters.
+        """
+        amount = to_nano(estimated_cost, "estimated_cost")
+        self._ledger.check(self._scopes(user_id, project_id, None), amount)
+
+    def record_spend(
+        self,
+        user_id: str,
+        cost: float | Decimal,
+        project_id: str | None = None,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """
+        Record money already spent, in every scope, even past a limit.
+
+        Repeating a call with the same *idempotency_key* records it once; without
+        one, a key is generated for this call so the store client's own retries
+        cannot double-charge.
+        """
+        amount = to_nano(cost, "cost")
+        scopes = self._scopes(user_id, project_id, model)
+        op = uuid.uuid4().hex if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
+        self._ledger.spend(scopes, amount, op)
+
+    def reserve(
+        self,
+        user_id: str,
+        estimate: float | Decimal,
+        project_id: str | None = None,
+        model: str | None = None,
+        *,
+        on_error: OnError = "charge",
+        reservation_id: str | None = None,
+    ) -> Reservation:
+        """
+        Hold *estimate* in every applicable scope, atomically, or raise.
+
+        Raises :class:`BudgetExceededError` having held nothing when any scope
+        cannot fit it. Reserving again with the same *reservation_id* returns
+        the existing hold instead of taking a second one.
+        """
+        if on_error not in ("charge", "release"):
+            raise InvalidInputError(f"on_error must be 'charge' or 'release', got {on_error!r}")
+        amount = to_nano(estimate, "estimate")
+        scopes = self._scopes(user_id, project_id, model)
+        rid = uuid.uuid4().hex if reservation_id is None else check_id(reservation_id, "reservation_id")
+        held = self._ledger.reserve(scopes, amount, rid)
+        return Reservation(
+            self,
+            self._ledger,
+            scopes,
+            rid,
+            held,
+            user_id=user_id,
+            project_id=project_id,
+            model=model,
+            on_error=on_error,
+        )
+
+    # -- reporting and administration -------------------------------------------
+
+    def usage(self, user_id: str, project_id: str | None = None) -> dict[str, ScopeUsage]:
+        """Today's spent, limit and remaining per scope: "user", "project" (if given), "global"."""
+        scopes = self._scopes(user_id, project_id, None)
+        return {
+            s.name: ScopeUsage(s.name, s.entity_id, spent, limit)
+            for s, (spent, limit) in zip(scopes, self._ledger.usage(scopes), strict=True)
+        }
+
+    def set_limit(
+        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+    ) -> None:
+        """
+        Override the daily limit of one user or project (or the global one, with
+        entity_id None); ``None`` removes the override. Stored in Redis, so
+        every worker applies it from its next call on.
+        """
+        field = self._scope(scope, entity_id).field
+        limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
+        self._ledger.set_limit(field, limit)
+
+    def close(self) -> None:
+        """Close the connection pool (and stop an embedded store no one else uses)."""
+        self._store.close()
+
+    def __enter__(self) -> BudgetManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- scopes ------------------------------------------------------------------
+
+    def _scope(self, name: str, entity_id: str | None) -> Scope:
+        if name == "global":
+            if entity_id is not None:
+                raise InvalidInputError("the global scope takes no entity id (pass None)")
+            return Scope("global", None, "g", self._limits["global"])
+        if name == "user":
+            uid = check_id(entity_id, "user_id")
+            return Scope("user", uid, "u:" + uid, self._limits["user"])
+        if name == "project":
+            pid = check_id(entity_id, "project_id")
+            return Scope("project", pid, "p:" + pid, self._limits["project"])
+        raise InvalidInputError(f"scope must be 'user', 'project' or 'global', got {name!r}")
+
+    def _scopes(self, user_id: str, project_id: str | None, model: str | None) -> list[Scope]:
+        """Narrowest first: the first scope that refuses is the one reported."""
+        scopes = [self._scope("user", user_id)]
+        if project_id is not None:
+            scopes.append(self._scope("project", project_id))
+        scopes.append(self._scope("global", None))
+        if model is not None:
+            name = check_id(model, "model")
+            scopes.append(Scope("model", name, "m:" + name, UNLIMITED))
+        return scopes

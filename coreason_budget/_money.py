@@ -1,0 +1,84 @@
+"""
+Money and identifier validation: the one place user input is turned into ledger units.
+
+Amounts are stored as integer nano-dollars (1e-9 USD) so that a million
+charges of $0.000001 add up to exactly $1; floats are converted once, here,
+through their shortest decimal form (``repr``), never accumulated.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+
+from .exceptions import InvalidInputError
+
+NANO_PER_USD = 1_000_000_000
+#: Largest single amount accepted anywhere; larger is a bug, not a purchase.
+MAX_AMOUNT_USD = 1_000_000
+MAX_AMOUNT_NANO = MAX_AMOUNT_USD * NANO_PER_USD
+#: Largest daily limit. Keeps every comparison the Lua script makes below 2**53,
+#: where Lua's doubles are still exact integers.
+MAX_LIMIT_USD = 9_000_000
+MAX_LIMIT_NANO = MAX_LIMIT_USD * NANO_PER_USD
+MAX_ID_LENGTH = 256
+
+_NANO = Decimal(NANO_PER_USD)
+
+
+def to_nano(amount: object, what: str = "cost", maximum: int = MAX_AMOUNT_NANO) -> int:
+    """
+    Convert a USD amount (int, float or Decimal) to nano-dollars, rounding up.
+
+    Rounding up means a sub-nano remainder is charged, never given away.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int | float | Decimal):
+        raise InvalidInputError(
+            f"{what} must be a number of USD (int, float or Decimal), got {type(amount).__name__}"
+        )
+    if isinstance(amount, float) and not math.isfinite(amount):
+        raise InvalidInputError(f"{what} must be finite, got {amount!r}")
+    try:
+        # repr() gives a float's shortest round-tripping decimal: 0.1 -> "0.1".
+        dec = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(amount)
+        if not dec.is_finite():
+            raise InvalidInputError(f"{what} must be finite, got {amount!r}")
+        if dec < 0:
+            raise InvalidInputError(f"{what} must not be negative, got {amount!r}")
+        if dec * _NANO > maximum:
+            raise InvalidInputError(
+                f"{what} of {amount!r} USD is above the maximum of {format_usd(maximum)}"
+            )
+        return int((dec * _NANO).to_integral_value(rounding=ROUND_CEILING))
+    except InvalidOperation as e:  # pragma: no cover - guarded by the checks above
+        raise InvalidInputError(f"{what} is not a valid amount: {amount!r}") from e
+
+
+def nano_to_usd(nano: int) -> float:
+    """The float closest to *nano* nano-dollars (int / int division is correctly rounded)."""
+    return nano / NANO_PER_USD
+
+
+def format_usd(nano: int) -> str:
+    """``$9.99``; more decimals only when the cents alone would hide the amount."""
+    usd = Decimal(nano) / _NANO
+    text = f"{usd:.9f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
+
+def check_id(value: object, what: str) -> str:
+    """Validate a user, project, model or idempotency id: non-empty text up to 256 characters."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what} must be a str, got {type(value).__name__}")
+    if not value:
+        raise InvalidInputError(f"{what} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidInputError(
+            f"{what} is {len(value)} characters long; the maximum is {MAX_ID_LENGTH}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"{what} is not valid unicode text: {e.reason}") from e
+    return value

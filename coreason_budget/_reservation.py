@@ -1,0 +1,131 @@
+"""
+The reservation handle: money held before an LLM call, settled after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from decimal import Decimal
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
+
+from ._ledger import Held, Ledger, Scope
+from ._money import nano_to_usd, to_nano
+from .exceptions import BudgetError
+
+if TYPE_CHECKING:
+    from ._manager import BudgetManager
+
+log = logging.getLogger("coreason_budget")
+
+OnError = Literal["charge", "release"]
+
+
+class Reservation:
+    """
+    A hold on the estimate in every scope, taken when ``reserve()`` returned.
+
+    Settle it once: :meth:`commit` with the real cost, or :meth:`release`.
+    Used as a context manager, leaving the block unsettled charges the
+    estimate: on a normal exit because the call was made, and on an exception
+    too (unless ``on_error="release"``) because a failed call may still have
+    been billed, and an unknown outcome is safest assumed spent.
+    """
+
+    def __init__(
+        self,
+        manager: BudgetManager,
+        ledger: Ledger,
+        scopes: Sequence[Scope],
+        reservation_id: str,
+        held: Held,
+        *,
+        user_id: str,
+        project_id: str | None,
+        model: str | None,
+        on_error: OnError,
+    ) -> None:
+        self._manager = manager
+        self._ledger = ledger
+        self._scopes = tuple(scopes)
+        self._lock = threading.Lock()
+        self.id = reservation_id
+        self.user_id = user_id
+        self.project_id = project_id
+        self.model = model
+        self.on_error: OnError = on_error
+        self.day = held.day
+        self.estimate_nano = held.held_nano
+        #: "held", then "committed" or "released".
+        self.state = held.state
+
+    @property
+    def estimate_usd(self) -> float:
+        return nano_to_usd(self.estimate_nano)
+
+    def commit(self, actual_cost: float | Decimal) -> None:
+        """
+        Settle the hold to *actual_cost*: refund the difference, or charge it.
+
+        A cost above the estimate is still recorded in full, even past a
+        limit: the money was spent. Settling twice is a no-op.
+        """
+        self._settle(to_nano(actual_cost, "actual_cost"), "committed")
+
+    def release(self) -> None:
+        """Give the whole hold back (the call was not made). A no-op once settled."""
+        self._settle(0, "released")
+
+    def commit_usage(
+        self, *, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+    ) -> None:
+        """Commit the price of the tokens used, priced for the reservation's model."""
+        if self.model is None:
+            raise BudgetError("commit_usage() needs a reservation made with model=...")
+        cost = self._manager.pricing.calculate(
+            self.model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens,
+        )
+        self.commit(cost)
+
+    def _settle(self, actual: int, state: str) -> None:
+        with self._lock:
+            if self.state != "held":
+                return
+            reply = self._ledger.settle(self._scopes, self.id, self.day, actual, state)
+            if reply[0] == "GONE" and reply[1] == "expired":
+                log.warning(
+                    "Reservation %s settled after its day's ledger expired; not recorded", self.id
+                )
+            self.state = reply[1] if reply[0] == "DONE" else state
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.state != "held":
+            return
+        try:
+            if exc_type is not None and self.on_error == "release":
+                self.release()
+            else:
+                self._settle(self.estimate_nano, "committed")
+        except BudgetError as e:
+            # The estimate stays held in the store, which is what charging it
+            # would have done; don't hide the caller's own exception for it.
+            log.warning("Could not settle reservation %s on exit: %s", self.id, e)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Reservation {self.id} user={self.user_id!r} project={self.project_id!r} "
+            f"estimate=${self.estimate_usd} state={self.state}>"
+        )

