@@ -51,7 +51,9 @@ def _limit(_: object, a: attrs.Attribute[Any], value: float) -> None:
 
 def _positive_seconds(_: object, a: attrs.Attribute[Any], value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= 3600):
-        raise _FieldError(a.name, f"must be a number of seconds above 0 and at most 3600, got {value!r}")
+        raise _FieldError(
+            a.name, f"must be a number of seconds above 0 and at most 3600, got {value!r}"
+        )
 
 
 def _count(low: int, high: int) -> Any:
@@ -81,7 +83,9 @@ def _store_url(_: object, a: attrs.Attribute[Any], value: str | None) -> None:
             f"must start with one of {', '.join(s + '://' for s in STORE_SCHEMES)}, got {value!r}",
         )
     if scheme == "embedded" and not value.removeprefix("embedded://"):
-        raise _FieldError(a.name, "embedded:// needs a file path, e.g. embedded:///var/lib/budget.db")
+        raise _FieldError(
+            a.name, "embedded:// needs a file path, e.g. embedded:///var/lib/budget.db"
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -138,14 +142,14 @@ class BudgetConfig:
 
         names = {a.name for a in attrs.fields(cls)}
         values: dict[str, str] = {}
-        for var, raw in merged.items():
-            if not var.startswith(ENV_PREFIX) or raw is None or raw.strip() == "":
+        for key, raw in merged.items():
+            if not key.startswith(ENV_PREFIX) or raw is None or raw.strip() == "":
                 continue
-            name = var.removeprefix(ENV_PREFIX).lower()
+            name = key.removeprefix(ENV_PREFIX).lower()
             if name in names:
                 values[name] = raw.strip()
             elif name.upper() not in _KNOWN_ELSEWHERE:
-                log.warning("Ignoring unknown configuration variable %s", var)
+                log.warning("Ignoring unknown configuration variable %s", key)
 
         def var(name: str) -> str:
             return f"{ENV_PREFIX}{name.upper()}={values.get(name)!r}"
@@ -156,7 +160,9 @@ class BudgetConfig:
             raise ConfigError(f"{var(e.field)}: {e.reason}") from None
         except cattrs.ClassValidationError as e:
             with_notes, _ = e.group_exceptions()
-            problems = [f"{var(note.name)}: expected {_type_name(note.type)}" for _, note in with_notes]
+            problems = [
+                f"{var(note.name)}: expected {_type_name(note.type)}" for _, note in with_notes
+            ]
             raise ConfigError("; ".join(problems) or str(e)) from None
 
 

@@ -90,7 +90,7 @@ class Ledger:
 
     def reserve(self, scopes: Sequence[Scope], amount: int, reservation_id: str) -> Held:
         """Hold *amount* in every scope, or raise BudgetExceededError having written nothing."""
-        day, reply = self._call("reserve", self.reservation_key(reservation_id), amount, scopes)
+        reply = self._call("reserve", self.reservation_key(reservation_id), amount, scopes)
         if reply[0] == "NO":
             self._refuse(reply, scopes, amount)
         _, state, held_day, held = reply
@@ -105,10 +105,9 @@ class Ledger:
         state: str,
     ) -> list[str]:
         """Settle a hold to *actual* (0 for a release); the first settlement wins."""
-        _, reply = self._call(
+        return self._call(
             "settle", self.reservation_key(reservation_id), actual, scopes, (state,), day=day
         )
-        return reply
 
     def spend(self, scopes: Sequence[Scope], amount: int, operation_id: str) -> None:
         """Record *amount* in every scope, once per operation id, limits notwithstanding."""
@@ -116,13 +115,13 @@ class Ledger:
 
     def check(self, scopes: Sequence[Scope], amount: int) -> None:
         """Raise BudgetExceededError if *amount* does not fit; never writes."""
-        _, reply = self._call("check", self._limits_key, amount, scopes)
+        reply = self._call("check", self._limits_key, amount, scopes)
         if reply[0] == "NO":
             self._refuse(reply, scopes, amount)
 
     def usage(self, scopes: Sequence[Scope]) -> list[tuple[int, int]]:
         """(spent, limit) in nano-dollars per scope, open holds counted as spent."""
-        _, reply = self._call("usage", self._limits_key, 0, scopes)
+        reply = self._call("usage", self._limits_key, 0, scopes)
         values = [int(v) for v in reply[1:]]
         return list(zip(values[::2], values[1::2], strict=True))
 
@@ -150,7 +149,7 @@ class Ledger:
         scopes: Sequence[Scope],
         extra: Sequence[str] = (),
         day: int | None = None,
-    ) -> tuple[int, list[str]]:
+    ) -> list[str]:
         args: list[str] = [op, "", "", self._retention_ms, self._op_ttl_ms, str(amount)]
         args.append(str(len(scopes)))
         for scope in scopes:
@@ -170,7 +169,7 @@ class Ledger:
             if not isinstance(reply, list) or not reply:
                 raise BudgetUnavailableError(f"budget store sent a malformed reply: {reply!r}")
             if reply[0] != "DAY":
-                return the_day, reply
+                return reply
             self._skew_ms = int(reply[2]) - int(time.time() * 1000)
         raise BudgetUnavailableError("could not agree with the budget store on today's date")
 

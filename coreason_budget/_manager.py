@@ -61,9 +61,7 @@ class BudgetManager:
     so budgets hold across threads, processes and machines sharing a store.
     """
 
-    def __init__(
-        self, config: BudgetConfig, *, clock: Callable[[], float] | None = None
-    ) -> None:
+    def __init__(self, config: BudgetConfig, *, clock: Callable[[], float] | None = None) -> None:
         """
         *clock* (seconds since the epoch) replaces the store's clock in deciding
         which day a call belongs to; meant for tests. Without it every worker
@@ -133,7 +131,11 @@ class BudgetManager:
         """
         amount = to_nano(cost, "cost")
         scopes = self._scopes(user_id, project_id, model)
-        op = uuid.uuid4().hex if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
+        op = (
+            uuid.uuid4().hex
+            if idempotency_key is None
+            else check_id(idempotency_key, "idempotency_key")
+        )
         self._ledger.spend(scopes, amount, op)
 
     def reserve(
@@ -157,7 +159,11 @@ class BudgetManager:
             raise InvalidInputError(f"on_error must be 'charge' or 'release', got {on_error!r}")
         amount = to_nano(estimate, "estimate")
         scopes = self._scopes(user_id, project_id, model)
-        rid = uuid.uuid4().hex if reservation_id is None else check_id(reservation_id, "reservation_id")
+        rid = (
+            uuid.uuid4().hex
+            if reservation_id is None
+            else check_id(reservation_id, "reservation_id")
+        )
         held = self._ledger.reserve(scopes, amount, rid)
         return Reservation(
             self,

@@ -146,7 +146,9 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
     atexit.register(shutdown)
     kwargs = _pool_kwargs(config)
     kwargs["path"] = server.socket_file
-    pool = redis.BlockingConnectionPool(connection_class=redis.UnixDomainSocketConnection, **kwargs)
+    pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+        connection_class=redis.UnixDomainSocketConnection, **kwargs
+    )
 
     def on_close() -> None:
         atexit.unregister(shutdown)

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from coreason_budget import BudgetConfig, BudgetManager
+
+from .redis_server import RedisServer
+
+# Pricing must never reach the network, in tests least of all.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server per test process (each xdist worker has its own)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The shared server's URL, flushed so that each test starts from an empty store."""
+    client = redis_server.client()
+    client.flushall()
+    client.script_flush()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer, redis_url: str) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A private redis-server the test may kill and restart."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+ManagerFactory = Callable[..., BudgetManager]
+
+
+@pytest.fixture
+def make_manager(redis_url: str) -> Iterator[ManagerFactory]:
+    """Build managers on the test server; all are closed after the test."""
+    made: list[BudgetManager] = []
+
+    def make(clock: Callable[[], float] | None = None, **config: Any) -> BudgetManager:
+        config.setdefault("redis_url", redis_url)
+        manager = BudgetManager(BudgetConfig(**config), clock=clock)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.close()
+
+
+@pytest.fixture
+def budget(make_manager: ManagerFactory) -> BudgetManager:
+    """A manager with small limits: $10 per user, $20 per project, $50 globally."""
+    return make_manager(
+        daily_user_limit_usd=10.0, daily_project_limit_usd=20.0, daily_global_limit_usd=50.0
+    )
