@@ -9,8 +9,9 @@ processes and machines sharing one Redis.
 from __future__ import annotations
 
 from ._config import BudgetConfig
-from ._manager import BudgetManager, ScopeUsage
+from ._manager import BudgetManager
 from ._reservation import Reservation
+from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -18,6 +19,7 @@ from .exceptions import (
     ConfigError,
     InvalidInputError,
     UnknownModelError,
+    UnknownReservationError,
 )
 
 __all__ = [
@@ -28,7 +30,10 @@ __all__ = [
     "BudgetUnavailableError",
     "ConfigError",
     "InvalidInputError",
+    "ModelSpend",
+    "Report",
     "Reservation",
     "ScopeUsage",
     "UnknownModelError",
+    "UnknownReservationError",
 ]

@@ -103,7 +103,7 @@ class Ledger:
         day: int,
         actual: int,
         state: str,
-    ) -> list[str]:
+    ) -> list[Any]:
         """Settle a hold to *actual* (0 for a release); the first settlement wins."""
         return self._call(
             "settle", self.reservation_key(reservation_id), actual, scopes, (state,), day=day
@@ -124,6 +124,24 @@ class Ledger:
         reply = self._call("usage", self._limits_key, 0, scopes)
         values = [int(v) for v in reply[1:]]
         return list(zip(values[::2], values[1::2], strict=True))
+
+    def report(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """Today's day number, every counter of the day and every limit override."""
+        _, day, counters, limits = self._call("report", self._limits_key, 0, ())
+        return int(day), _pairs(counters), _pairs(limits)
+
+    def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
+        """A reservation's state and the counter fields it holds in, or None if unknown."""
+        try:
+            record: dict[str, str] = self._client.hgetall(  # type: ignore[assignment]
+                self.reservation_key(reservation_id)
+            )
+        except redis.RedisError as e:
+            raise BudgetUnavailableError(f"budget store unavailable: {e}") from e
+        if not record:
+            return None
+        held = Held(state=record["state"], day=int(record["day"]), held_nano=int(record["held"]))
+        return held, [record[f"f{i}"] for i in range(1, int(record["n"]) + 1)]
 
     def set_limit(self, field: str, limit_nano: int | None) -> None:
         try:
@@ -149,7 +167,7 @@ class Ledger:
         scopes: Sequence[Scope],
         extra: Sequence[str] = (),
         day: int | None = None,
-    ) -> list[str]:
+    ) -> list[Any]:
         args: list[str] = [op, "", "", self._retention_ms, self._op_ttl_ms, str(amount)]
         args.append(str(len(scopes)))
         for scope in scopes:
@@ -174,7 +192,7 @@ class Ledger:
         raise BudgetUnavailableError("could not agree with the budget store on today's date")
 
     @staticmethod
-    def _refuse(reply: list[str], scopes: Sequence[Scope], amount: int) -> None:
+    def _refuse(reply: list[Any], scopes: Sequence[Scope], amount: int) -> None:
         scope = scopes[int(reply[1]) - 1]
         raise BudgetExceededError(
             scope=scope.name,
@@ -183,3 +201,7 @@ class Ledger:
             spent_nano=int(reply[2]),
             requested_nano=amount,
         )
+
+
+def _pairs(flat: list[str]) -> dict[str, int]:
+    return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}

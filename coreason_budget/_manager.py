@@ -4,6 +4,7 @@ BudgetManager: the public, synchronous, thread-safe entry point.
 
 from __future__ import annotations
 
+import datetime
 import threading
 import uuid
 from collections.abc import Callable
@@ -11,45 +12,18 @@ from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
-import attrs
-
 from ._config import BudgetConfig
 from ._ledger import UNLIMITED, Ledger, Scope
-from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, to_nano
+from ._money import MAX_LIMIT_NANO, check_id, to_nano
 from ._reservation import OnError, Reservation
 from ._store import open_store
-from .exceptions import InvalidInputError
+from ._usage import ModelSpend, Report, ScopeUsage
+from .exceptions import InvalidInputError, UnknownReservationError
 
 if TYPE_CHECKING:
     from ._pricing import PricingEngine
 
 ScopeName = Literal["user", "project", "global"]
-
-
-@attrs.frozen
-class ScopeUsage:
-    """Today's spend in one scope. Open reservations count as spent until settled."""
-
-    scope: str
-    entity_id: str | None
-    spent_nano: int
-    limit_nano: int
-
-    @property
-    def remaining_nano(self) -> int:
-        return max(self.limit_nano - self.spent_nano, 0)
-
-    @property
-    def spent_usd(self) -> float:
-        return nano_to_usd(self.spent_nano)
-
-    @property
-    def limit_usd(self) -> float:
-        return nano_to_usd(self.limit_nano)
-
-    @property
-    def remaining_usd(self) -> float:
-        return nano_to_usd(self.remaining_nano)
 
 
 class BudgetManager:
@@ -186,6 +160,64 @@ class BudgetManager:
             s.name: ScopeUsage(s.name, s.entity_id, spent, limit)
             for s, (spent, limit) in zip(scopes, self._ledger.usage(scopes), strict=True)
         }
+
+    def report(self, top: int | None = None) -> Report:
+        """
+        Today's spend: the organisation's total, then users, projects and
+        models, biggest first (the *top* of each, or all).
+        """
+        day, counters, overrides = self._ledger.report()
+        default = {"u": self._limits["user"], "p": self._limits["project"]}
+        by_kind: dict[str, list[ScopeUsage]] = {"u": [], "p": []}
+        models: list[ModelSpend] = []
+        for field, spent in counters.items():
+            kind, _, entity = field.partition(":")
+            if kind == "m":
+                models.append(ModelSpend(entity, spent))
+            elif kind in by_kind:
+                limit = overrides.get(field, default[kind])
+                name = "user" if kind == "u" else "project"
+                by_kind[kind].append(ScopeUsage(name, entity, spent, limit))
+        total = ScopeUsage(
+            "global", None, counters.get("g", 0), overrides.get("g", self._limits["global"])
+        )
+        by_kind["u"].sort(key=lambda s: (-s.spent_nano, s.entity_id or ""))
+        by_kind["p"].sort(key=lambda s: (-s.spent_nano, s.entity_id or ""))
+        models.sort(key=lambda m: (-m.spent_nano, m.model))
+        return Report(
+            day=datetime.date(1970, 1, 1) + datetime.timedelta(days=day),
+            total=total,
+            users=tuple(by_kind["u"][:top]),
+            projects=tuple(by_kind["p"][:top]),
+            models=tuple(models[:top]),
+        )
+
+    def reservation(self, reservation_id: str) -> Reservation:
+        """
+        The handle of an existing reservation, by id, from any process.
+
+        For settling a hold in another worker than the one that took it (an
+        HTTP service behind a load balancer). Raises UnknownReservationError
+        when the store has no such reservation (never made, or expired).
+        """
+        rid = check_id(reservation_id, "reservation_id")
+        found = self._ledger.lookup(rid)
+        if found is None:
+            raise UnknownReservationError(f"no reservation {rid!r} (never made, or expired)")
+        held, fields = found
+        ids = {f.partition(":")[0]: f.partition(":")[2] for f in fields}
+        scopes = self._scopes(ids["u"], ids.get("p"), ids.get("m"))
+        return Reservation(
+            self,
+            self._ledger,
+            scopes,
+            rid,
+            held,
+            user_id=ids["u"],
+            project_id=ids.get("p"),
+            model=ids.get("m"),
+            on_error="charge",
+        )
 
     def set_limit(
         self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None

@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "InvalidInputError",
     "UnknownModelError",
+    "UnknownReservationError",
 ]
 
 
@@ -87,3 +88,7 @@ class UnknownModelError(BudgetError, LookupError):
 
     Raised instead of pricing the call at $0, which would silently void every budget.
     """
+
+
+class UnknownReservationError(BudgetError, LookupError):
+    """No reservation with that id is in the store (it was never made, or it expired)."""

@@ -6,7 +6,7 @@
 -- KEYS[2]  limits hash: per-entity limit overrides, same field names, no TTL
 -- KEYS[3]  record: a reservation hash ("reserve", "settle") or an operation-id marker ("spend")
 --
--- ARGV[1]  op: reserve | settle | spend | check | usage
+-- ARGV[1]  op: reserve | settle | spend | check | usage | report
 -- ARGV[2]  day the client believes it is (days since 1970-01-01, UTC)
 -- ARGV[3]  injected time in ms, or "" to use the server's clock (the one clock all workers share)
 -- ARGV[4]  retention in ms: counters and reservations live until their day ends plus this
@@ -90,6 +90,9 @@ elseif op == 'usage' then
         reply[#reply + 1] = redis.call('HGET', limits, field(i)) or default_limit(i)
     end
     return reply
+
+elseif op == 'report' then
+    return {'OK', day, redis.call('HGETALL', counters), redis.call('HGETALL', limits)}
 
 elseif op == 'spend' then
     -- The money is gone: a spend is recorded even past the limit, but only once.

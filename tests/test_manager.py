@@ -420,3 +420,51 @@ class TestLifecycle:
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
         assert out.stdout.strip() == "[]"
+
+
+class TestReport:
+    """report() lists today's biggest spenders from one read of the day's counters."""
+
+    def test_report(self, budget: BudgetManager) -> None:
+        budget.record_spend("alice", 3.0, project_id="alpha", model="gpt-4")
+        budget.record_spend("bob", 5.0, project_id="beta", model="claude")
+        budget.record_spend("carol", 1.0, project_id="alpha", model="gpt-4")
+        budget.set_limit("user", "bob", 7.0)
+        budget.reserve("dave", 0.5)  # open holds count
+        r = budget.report()
+        assert r.day == datetime.datetime.now(datetime.UTC).date()
+        assert (r.total.spent_usd, r.total.limit_usd) == (9.5, 50.0)
+        assert [(u.entity_id, u.spent_usd, u.limit_usd) for u in r.users] == [
+            ("bob", 5.0, 7.0),
+            ("alice", 3.0, 10.0),
+            ("carol", 1.0, 10.0),
+            ("dave", 0.5, 10.0),
+        ]
+        assert [(p.entity_id, p.spent_usd) for p in r.projects] == [("beta", 5.0), ("alpha", 4.0)]
+        assert [(m.model, m.spent_usd) for m in r.models] == [("claude", 5.0), ("gpt-4", 4.0)]
+        assert [u.entity_id for u in budget.report(top=2).users] == ["bob", "alice"]
+
+    def test_empty_day(self, budget: BudgetManager) -> None:
+        r = budget.report()
+        assert (r.total.spent_nano, r.users, r.projects, r.models) == (0, (), (), ())
+
+
+class TestReservationById:
+    """A reservation can be settled by id from another manager (another worker)."""
+
+    def test_settle_elsewhere(self, budget: BudgetManager, make_manager: ManagerFactory) -> None:
+        r = budget.reserve("alice", 4.0, project_id="alpha", model="gpt-4")
+        other = make_manager(daily_user_limit_usd=10.0)
+        found = other.reservation(r.id)
+        assert (found.user_id, found.project_id, found.model) == ("alice", "alpha", "gpt-4")
+        assert (found.estimate_usd, found.state) == (4.0, "held")
+        found.commit(1.0)
+        r.commit(3.0)  # the first settlement, in the other worker, wins
+        assert spent(budget, "alice", "alpha") == {"user": NANO, "project": NANO, "global": NANO}
+        assert other.reservation(r.id).state == "committed"
+
+    def test_unknown(self, budget: BudgetManager) -> None:
+        from coreason_budget import UnknownReservationError
+
+        with pytest.raises(UnknownReservationError):
+            budget.reservation("nope")
