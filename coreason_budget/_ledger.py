@@ -10,9 +10,10 @@ collide with another kind of key, whatever characters it holds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.resources import files
 from typing import Any
 
@@ -132,25 +133,25 @@ class Ledger:
 
     def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
         """A reservation's state and the counter fields it holds in, or None if unknown."""
-        try:
+        with _store_errors():
             record: dict[str, str] = self._client.hgetall(  # type: ignore[assignment]
                 self.reservation_key(reservation_id)
             )
-        except redis.RedisError as e:
-            raise BudgetUnavailableError(f"budget store unavailable: {e}") from e
         if not record:
             return None
         held = Held(state=record["state"], day=int(record["day"]), held_nano=int(record["held"]))
         return held, [record[f"f{i}"] for i in range(1, int(record["n"]) + 1)]
 
+    def ping(self) -> None:
+        with _store_errors():
+            self._client.ping()
+
     def set_limit(self, field: str, limit_nano: int | None) -> None:
-        try:
+        with _store_errors():
             if limit_nano is None:
                 self._client.hdel(self._limits_key, field)
             else:
                 self._client.hset(self._limits_key, field, str(limit_nano))
-        except redis.RedisError as e:
-            raise BudgetUnavailableError(f"budget store unavailable: {e}") from e
 
     # -- plumbing ------------------------------------------------------------
 
@@ -180,10 +181,8 @@ class Ledger:
             args[1] = str(the_day)
             args[2] = str(now) if self._clock is not None else ""
             keys = [self.day_key(the_day), self._limits_key, record_key]
-            try:
+            with _store_errors():
                 reply: Any = self._script(keys=keys, args=args)
-            except redis.RedisError as e:
-                raise BudgetUnavailableError(f"budget store unavailable: {e}") from e
             if not isinstance(reply, list) or not reply:
                 raise BudgetUnavailableError(f"budget store sent a malformed reply: {reply!r}")
             if reply[0] != "DAY":
@@ -201,6 +200,15 @@ class Ledger:
             spent_nano=int(reply[2]),
             requested_nano=amount,
         )
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Any failure of the store is BudgetUnavailableError: callers fail closed on it."""
+    try:
+        yield
+    except redis.RedisError as e:
+        raise BudgetUnavailableError(f"budget store unavailable: {e}") from e
 
 
 def _pairs(flat: list[str]) -> dict[str, int]:

@@ -231,6 +231,10 @@ class BudgetManager:
         limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
         self._ledger.set_limit(field, limit)
 
+    def ping(self) -> None:
+        """Raise BudgetUnavailableError unless the store answers (for health checks)."""
+        self._ledger.ping()
+
     def close(self) -> None:
         """Close the connection pool (and stop an embedded store no one else uses)."""
         self._store.close()
