@@ -1,0 +1,406 @@
+"""
+The FinOps microservice: the budget guard over HTTP (``pip install coreason-budget[server]``).
+
+Every handler is a thin, synchronous call into one shared
+:class:`~coreason_budget.BudgetManager` (FastAPI runs sync handlers in its
+thread pool, which is what the manager is built for). Status codes are the
+same everywhere: 429 over budget, 503 store unavailable (fail closed: a caller
+must treat it as "no"), 422 bad input, 404 unknown reservation, 401/403 auth.
+"""
+
+# No "from __future__ import annotations": FastAPI resolves the handlers' annotations at
+# runtime, and some refer to names local to create_app().
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import attrs
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from ._config import ENV_PREFIX, BudgetConfig
+from ._manager import BudgetManager
+from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_USD
+from ._usage import ScopeUsage
+from .exceptions import (
+    BudgetError,
+    BudgetExceededError,
+    BudgetUnavailableError,
+    ConfigError,
+    InvalidInputError,
+    UnknownModelError,
+    UnknownReservationError,
+)
+
+__all__ = ["ServerSettings", "app_from_env", "configure_logging", "create_app"]
+
+log = logging.getLogger("coreason_budget.server")
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+Usd = Annotated[float, Field(ge=0, le=MAX_AMOUNT_USD, allow_inf_nan=False)]
+Tokens = Annotated[int, Field(ge=0, le=100_000_000)]
+
+
+@attrs.frozen(kw_only=True)
+class ServerSettings:
+    """Who may call the service. Admin keys may also change limits."""
+
+    api_keys: frozenset[str] = frozenset()
+    admin_api_keys: frozenset[str] = frozenset()
+    insecure_no_auth: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not (self.api_keys or self.admin_api_keys or self.insecure_no_auth):
+            raise ConfigError(
+                f"No API keys configured: set {ENV_PREFIX}API_KEYS (and "
+                f"{ENV_PREFIX}ADMIN_API_KEYS for limit changes), or run with "
+                "--insecure-no-auth to serve without authentication"
+            )
+
+    @classmethod
+    def from_env(cls, insecure_no_auth: bool | None = None) -> Self:
+        def keys(name: str) -> frozenset[str]:
+            raw = os.environ.get(ENV_PREFIX + name, "")
+            return frozenset(k.strip() for k in raw.split(",") if k.strip())
+
+        if insecure_no_auth is None:
+            insecure_no_auth = os.environ.get(ENV_PREFIX + "INSECURE_NO_AUTH", "") == "1"
+        return cls(
+            api_keys=keys("API_KEYS"),
+            admin_api_keys=keys("ADMIN_API_KEYS"),
+            insecure_no_auth=insecure_no_auth,
+        )
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckBody(_Body):
+    user_id: Id
+    estimated_cost: Usd
+    project_id: Id | None = None
+
+
+class SpendBody(_Body):
+    user_id: Id
+    cost: Usd
+    project_id: Id | None = None
+    model: Id | None = None
+    idempotency_key: Id | None = None
+
+
+class ReserveBody(_Body):
+    user_id: Id
+    estimate: Usd
+    project_id: Id | None = None
+    model: Id | None = None
+    #: Sent by clients so that a retried request finds the hold it already took.
+    reservation_id: Id | None = None
+
+
+class CommitBody(_Body):
+    """Either ``actual_cost``, or token counts priced with the reservation's model."""
+
+    actual_cost: Usd | None = None
+    input_tokens: Tokens | None = None
+    output_tokens: Tokens | None = None
+    cached_input_tokens: Tokens = 0
+
+
+class LimitBody(_Body):
+    scope: Literal["user", "project", "global"]
+    entity_id: Id | None = None
+    limit_usd: Annotated[float, Field(ge=0, le=MAX_LIMIT_USD, allow_inf_nan=False)] | None
+
+
+class _Metrics:
+    """Prometheus metrics, one registry per app (per worker process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter(
+            "coreason_budget_decisions",
+            "Budget decisions: allowed, blocked (by refusing scope) or recorded",
+            ["decision", "scope"],
+            registry=self.registry,
+        )
+        self.dollars = Counter(
+            "coreason_budget_dollars",
+            "Dollars allowed (reserved or checked), blocked and recorded",
+            ["decision", "scope"],
+            registry=self.registry,
+        )
+        self.store_seconds = Histogram(
+            "coreason_budget_store_seconds",
+            "Latency of budget store operations",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "coreason_budget_store_errors",
+            "Budget store operations that failed (the request was refused: fail closed)",
+            ["operation"],
+            registry=self.registry,
+        )
+
+    def decided(self, decision: str, scope: str, usd: float) -> None:
+        self.decisions.labels(decision, scope).inc()
+        self.dollars.labels(decision, scope).inc(usd)
+
+    @contextmanager
+    def store(self, operation: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        except BudgetExceededError as e:
+            self.decided("blocked", e.scope, e.requested_usd)
+            raise
+        except BudgetUnavailableError:
+            self.store_errors.labels(operation).inc()
+            raise
+        finally:
+            self.store_seconds.labels(operation).observe(time.perf_counter() - start)
+
+
+def _scope_json(u: ScopeUsage) -> dict[str, Any]:
+    return {
+        "entity_id": u.entity_id,
+        "spent_usd": u.spent_usd,
+        "limit_usd": u.limit_usd,
+        "remaining_usd": u.remaining_usd,
+        "spent_nano": u.spent_nano,
+        "limit_nano": u.limit_nano,
+    }
+
+
+def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
+    """The HTTP API over *manager*; the app closes the manager when it shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        if settings.insecure_no_auth:
+            log.warning(
+                "!!! AUTHENTICATION IS DISABLED: anyone who can reach this port can spend !!!"
+            )
+        yield
+        manager.close()
+
+    app = FastAPI(
+        title="coreason-budget",
+        summary="Daily LLM budgets per user, project and organisation; refuses before you spend.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    metrics = _Metrics()
+    bearer = HTTPBearer(auto_error=False)
+    user_keys = [k.encode() for k in settings.api_keys | settings.admin_api_keys]
+    admin_keys = [k.encode() for k in settings.admin_api_keys]
+
+    def _authorized(creds: HTTPAuthorizationCredentials | None, keys: list[bytes]) -> bool:
+        if creds is None:
+            return False
+        given = creds.credentials.encode()
+        # Compare with every key so the time taken says nothing about which matched.
+        return sum(hmac.compare_digest(given, k) for k in keys) > 0
+
+    def _auth(keys: list[bytes]) -> Callable[..., None]:
+        def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+            if settings.insecure_no_auth:
+                return
+            if creds is None:
+                raise _HTTPError(401, "missing bearer API key", {"WWW-Authenticate": "Bearer"})
+            if not _authorized(creds, keys):
+                status = 403 if _authorized(creds, user_keys) else 401
+                raise _HTTPError(
+                    status, "API key not allowed here" if status == 403 else "bad API key"
+                )
+
+        return check
+
+    user = [Depends(_auth(user_keys))]
+    admin = [Depends(_auth(admin_keys))]
+
+    @app.exception_handler(_HTTPError)
+    def _http_error(_: Request, e: _HTTPError) -> JSONResponse:
+        return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        # Not FastAPI's default, which echoes the input back and cannot echo a NaN.
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(BudgetError)
+    def _budget_error(_: Request, e: BudgetError) -> JSONResponse:
+        if isinstance(e, BudgetExceededError):
+            return JSONResponse(
+                {
+                    "detail": str(e),
+                    "scope": e.scope,
+                    "entity_id": e.entity_id,
+                    "limit_nano": e.limit_nano,
+                    "spent_nano": e.spent_nano,
+                    "requested_nano": e.requested_nano,
+                },
+                status_code=429,
+            )
+        status = 422
+        if isinstance(e, BudgetUnavailableError):
+            status = 503
+        elif isinstance(e, UnknownReservationError):
+            status = 404
+        elif not isinstance(e, InvalidInputError | UnknownModelError):
+            status = 500
+        return JSONResponse({"detail": str(e)}, status_code=status)
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        """Unauthenticated, for load balancers: 503 when the store does not answer."""
+        try:
+            with metrics.store("ping"):
+                manager.ping()
+        except BudgetUnavailableError:
+            return JSONResponse({"status": "unhealthy", "redis": "disconnected"}, status_code=503)
+        return JSONResponse({"status": "healthy", "redis": "connected"})
+
+    @app.post("/check", dependencies=user)
+    def check(body: CheckBody) -> dict[str, str]:
+        """Would *estimated_cost* fit today? 200 allowed, 429 not. Writes nothing."""
+        with metrics.store("check"):
+            manager.check_availability(body.user_id, body.estimated_cost, body.project_id)
+        metrics.decided("allowed", "all", body.estimated_cost)
+        return {"status": "allowed"}
+
+    @app.post("/spend", dependencies=user)
+    def spend(body: SpendBody) -> dict[str, str]:
+        """Record money already spent; once per idempotency_key."""
+        with metrics.store("spend"):
+            manager.record_spend(
+                body.user_id, body.cost, body.project_id, body.model, body.idempotency_key
+            )
+        metrics.decided("recorded", "all", body.cost)
+        return {"status": "recorded"}
+
+    @app.post("/reservations", dependencies=user)
+    def reserve(body: ReserveBody) -> dict[str, Any]:
+        """Hold the estimate in every scope (429 if it does not fit)."""
+        with metrics.store("reserve"):
+            r = manager.reserve(
+                body.user_id,
+                body.estimate,
+                body.project_id,
+                body.model,
+                reservation_id=body.reservation_id,
+            )
+        metrics.decided("allowed", "all", r.estimate_usd)
+        return {"reservation_id": r.id, "state": r.state, "estimate_usd": r.estimate_usd}
+
+    @app.get("/reservations/{reservation_id}", dependencies=user)
+    def get_reservation(reservation_id: Id) -> dict[str, Any]:
+        with metrics.store("lookup"):
+            r = manager.reservation(reservation_id)
+        return {
+            "reservation_id": r.id,
+            "state": r.state,
+            "estimate_usd": r.estimate_usd,
+            "user_id": r.user_id,
+            "project_id": r.project_id,
+            "model": r.model,
+        }
+
+    @app.post("/reservations/{reservation_id}/commit", dependencies=user)
+    def commit(reservation_id: Id, body: CommitBody) -> dict[str, str]:
+        """Settle to the actual cost (or priced token usage). Repeats are no-ops."""
+        tokens = body.input_tokens is not None or body.output_tokens is not None
+        if (body.actual_cost is None) == (not tokens):
+            raise InvalidInputError("send either actual_cost or input_tokens and output_tokens")
+        with metrics.store("commit"):
+            r = manager.reservation(reservation_id)
+            if body.actual_cost is not None:
+                r.commit(body.actual_cost)
+            else:
+                r.commit_usage(
+                    input_tokens=body.input_tokens or 0,
+                    output_tokens=body.output_tokens or 0,
+                    cached_input_tokens=body.cached_input_tokens,
+                )
+        if r.state == "committed" and body.actual_cost is not None:
+            metrics.decided("recorded", "all", body.actual_cost)
+        return {"status": r.state}
+
+    @app.post("/reservations/{reservation_id}/release", dependencies=user)
+    def release(reservation_id: Id) -> dict[str, str]:
+        """Give the hold back. Repeats (and release after commit) are no-ops."""
+        with metrics.store("release"):
+            r = manager.reservation(reservation_id)
+            r.release()
+        return {"status": r.state}
+
+    @app.get("/usage/{user_id}", dependencies=user)
+    def usage(user_id: Id, project_id: Id | None = None) -> dict[str, Any]:
+        """Spent, limit and remaining per scope today (open holds count as spent)."""
+        with metrics.store("usage"):
+            usage = manager.usage(user_id, project_id)
+        return {scope: _scope_json(u) for scope, u in usage.items()}
+
+    @app.get("/report", dependencies=user)
+    def report(top: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict[str, Any]:
+        """Today's spend: the total, then the top users, projects and models."""
+        with metrics.store("report"):
+            r = manager.report(top)
+        return {
+            "day": r.day.isoformat(),
+            "total": _scope_json(r.total),
+            "users": [_scope_json(u) for u in r.users],
+            "projects": [_scope_json(p) for p in r.projects],
+            "models": [{"model": m.model, "spent_usd": m.spent_usd} for m in r.models],
+        }
+
+    @app.put("/limits", dependencies=admin)
+    def set_limit(body: LimitBody) -> dict[str, Any]:
+        """Override (or with ``limit_usd: null`` remove the override of) a daily limit."""
+        with metrics.store("set_limit"):
+            manager.set_limit(body.scope, body.entity_id, body.limit_usd)
+        return {"status": "updated", "scope": body.scope, "entity_id": body.entity_id}
+
+    @app.get("/metrics", dependencies=user)
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+def configure_logging(path: str) -> None:
+    """Log the service to *path* (and stderr); only the service and CLI call this."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(path), logging.StreamHandler()],
+    )
+
+
+def app_from_env() -> FastAPI:
+    """The app as each uvicorn worker builds it: everything from ``COREASON_BUDGET_*``."""
+    config = BudgetConfig.from_env()
+    configure_logging(config.log_path)
+    return create_app(BudgetManager(config), ServerSettings.from_env())
