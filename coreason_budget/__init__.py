@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._config import BudgetConfig
 from ._manager import BudgetManager
+from ._pricing import PricingEngine
 from ._reservation import Reservation
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigError",
     "InvalidInputError",
     "ModelSpend",
+    "PricingEngine",
     "Report",
     "Reservation",
     "ScopeUsage",

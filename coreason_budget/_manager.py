@@ -57,6 +57,10 @@ class BudgetManager:
         }
         self._pricing: PricingEngine | None = None
         self._pricing_lock = threading.Lock()
+        if config.pricing_file is not None:
+            # A malformed price file must stop start-up, not the first priced call;
+            # reading it is cheap and does not import litellm.
+            self._pricing = self._new_pricing()
 
     @classmethod
     def from_env(cls) -> BudgetManager:
@@ -69,10 +73,13 @@ class BudgetManager:
         if self._pricing is None:
             with self._pricing_lock:
                 if self._pricing is None:
-                    from ._pricing import PricingEngine
-
-                    self._pricing = PricingEngine(self.config.pricing_file)
+                    self._pricing = self._new_pricing()
         return self._pricing
+
+    def _new_pricing(self) -> PricingEngine:
+        from ._pricing import PricingEngine
+
+        return PricingEngine(self.config.pricing_file)
 
     # -- the guard ------------------------------------------------------------
 

@@ -19,13 +19,18 @@ Semantics (the places the spec is silent):
   ``cached_input_tokens > input_tokens`` is an error. (Anthropic reports
   ``input_tokens`` *without* cache reads: add them before calling.)
 * **A model without a cache-read price** bills cached tokens at its input
-  price, which is what the provider does and what litellm does.
+  price, which is what the provider does and what litellm does (Fireworks
+  aside, below). Likewise an override without ``cached_input_per_mtok``.
 * **Long-context prices**: when ``input_tokens`` exceeds a threshold in the
   table (``input_cost_per_token_above_200k_tokens`` and friends, or Dashscope's
   ``tiered_pricing`` ranges) the whole request is billed at that tier's rates,
   cached and output tokens included; a rate the tier does not list falls back
   as in litellm. xAI bills the tier from the threshold itself (``>=``), like
-  litellm; everyone else strictly above it.
+  litellm; everyone else strictly above it. A ``tiered_pricing`` model's first
+  tier also prices requests with 0 input tokens (litellm falls back to flat
+  rates there, usually absent, i.e. free output).
+* **Fireworks** entries without a cache-read price bill cache reads at the
+  share of the input price litellm's code applies (0.5), to agree with it.
 * **Not modelled**, because they are not a function of token counts: priority /
   flex / batch service tiers, regional uplifts, cache *writes*, audio / image /
   reasoning-token breakdowns, per-second and per-character prices, and time of
@@ -35,30 +40,39 @@ Semantics (the places the spec is silent):
   (``repr(3e-05) == "3e-05"``), every rate is an integer in a per-model power
   of ten below the dollar, and the total is rounded *up* to whole nano-dollars
   once (a sub-nano remainder is charged, never given away).
-* **Model names** are looked up as written, then without their first
-  ``provider/`` segment (``openai/gpt-4o`` -> ``gpt-4o``), then each of those
-  without a trailing date (``-2024-08-06``, ``-20241022``, ``@20241022``) so a
-  snapshot newer than the installed table is priced as its family. At every
-  step overrides win over litellm. An override for ``gpt-4o`` therefore also
-  prices ``openai/gpt-4o``; one for ``azure/gpt-4o`` prices only that name.
+* **Model names** are looked up as written and without their first
+  ``provider/`` segment (``openai/gpt-4o`` -> ``gpt-4o``), overrides before
+  the table; so an override for ``gpt-4o`` also prices ``openai/gpt-4o``, and
+  one for ``azure/gpt-4o`` prices only that name. Only if neither knows the
+  model, the same is tried without a trailing date (``-2024-08-06``,
+  ``-20241022``, ``@20241022``): a snapshot newer than the installed table is
+  priced as its family rather than refused. A dated name in the table keeps
+  its own price.
 * **Unknown models raise** :class:`UnknownModelError`; a model costs $0 only
-  if an override (or the table) says its prices are 0.
+  if an override (or the table) says its prices are 0. A table entry priced
+  only per second, image or query is unknown here, not free.
+* **Overrides are flat** prices: no long-context tiers.
 * **Token counts** must be ``int`` (``bool`` rejected) and ``>= 0``.
 * **Threads**: :meth:`calculate` and :meth:`estimate` may run from any number
   of threads. :meth:`set_price` swaps in a new immutable state under a lock,
   so a concurrent ``calculate`` sees either the old price or the new one.
 * **The litellm table is read once**, on the first lookup that needs it; later
   edits of ``litellm.model_cost`` are not seen by an existing engine.
-* **Estimates** count prompt tokens with litellm's ``token_counter`` using only
-  tokenizers that ship inside litellm (tiktoken's bundled encodings, and the
-  bundled Anthropic / DeepSeek tokenizers), never one downloaded from the
-  Hugging Face hub, and with image URLs not fetched. If counting fails, the
-  prompt is charged one token per 3 characters of its JSON form, rounded up:
-  English averages ~4 characters a token, so this errs high.
+* **Estimates** are counted prompt tokens plus ``max_output_tokens`` capped at
+  the model's ``max_output_tokens`` in the table (which an override of a
+  table model keeps); ``None`` means that maximum, and is an
+  :class:`InvalidInputError` for a model whose maximum is unknown. Prompts
+  are counted with litellm's ``token_counter`` using only tokenizers that
+  ship inside litellm (tiktoken's bundled encodings, and the bundled
+  Anthropic / DeepSeek tokenizers), never one downloaded from the Hugging
+  Face hub, and with image URLs not fetched. If counting fails, the prompt is
+  charged one token per 3 characters of its JSON form, rounded up: English
+  averages ~4 characters a token, so this errs high.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -70,7 +84,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from ._money import MAX_AMOUNT_USD, NANO_PER_USD, check_id
+from ._money import MAX_AMOUNT_USD, check_id
 from .exceptions import ConfigError, InvalidInputError, UnknownModelError
 
 __all__ = ["PricingEngine"]
@@ -95,6 +109,7 @@ _NON_STANDARD_SUFFIXES = ("_auto", "_flex", "_balanced", "_priority", "_fast", "
 _THRESHOLD = re.compile(r"(\d+)(k?)")
 _DATE_SUFFIX = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|[-@]\d{8})$")
 _OVERRIDE_FIELDS = frozenset({"input_per_mtok", "output_per_mtok", "cached_input_per_mtok"})
+_MAX_CACHED_NAMES = 100_000
 #: Characters per token assumed when a prompt cannot be tokenized; low on purpose.
 _FALLBACK_CHARS_PER_TOKEN = 3
 
@@ -118,6 +133,7 @@ class _Price:
     #: ``10**(exp - 9)``: turns a total in ``10**-exp`` USD into nano-dollars.
     divisor: int
     max_output_tokens: int | None
+    overridden: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +169,8 @@ class PricingEngine:
 
     def __init__(self, overrides_file: str | os.PathLike[str] | None = None) -> None:
         overrides = {} if overrides_file is None else _load_overrides_file(overrides_file)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # serialises set_price
+        self._table_lock = threading.Lock()  # one thread builds the table, others wait for it
         self._state = _State(overrides)
         self._table: _Table | None = None
 
@@ -207,17 +224,18 @@ class PricingEngine:
         A model whose maximum is unknown needs an explicit ``max_output_tokens``.
         """
         price = self._price(model)
+        limit = self._max_output_tokens(model, price)
         if max_output_tokens is None:
-            if price.max_output_tokens is None:
+            if limit is None:
                 raise InvalidInputError(
                     f"max_output_tokens is required for model {model!r}: "
                     "its maximum output length is not known"
                 )
-            output = price.max_output_tokens
+            output = limit
         else:
             output = _check_count(max_output_tokens, "max_output_tokens")
-            if price.max_output_tokens is not None:
-                output = min(output, price.max_output_tokens)
+            if limit is not None:
+                output = min(output, limit)
         prompt = self._count_prompt_tokens(model, messages)
         return self.calculate(model, prompt, output)
 
@@ -259,43 +277,54 @@ class PricingEngine:
         price = self._resolve(model, state.overrides)
         # Written into the state it was resolved from: if set_price replaced it meanwhile,
         # this entry is dropped along with the old state instead of going stale in the new one.
-        state.cache[model] = price
+        # Capped because dated names resolve by pattern: endless made-up dates must not grow it.
+        if len(state.cache) < _MAX_CACHED_NAMES:
+            state.cache[model] = price
         return price
 
     def _resolve(
         self, model: str, overrides: Mapping[str, tuple[Decimal, Decimal, Decimal | None]]
     ) -> _Price:
-        names = _candidate_names(model)
         table: _Table | None = None
-        for name in names:
-            if name in overrides:
-                # An override keeps the table's output maximum (if any) for estimate().
-                if table is None:
-                    table = self._load_table_quietly()
-                max_out = table.max_output_tokens(names) if table is not None else None
-                return _override_price(*overrides[name], max_output_tokens=max_out)
-        table = self._load_table()
-        for name in names:
-            price = table.price(name)
-            if price is not None:
-                return price
+        for names in _candidate_names(model):
+            for name in names:
+                if name in overrides:
+                    return _override_price(*overrides[name])
+            if table is None:
+                try:
+                    table = self._load_table()
+                except UnknownModelError as e:  # no litellm: only overrides can price
+                    raise UnknownModelError(f"No price known for model {model!r}: {e}") from e
+            for name in names:
+                price = table.price(name)
+                if price is not None:
+                    return price
+        version = table.version if table is not None else "?"
         raise UnknownModelError(
             f"No price known for model {model!r}: it is not in litellm's model price table "
-            f"(litellm {table.version}) and has no override. Add one with "
+            f"(litellm {version}) and has no override. Add one with "
             f"pricing.set_price({model!r}, input_per_mtok=..., output_per_mtok=...) "
             "or an entry in the pricing overrides file."
         )
 
-    def _load_table_quietly(self) -> _Table | None:
+    def _max_output_tokens(self, model: str, price: _Price) -> int | None:
+        """The model's output limit; an override borrows the table's, if litellm knows one."""
+        if price.max_output_tokens is not None or not price.overridden:
+            return price.max_output_tokens
         try:
-            return self._load_table()
-        except UnknownModelError:
+            table = self._load_table()
+        except UnknownModelError:  # litellm not installed: the limit is simply unknown
             return None
+        for names in _candidate_names(model):
+            limit = table.max_output_tokens(names)
+            if limit is not None:
+                return limit
+        return None
 
     def _load_table(self) -> _Table:
         table = self._table
         if table is None:
-            with self._lock:
+            with self._table_lock:
                 table = self._table
                 if table is None:
                     table = self._table = _Table(_import_litellm())
@@ -320,7 +349,7 @@ class PricingEngine:
                 # Otherwise litellm downloads each image to measure it.
                 use_default_image_token_count=True,
             )
-        except Exception:  # noqa: BLE001 - any tokenizer failure falls back to the character rule
+        except Exception:  # any tokenizer failure falls back to the character rule
             count = None
         if type(count) is int and count >= 0:
             return count
@@ -332,6 +361,15 @@ class _Table:
 
     def __init__(self, litellm: Any) -> None:
         self.version: str = _litellm_version()
+        # Fireworks bills cache reads at a fixed share of the input price when its entry lists
+        # none; litellm applies that rule in code, not in the table, so we read its constant
+        # (absent in older litellm, which billed them as input, as we then do).
+        self._cache_ratios: dict[str, Decimal] = {}
+        ratio = getattr(
+            getattr(litellm, "constants", None), "FIREWORKS_AI_DEFAULT_CACHE_READ_RATE_RATIO", None
+        )
+        if ratio is not None and (dec := _table_rate(ratio)) is not None:
+            self._cache_ratios["fireworks_ai"] = dec
         # A shallow copy: later registrations by the application do not change our prices
         # half-way through a process, and the dict is not mutated under our iteration.
         self._raw: dict[str, Any] = dict(litellm.model_cost)
@@ -344,7 +382,7 @@ class _Table:
         except KeyError:
             pass
         entry = self._raw.get(name)
-        price = _table_price(entry) if isinstance(entry, Mapping) else None
+        price = _table_price(entry, self._cache_ratios) if isinstance(entry, Mapping) else None
         self._prepared[name] = price
         return price
 
@@ -359,17 +397,20 @@ class _Table:
 # -- building prices ------------------------------------------------------------------------------
 
 
-def _table_price(entry: Mapping[str, Any]) -> _Price | None:
+def _table_price(entry: Mapping[str, Any], cache_ratios: Mapping[str, Decimal]) -> _Price | None:
     """Prepare one litellm entry; ``None`` when it has no per-token price at all."""
-    base_in = _table_rate(entry.get("input_cost_per_token"))
-    base_out = _table_rate(entry.get("output_cost_per_token"))
-    if base_in is None and base_out is None:
-        return None
-    base_in = base_in if base_in is not None else Decimal(0)
-    base_out = base_out if base_out is not None else Decimal(0)
-    base_cached = _table_rate(entry.get("cache_read_input_token_cost"))
-    base = (base_in, base_out, base_cached if base_cached is not None else base_in)
+    raw_in = _table_rate(entry.get("input_cost_per_token"))
+    raw_out = _table_rate(entry.get("output_cost_per_token"))
+    base_in = raw_in if raw_in is not None else Decimal(0)
+    base_out = raw_out if raw_out is not None else Decimal(0)
     tiers = _ranged_tiers(entry, base_out)
+    if raw_in is None and raw_out is None and tiers is None:
+        return None
+    base_cached = _table_rate(entry.get("cache_read_input_token_cost"))
+    ratio = cache_ratios.get(str(entry.get("litellm_provider")))
+    if base_cached is None and raw_in is not None and ratio is not None:
+        base_cached = raw_in * ratio
+    base = (base_in, base_out, base_cached if base_cached is not None else base_in)
     if tiers is None:
         tiers = _threshold_tiers(entry, base_in, base_out, base_cached)
     return _make_price(base, tiers, _max_output(entry))
@@ -451,24 +492,21 @@ def _ranged_tiers(
             continue
         ranged.append((low, high, tier))
     ranged.sort(key=lambda r: r[0])
-    if (
-        not ranged
-        or ranged[0][0] != 0
-        or any(a[1] != b[0] for a, b in zip(ranged, ranged[1:], strict=False))
-    ):
+    if not ranged or ranged[0][0] != 0 or any(a[1] != b[0] for a, b in itertools.pairwise(ranged)):
         return None
     if any(_table_rate(t.get("input_cost_per_token")) is None for _, _, t in ranged):
         return None
-    tiers = []
+    tiers: list[tuple[int, Decimal, Decimal, Decimal]] = []
     for low, _, tier in ranged:
-        tier_in = _table_rate(tier["input_cost_per_token"], Decimal(0))
+        tier_in = _rate_or(tier["input_cost_per_token"], Decimal(0))
         tiers.append(
             (
-                # input_tokens > low, for integer token counts.
-                math.floor(low),
+                # input_tokens > low for integer counts; the first tier also prices 0 input
+                # tokens, where litellm uses the flat rates (often absent, i.e. free output).
+                -1 if not tiers else math.floor(low),
                 tier_in,
-                _table_rate(tier.get("output_cost_per_token"), base_out),
-                _table_rate(tier.get("cache_read_input_token_cost"), tier_in),
+                _rate_or(tier.get("output_cost_per_token"), base_out),
+                _rate_or(tier.get("cache_read_input_token_cost"), tier_in),
             )
         )
     return tiers
@@ -478,25 +516,25 @@ def _override_price(
     input_per_mtok: Decimal,
     output_per_mtok: Decimal,
     cached_per_mtok: Decimal | None,
-    *,
-    max_output_tokens: int | None,
 ) -> _Price:
     base = (
         input_per_mtok.scaleb(-_PER_MTOK_EXP),
         output_per_mtok.scaleb(-_PER_MTOK_EXP),
         (cached_per_mtok if cached_per_mtok is not None else input_per_mtok).scaleb(-_PER_MTOK_EXP),
     )
-    return _make_price(base, [], max_output_tokens)
+    return _make_price(base, [], None, overridden=True)
 
 
 def _make_price(
     base: tuple[Decimal, Decimal, Decimal],
     tiers: Sequence[tuple[int, Decimal, Decimal, Decimal]],
     max_output_tokens: int | None,
+    *,
+    overridden: bool = False,
 ) -> _Price:
     """Choose the smallest power of ten that makes every rate an integer, and convert."""
     rates = [*base, *(r for t in tiers for r in t[1:])]
-    exp = max([_NANO_EXP, *(-r.normalize().as_tuple().exponent for r in rates if r)])  # type: ignore[operator]
+    exp = max([_NANO_EXP, *(_decimal_places(r) for r in rates)])
 
     def ints(i: Decimal, o: Decimal, c: Decimal) -> _Rates:
         return _Rates(int(i.scaleb(exp)), int(o.scaleb(exp)), int(c.scaleb(exp)))
@@ -506,6 +544,7 @@ def _make_price(
         tiers=tuple((t[0], ints(*t[1:])) for t in tiers),
         divisor=10 ** (exp - _NANO_EXP),
         max_output_tokens=max_output_tokens,
+        overridden=overridden,
     )
 
 
@@ -527,6 +566,18 @@ def _table_rate(value: object, default: Decimal | None = None) -> Decimal | None
     return dec
 
 
+def _decimal_places(value: Decimal) -> int:
+    """Digits after the point in the shortest form of a finite decimal (3E-5 -> 5, 2.5 -> 1)."""
+    exponent = value.normalize().as_tuple().exponent
+    assert isinstance(exponent, int)  # finite: checked when the rate was read
+    return max(-exponent, 0)
+
+
+def _rate_or(value: object, default: Decimal) -> Decimal:
+    rate = _table_rate(value)
+    return default if rate is None else rate
+
+
 def _max_output(entry: Mapping[str, Any]) -> int | None:
     value = entry.get("max_output_tokens")
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -536,15 +587,21 @@ def _max_output(entry: Mapping[str, Any]) -> int | None:
     return int(value)
 
 
-def _candidate_names(model: str) -> list[str]:
-    names = [model]
+def _candidate_names(model: str) -> list[list[str]]:
+    """
+    Names to try, in groups: first the name and its provider-less form (the same model),
+    then the same without a date suffix (its family, a fallback for a newer snapshot).
+    Within a group overrides are tried before the table.
+    """
+    same = [model]
     if "/" in model:
-        names.append(model.split("/", 1)[1])
-    for name in names[:]:
+        same.append(model.split("/", 1)[1])
+    family = []
+    for name in same:
         undated = _DATE_SUFFIX.sub("", name)
-        if undated != name and undated:
-            names.append(undated)
-    return names
+        if undated != name and undated and undated not in family:
+            family.append(undated)
+    return [same, family] if family else [same]
 
 
 # -- overrides file -------------------------------------------------------------------------------
@@ -568,13 +625,17 @@ def _load_overrides_file(
     try:
         if suffix == ".json":
             # parse_float=Decimal: "0.15" stays exactly 0.15, never a binary float.
-            parsed: object = json.loads(data, parse_float=Decimal)
+            parsed: object = json.loads(
+                data, parse_float=Decimal, object_pairs_hook=_no_duplicate_keys
+            )
         else:
             import tomllib
 
             parsed = tomllib.loads(data.decode("utf-8"), parse_float=Decimal)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError/TOMLDecodeError are ValueErrors
-        raise ConfigError(f"pricing overrides file {str(file)!r} is not valid {suffix[1:]}: {e}") from e
+        raise ConfigError(
+            f"pricing overrides file {str(file)!r} is not valid {suffix[1:]}: {e}"
+        ) from e
     if not isinstance(parsed, dict):
         raise ConfigError(
             f"pricing overrides file {str(file)!r} must map model names to prices, "
@@ -591,9 +652,15 @@ def _load_overrides_file(
             raise ConfigError(f"{where}: must be a table of prices, got {type(spec).__name__}")
         unknown = set(spec) - _OVERRIDE_FIELDS
         if unknown:
+            # TOML reads [gpt-3.5-turbo] as table "gpt-3" holding table "5-turbo".
+            hint = (
+                '; in TOML quote model names that contain dots: ["gpt-3.5-turbo"]'
+                if suffix == ".toml" and any(isinstance(spec[k], dict) for k in unknown)
+                else ""
+            )
             raise ConfigError(
                 f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
-                f"expected {', '.join(sorted(_OVERRIDE_FIELDS))}"
+                f"expected {', '.join(sorted(_OVERRIDE_FIELDS))}{hint}"
             )
         for required in ("input_per_mtok", "output_per_mtok"):
             if required not in spec:
@@ -608,6 +675,16 @@ def _load_overrides_file(
             price("cached_input_per_mtok") if "cached_input_per_mtok" in spec else None,
         )
     return overrides
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys; a price file with both is a mistake."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
 
 
 def _price_decimal(value: object, what: str, error: type[Exception]) -> Decimal:
@@ -692,7 +769,7 @@ def _offline_tokenizer(litellm: Any, model: str) -> dict[str, Any] | None:
 
         if huggingface_tokenizer_kind(model) in (None, "anthropic", "deepseek"):
             return None
-    except Exception:  # noqa: BLE001, S110 - older litellm: take the always-offline route
+    except Exception:  # older litellm or a surprise: take the always-offline route
         pass
     from litellm.litellm_core_utils.default_encoding import encoding
 

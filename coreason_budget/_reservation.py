@@ -84,13 +84,13 @@ class Reservation:
         """Commit the price of the tokens used, priced for the reservation's model."""
         if self.model is None:
             raise BudgetError("commit_usage() needs a reservation made with model=...")
-        cost = self._manager.pricing.calculate(
+        cost = self._manager.pricing.calculate_nano(
             self.model,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cached_input_tokens=cached_input_tokens,
         )
-        self.commit(cost)
+        self._settle(cost, "committed")
 
     def _settle(self, actual: int, state: str) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import redis
@@ -468,3 +469,30 @@ class TestReservationById:
 
         with pytest.raises(UnknownReservationError):
             budget.reservation("nope")
+
+
+class TestPricedReservations:
+    """budget.pricing prices a reservation's settlement from token counts."""
+
+    def test_commit_usage(self, budget: BudgetManager) -> None:
+        budget.pricing.set_price("local-llm", input_per_mtok=2, output_per_mtok=10)
+        with budget.reserve("alice", 1.0, model="local-llm") as r:
+            r.commit_usage(input_tokens=1_000, output_tokens=500)
+        # 1,000 x $2/M + 500 x $10/M = $0.002 + $0.005
+        assert spent(budget, "alice")["user"] == 7_000_000
+
+    def test_commit_usage_needs_a_model(self, budget: BudgetManager) -> None:
+        r = budget.reserve("alice", 1.0)
+        with pytest.raises(BudgetError, match="model="):
+            r.commit_usage(input_tokens=1, output_tokens=1)
+        assert r.state == "held"
+
+    def test_bad_price_file_fails_at_start_up(
+        self, make_manager: ManagerFactory, tmp_path: Path
+    ) -> None:
+        from coreason_budget import ConfigError
+
+        bad = tmp_path / "prices.json"
+        bad.write_text('{"m": {"input_per_mtok": -1, "output_per_mtok": 1}}')
+        with pytest.raises(ConfigError, match=r"prices\.json"):
+            make_manager(pricing_file=str(bad))
