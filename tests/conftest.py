@@ -25,13 +25,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """The shared server's URL, flushed so that each test starts from an empty store."""
     client = redis_server.client()
     client.flushall()
     client.script_flush()
     client.close()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture
