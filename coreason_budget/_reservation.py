@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ._ledger import Held, Ledger, Scope
 from ._money import nano_to_usd, to_nano
-from .exceptions import BudgetError
+from .exceptions import BudgetError, InvalidInputError
 
 if TYPE_CHECKING:
     from ._manager import BudgetManager
@@ -83,7 +83,7 @@ class Reservation:
     ) -> None:
         """Commit the price of the tokens used, priced for the reservation's model."""
         if self.model is None:
-            raise BudgetError("commit_usage() needs a reservation made with model=...")
+            raise InvalidInputError("commit_usage() needs a reservation made with model=...")
         cost = self._manager.pricing.calculate_nano(
             self.model,
             input_tokens=input_tokens,
