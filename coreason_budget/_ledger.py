@@ -10,10 +10,9 @@ collide with another kind of key, whatever characters it holds.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from importlib.resources import files
 from typing import Any
 
@@ -71,15 +70,20 @@ class Ledger:
         self._script = client.register_script(_LUA)
         self._tag = "{" + prefix + "}"
         self._limits_key = f"{self._tag}:limits"
-        self._retention_ms = str(retention_seconds * 1000)
-        self._op_ttl_ms = str(idempotency_ttl_seconds * 1000)
+        self._ttls = f"{retention_seconds * 1000} {idempotency_ttl_seconds * 1000}"
         self._clock = clock
         self._skew_ms = 0
+        self._day_key = (-1, "")
 
     # -- key names -----------------------------------------------------------
 
     def day_key(self, day: int) -> str:
-        return f"{self._tag}:day:{datetime.date.fromordinal(_EPOCH + day).isoformat()}"
+        # Cached: every call names today's key, and formatting a date is not free.
+        cached = self._day_key
+        if cached[0] != day:
+            name = f"{self._tag}:day:{datetime.date.fromordinal(_EPOCH + day).isoformat()}"
+            cached = self._day_key = (day, name)
+        return cached[1]
 
     def reservation_key(self, reservation_id: str) -> str:
         return f"{self._tag}:res:{reservation_id}"
@@ -133,7 +137,7 @@ class Ledger:
 
     def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
         """A reservation's state and the counter fields it holds in, or None if unknown."""
-        with _store_errors():
+        with _store_errors:
             record: dict[str, str] = self._client.hgetall(  # type: ignore[assignment]
                 self.reservation_key(reservation_id)
             )
@@ -143,11 +147,11 @@ class Ledger:
         return held, [record[f"f{i}"] for i in range(1, int(record["n"]) + 1)]
 
     def ping(self) -> None:
-        with _store_errors():
+        with _store_errors:
             self._client.ping()
 
     def set_limit(self, field: str, limit_nano: int | None) -> None:
-        with _store_errors():
+        with _store_errors:
             if limit_nano is None:
                 self._client.hdel(self._limits_key, field)
             else:
@@ -169,19 +173,17 @@ class Ledger:
         extra: Sequence[str] = (),
         day: int | None = None,
     ) -> list[Any]:
-        args: list[str] = [op, "", "", self._retention_ms, self._op_ttl_ms, str(amount)]
-        args.append(str(len(scopes)))
-        for scope in scopes:
-            args += (scope.field, str(scope.default_limit_nano))
-        args += extra
+        defaults = " ".join(str(scope.default_limit_nano) for scope in scopes)
+        tail = f"{self._ttls} {amount} {len(scopes)} {defaults}"
+        fields = [scope.field for scope in scopes]
         # Twice is enough: the second attempt uses the day the server named.
         for _ in range(2):
             now = self._now_ms()
             the_day = day if day is not None else now // DAY_MS
-            args[1] = str(the_day)
-            args[2] = str(now) if self._clock is not None else ""
+            stamp = "-" if self._clock is None else str(now)
+            args = [f"{op} {the_day} {stamp} {tail}", *fields, *extra]
             keys = [self.day_key(the_day), self._limits_key, record_key]
-            with _store_errors():
+            with _store_errors:
                 reply: Any = self._script(keys=keys, args=args)
             if not isinstance(reply, list) or not reply:
                 raise BudgetUnavailableError(f"budget store sent a malformed reply: {reply!r}")
@@ -202,13 +204,22 @@ class Ledger:
         )
 
 
-@contextlib.contextmanager
-def _store_errors() -> Iterator[None]:
-    """Any failure of the store is BudgetUnavailableError: callers fail closed on it."""
-    try:
-        yield
-    except redis.RedisError as e:
-        raise BudgetUnavailableError(f"budget store unavailable: {e}") from e
+class _StoreErrors:
+    """
+    Any failure of the store is BudgetUnavailableError: callers fail closed on it.
+
+    A class rather than a generator-based context manager: it wraps every call.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        if isinstance(exc, redis.RedisError):
+            raise BudgetUnavailableError(f"budget store unavailable: {exc}") from exc
+
+
+_store_errors = _StoreErrors()
 
 
 def _pairs(flat: list[str]) -> dict[str, int]:

@@ -55,6 +55,7 @@ class BudgetManager:
             "project": to_nano(config.daily_project_limit_usd, maximum=MAX_LIMIT_NANO),
             "global": to_nano(config.daily_global_limit_usd, maximum=MAX_LIMIT_NANO),
         }
+        self._global = Scope("global", None, "g", self._limits["global"])
         self._pricing: PricingEngine | None = None
         self._pricing_lock = threading.Lock()
         if config.pricing_file is not None:
@@ -263,7 +264,7 @@ class BudgetManager:
         if name == "global":
             if entity_id is not None:
                 raise InvalidInputError("the global scope takes no entity id (pass None)")
-            return Scope("global", None, "g", self._limits["global"])
+            return self._global
         if name == "user":
             uid = check_id(entity_id, "user_id")
             return Scope("user", uid, "u:" + uid, self._limits["user"])

@@ -6,27 +6,34 @@
 -- KEYS[2]  limits hash: per-entity limit overrides, same field names, no TTL
 -- KEYS[3]  record: a reservation hash ("reserve", "settle") or an operation-id marker ("spend")
 --
--- ARGV[1]  op: reserve | settle | spend | check | usage | report
--- ARGV[2]  day the client believes it is (days since 1970-01-01, UTC)
--- ARGV[3]  injected time in ms, or "" to use the server's clock (the one clock all workers share)
--- ARGV[4]  retention in ms: counters and reservations live until their day ends plus this
--- ARGV[5]  lifetime of an operation-id marker in ms
--- ARGV[6]  amount in nano-dollars (the estimate, the spend or the actual cost)
--- ARGV[7]  number of scopes n, then n pairs: field, default limit (-1: tracked, never limited)
--- after the pairs, for settle: the state to settle into ("committed" or "released")
+-- ARGV[1]  a header of space-separated words (one argument, not nine: each
+--          argument costs the client time to pack):
+--            op         reserve | settle | spend | check | usage | report
+--            day        the day the client believes it is (days since 1970-01-01, UTC)
+--            now        injected time in ms, or "-" for the server's clock (the
+--                       one clock all workers share)
+--            retention  ms counters and reservations live after their day ends
+--            op_ttl     ms an operation-id marker lives
+--            amount     nano-dollars: the estimate, the spend or the actual cost
+--            n          the number of scopes, then n default limits
+--                       (-1: tracked, never limited)
+-- ARGV[2 .. n+1]  the scopes' fields, narrowest first (ids may hold any character)
+-- ARGV[n+2]       for settle: the state to settle into ("committed" or "released")
 --
 -- Amounts stay below 2^53 (the client bounds them), so Lua's doubles hold them exactly.
 
 local DAY_MS = 86400000
+local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
 local counters, limits, record = KEYS[1], KEYS[2], KEYS[3]
-local op = ARGV[1]
-local day = ARGV[2]
-local amount = tonumber(ARGV[6])
-local n = tonumber(ARGV[7])
+local h = {}
+for word in string.gmatch(ARGV[1], '%S+') do h[#h + 1] = word end
+local op, day, amount_s = h[1], h[2], h[6]
+local amount = tonumber(amount_s)
+local n = tonumber(h[7])
 
 local now
-if ARGV[3] ~= '' then
-    now = tonumber(ARGV[3])
+if h[3] ~= '-' then
+    now = tonumber(h[3])
 else
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -41,53 +48,52 @@ if op ~= 'settle' then
     end
 end
 
-local expire_ms = (tonumber(day) + 1) * DAY_MS + tonumber(ARGV[4]) - now
+local expire_ms = (tonumber(day) + 1) * DAY_MS + tonumber(h[4]) - now
 
-local function field(i) return ARGV[6 + 2 * i] end
-local function default_limit(i) return ARGV[7 + 2 * i] end
+local fields = {}
+for i = 1, n do fields[i] = ARGV[1 + i] end
+local function default_limit(i) return h[7 + i] end
 
 -- The first (narrowest) scope the amount does not fit, or nil.
 -- Fits when spent + amount <= limit and spent < limit: an exhausted scope
 -- refuses even a zero estimate.
 local function refusal()
+    if n == 0 then return nil end
+    local overrides = redis.call('HMGET', limits, unpack(fields))
+    local spent = redis.call('HMGET', counters, unpack(fields))
     for i = 1, n do
-        local limit = redis.call('HGET', limits, field(i)) or default_limit(i)
+        local limit = overrides[i] or default_limit(i)
         if tonumber(limit) >= 0 then
-            local spent = redis.call('HGET', counters, field(i)) or '0'
-            local s, l = tonumber(spent), tonumber(limit)
+            local s, l = tonumber(spent[i] or '0'), tonumber(limit)
             if not (s < l and s + amount <= l) then
-                return {'NO', string.format('%d', i), spent, limit}
+                return {'NO', string.format('%d', i), spent[i] or '0', limit}
             end
         end
     end
     return nil
 end
 
-local function charge(fields, delta)
+local function charge(charged, delta)
     if expire_ms <= 0 then return end
     if delta ~= 0 then
         local d = string.format('%d', delta)
-        for _, f in ipairs(fields) do
+        for _, f in ipairs(charged) do
             redis.call('HINCRBY', counters, f, d)
         end
     end
     redis.call('PEXPIRE', counters, expire_ms)
 end
 
-local function arg_fields()
-    local fields = {}
-    for i = 1, n do fields[i] = field(i) end
-    return fields
-end
-
 if op == 'check' then
     return refusal() or {'OK'}
 
 elseif op == 'usage' then
+    local spent = redis.call('HMGET', counters, unpack(fields))
+    local overrides = redis.call('HMGET', limits, unpack(fields))
     local reply = {'OK'}
     for i = 1, n do
-        reply[#reply + 1] = redis.call('HGET', counters, field(i)) or '0'
-        reply[#reply + 1] = redis.call('HGET', limits, field(i)) or default_limit(i)
+        reply[#reply + 1] = spent[i] or '0'
+        reply[#reply + 1] = overrides[i] or default_limit(i)
     end
     return reply
 
@@ -99,8 +105,8 @@ elseif op == 'spend' then
     if redis.call('EXISTS', record) == 1 then
         return {'DUP'}
     end
-    charge(arg_fields(), amount)
-    redis.call('SET', record, '1', 'PX', ARGV[5])
+    charge(fields, amount)
+    redis.call('SET', record, '1', 'PX', h[5])
     return {'OK'}
 
 elseif op == 'reserve' then
@@ -110,17 +116,18 @@ elseif op == 'reserve' then
     end
     local no = refusal()
     if no then return no end
-    local fields = arg_fields()
     charge(fields, amount)
-    redis.call('HSET', record, 'state', 'held', 'day', day, 'held', ARGV[6], 'n', n)
+    local entry = {'state', 'held', 'day', day, 'held', amount_s, 'n', n}
     for i, f in ipairs(fields) do
-        redis.call('HSET', record, 'f' .. i, f)
+        entry[#entry + 1] = 'f' .. i
+        entry[#entry + 1] = f
     end
+    redis.call('HSET', record, unpack(entry))
     redis.call('PEXPIRE', record, expire_ms)
-    return {'OK', 'held', day, ARGV[6]}
+    return {'OK', 'held', day, amount_s}
 
 elseif op == 'settle' then
-    local state = ARGV[8 + 2 * n]
+    local state = ARGV[n + 2]
     local rec = redis.call('HMGET', record, 'state', 'day', 'held', 'n')
     if not rec[1] then
         -- No record: the store lost it (restart without persistence, flush) or
@@ -128,9 +135,9 @@ elseif op == 'settle' then
         -- day while that day is still kept, and leave a tombstone so a retry
         -- of this settle does not charge again.
         if expire_ms <= 0 then return {'GONE', 'expired'} end
-        if state == 'committed' then charge(arg_fields(), amount) end
+        if state == 'committed' then charge(fields, amount) end
         redis.call('HSET', record, 'state', state, 'day', day, 'held', '0', 'n', '0',
-                   'charged', ARGV[6])
+                   'charged', amount_s)
         redis.call('PEXPIRE', record, expire_ms)
         return {'GONE', 'recorded'}
     end
@@ -140,12 +147,12 @@ elseif op == 'settle' then
     if rec[2] ~= day then
         return redis.error_reply('reservation belongs to day ' .. rec[2] .. ', not ' .. day)
     end
-    local fields = {}
+    local held_in = {}
     for i = 1, tonumber(rec[4]) do
-        fields[i] = redis.call('HGET', record, 'f' .. i)
+        held_in[i] = redis.call('HGET', record, 'f' .. i)
     end
-    charge(fields, amount - tonumber(rec[3]))
-    redis.call('HSET', record, 'state', state, 'charged', ARGV[6])
+    charge(held_in, amount - tonumber(rec[3]))
+    redis.call('HSET', record, 'state', state, 'charged', amount_s)
     return {'OK', state}
 end
 
