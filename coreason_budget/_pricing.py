@@ -321,6 +321,19 @@ class PricingEngine:
                 return limit
         return None
 
+    def preload(self) -> bool:
+        """
+        Load litellm's price table now rather than on the first priced call.
+
+        For services: the first load imports litellm, which takes seconds.
+        Returns False when litellm is not installed (only overrides can price).
+        """
+        try:
+            self._load_table()
+        except UnknownModelError:
+            return False
+        return True
+
     def _load_table(self) -> _Table:
         table = self._table
         if table is None:

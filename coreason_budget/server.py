@@ -14,6 +14,7 @@ must treat it as "no"), 422 bad input, 404 unknown reservation, 401/403 auth.
 import hmac
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -194,6 +195,9 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             log.warning(
                 "!!! AUTHENTICATION IS DISABLED: anyone who can reach this port can spend !!!"
             )
+        # Import litellm's table in the background: the first priced commit
+        # would otherwise take seconds, longer than a client's timeout.
+        threading.Thread(target=manager.pricing.preload, daemon=True).start()
         yield
         manager.close()
 
@@ -263,7 +267,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             status = 404
         elif not isinstance(e, InvalidInputError | UnknownModelError):
             status = 500
-        return JSONResponse({"detail": str(e)}, status_code=status)
+        return JSONResponse({"detail": str(e), "error": type(e).__name__}, status_code=status)
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -307,7 +311,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         metrics.decided("allowed", "all", r.estimate_usd)
         return {"reservation_id": r.id, "state": r.state, "estimate_usd": r.estimate_usd}
 
-    @app.get("/reservations/{reservation_id}", dependencies=user)
+    @app.get("/reservations/{reservation_id:path}", dependencies=user)
     def get_reservation(reservation_id: Id) -> dict[str, Any]:
         with metrics.store("lookup"):
             r = manager.reservation(reservation_id)
@@ -320,7 +324,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             "model": r.model,
         }
 
-    @app.post("/reservations/{reservation_id}/commit", dependencies=user)
+    @app.post("/reservations/{reservation_id:path}/commit", dependencies=user)
     def commit(reservation_id: Id, body: CommitBody) -> dict[str, str]:
         """Settle to the actual cost (or priced token usage). Repeats are no-ops."""
         tokens = body.input_tokens is not None or body.output_tokens is not None
@@ -340,7 +344,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             metrics.decided("recorded", "all", body.actual_cost)
         return {"status": r.state}
 
-    @app.post("/reservations/{reservation_id}/release", dependencies=user)
+    @app.post("/reservations/{reservation_id:path}/release", dependencies=user)
     def release(reservation_id: Id) -> dict[str, str]:
         """Give the hold back. Repeats (and release after commit) are no-ops."""
         with metrics.store("release"):
@@ -365,7 +369,10 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             "total": _scope_json(r.total),
             "users": [_scope_json(u) for u in r.users],
             "projects": [_scope_json(p) for p in r.projects],
-            "models": [{"model": m.model, "spent_usd": m.spent_usd} for m in r.models],
+            "models": [
+                {"model": m.model, "spent_usd": m.spent_usd, "spent_nano": m.spent_nano}
+                for m in r.models
+            ],
         }
 
     @app.put("/limits", dependencies=admin)

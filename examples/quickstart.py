@@ -77,9 +77,7 @@ def main() -> None:
 
 def summary(budget: BudgetManager, user: str, project: str | None) -> str:
     u = budget.usage(user, project_id=project)
-    return ", ".join(
-        f"{scope} ${s.spent_usd:.4f} of ${s.limit_usd:.2f}" for scope, s in u.items()
-    )
+    return ", ".join(f"{scope} ${s.spent_usd:.4f} of ${s.limit_usd:.2f}" for scope, s in u.items())
 
 
 if __name__ == "__main__":

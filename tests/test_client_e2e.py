@@ -1,0 +1,854 @@
+"""
+BudgetClient against the real service, over real HTTP.
+
+Fast tests run the app with uvicorn in a thread of the test process, or
+against scripted transports; the slow ones start the service the way it is
+deployed (``uvicorn coreason_budget.server:app_from_env --factory`` in its own
+process) and drive it from many threads, and through a store outage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from coreason_budget import (
+    BudgetError,
+    BudgetExceededError,
+    BudgetManager,
+    BudgetUnavailableError,
+    ConfigError,
+    InvalidInputError,
+    UnknownModelError,
+    UnknownReservationError,
+)
+from coreason_budget.client import BudgetClient, RemoteReservation
+from coreason_budget.server import ServerSettings, create_app
+
+from .conftest import ManagerFactory
+from .redis_server import RedisServer, free_port
+
+USER_KEY = "e2e-user-key"
+ADMIN_KEY = "e2e-admin-key"
+LIMITS = {
+    "daily_user_limit_usd": 10.0,
+    "daily_project_limit_usd": 20.0,
+    "daily_global_limit_usd": 50.0,
+}
+NANO = 1_000_000_000
+
+Budget = BudgetManager | BudgetClient
+
+
+# -- the same code against the manager and the client ------------------------------------
+
+
+def outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    """What a call did: ("ok", its result) or (the error class, its message)."""
+    try:
+        return ("ok", call(*args, **kwargs))
+    except BudgetError as e:
+        return (type(e).__name__, str(e))
+
+
+def handle(r: Any) -> tuple[Any, ...]:
+    return (r.id, r.user_id, r.project_id, r.model, r.state, r.estimate_usd, r.estimate_nano)
+
+
+def scenario(b: Budget) -> list[Any]:
+    """
+    A day of one team, written against the manager's API; returns everything it saw.
+
+    Run on a fresh store; the transcript must not depend on which kind of *b* ran it.
+    """
+    seen: list[Any] = []
+    b.set_limit("user", "alice", 1.0)
+    b.check_availability("alice", 0.5, project_id="p")
+    b.record_spend("alice", 0.25, project_id="p", model="house-llm", idempotency_key="k1")
+    b.record_spend("alice", 0.25, project_id="p", model="house-llm", idempotency_key="k1")
+    with b.reserve("alice", 0.5, project_id="p", model="house-llm") as r:
+        r.commit(Decimal("0.125"))
+        r.commit(0.4)
+    seen.append(r.state)
+    with b.reserve("alice", 0.25) as r:
+        pass
+    seen.append(r.state)
+    with pytest.raises(RuntimeError), b.reserve("alice", 0.25, on_error="release") as r:
+        raise RuntimeError("the LLM call failed")
+    seen.append(r.state)
+    with pytest.raises(RuntimeError), b.reserve("alice", 0.125) as r:
+        raise RuntimeError("the LLM call failed, maybe after billing")
+    seen.append(r.state)
+    seen.append(b.usage("alice", "p"))
+    # 0.75 of alice's 1.00 is gone.
+    seen.append(outcome(b.check_availability, "alice", 0.5))
+    try:
+        b.reserve("alice", 0.3, project_id="p")
+    except BudgetExceededError as e:
+        seen.append((e.scope, e.entity_id, e.limit_usd, e.spent_usd, e.requested_usd, str(e)))
+    seen.append(outcome(lambda: b.reserve("alice", 0.25).state))  # exactly fits
+    seen.append(outcome(b.check_availability, "alice", 0))  # an exhausted scope refuses 0
+    seen.append(outcome(b.record_spend, "alice", -1))
+    seen.append(outcome(b.record_spend, "alice", float("nan")))
+    seen.append(outcome(b.check_availability, "", 1))
+    seen.append(outcome(b.check_availability, "x" * 257, 1))
+    seen.append(outcome(b.reserve, "alice", 1, on_error="ignore"))  # type: ignore[arg-type]
+    seen.append(outcome(b.reservation, "nope"))
+    seen.append(outcome(b.set_limit, "global", "x", 1))
+    seen.append(outcome(b.set_limit, "team", "x", 1))  # type: ignore[arg-type]
+    seen.append(outcome(b.set_limit, "user", "bob", -5))
+
+    first = b.reserve("bob", 2, project_id="q", model="house-llm", reservation_id="req-1")
+    again = b.reserve("bob", 2, project_id="q", model="house-llm", reservation_id="req-1")
+    looked_up = b.reservation("req-1")
+    seen += [handle(first), handle(again), handle(looked_up)]
+    looked_up.commit_usage(input_tokens=1000, output_tokens=200, cached_input_tokens=100)
+    first.release()  # this handle still thinks "held"; the store knows better
+    seen += [handle(looked_up), handle(first), handle(b.reservation("req-1"))]
+    plain = b.reserve("bob", 1)
+    seen.append(outcome(plain.commit_usage, input_tokens=1, output_tokens=1))
+    seen.append(outcome(plain.commit, -1))
+    plain.release()
+    seen.append(plain.state)
+
+    b.set_limit("project", "q", 0.5)
+    seen.append(outcome(b.check_availability, "bob", 0, project_id="q"))
+    b.set_limit("project", "q", None)
+    seen.append(outcome(b.check_availability, "bob", 0, project_id="q"))
+    b.record_spend("carol", 3, model="claude")
+    seen.append(b.usage("bob", "q"))
+    seen.append(b.report())
+    seen.append(b.report(top=1))
+    return seen
+
+
+@pytest.fixture
+def prices(tmp_path: Path) -> str:
+    """A price override for the scenario's model (so pricing needs no litellm import)."""
+    path = tmp_path / "prices.json"
+    spec = {"input_per_mtok": 3, "output_per_mtok": 15, "cached_input_per_mtok": 0.3}
+    path.write_text(json.dumps({"house-llm": spec}))
+    return str(path)
+
+
+def test_scenario_against_manager_and_client(
+    make_manager: ManagerFactory, live: LiveFactory, prices: str
+) -> None:
+    """Code written against the manager works against the client, with the same results."""
+    direct = scenario(make_manager(key_prefix="direct", pricing_file=prices, **LIMITS))
+    with BudgetClient(live(key_prefix="served", pricing_file=prices).url, ADMIN_KEY) as client:
+        served = scenario(client)
+    assert served == direct
+
+
+# -- a service in this process ---------------------------------------------------------
+
+
+class Live:
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert self.thread.is_alive(), "uvicorn did not start"
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+LiveFactory = Callable[..., Live]
+
+
+@pytest.fixture
+def live(make_manager: ManagerFactory) -> Iterator[LiveFactory]:
+    """Serve the app with uvicorn in a thread: real HTTP, without a process to start."""
+    started: list[Live] = []
+
+    def start(settings: ServerSettings | None = None, **config: Any) -> Live:
+        manager = make_manager(**{**LIMITS, **config})
+        settings = settings or ServerSettings(
+            api_keys=frozenset({USER_KEY}), admin_api_keys=frozenset({ADMIN_KEY})
+        )
+        server = Live(create_app(manager, settings))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def client(live: LiveFactory) -> Iterator[BudgetClient]:
+    with BudgetClient(live().url, USER_KEY) as c:
+        yield c
+
+
+class TestAgainstTheService:
+    """The client's calls and errors, against the real app over HTTP."""
+
+    def test_reserve_commit_and_usage(self, client: BudgetClient) -> None:
+        with client.reserve("u", 0.05, project_id="p", model="house-llm") as r:
+            assert isinstance(r, RemoteReservation)
+            assert r.state == "held"
+            assert len(r.id) == 32
+            assert client.usage("u", "p")["user"].spent_nano == 50_000_000
+            r.commit(0.031)
+        assert r.state == "committed"
+        usage = client.usage("u", project_id="p")
+        assert {k: v.spent_nano for k, v in usage.items()} == {
+            "user": 31_000_000,
+            "project": 31_000_000,
+            "global": 31_000_000,
+        }
+        assert usage["user"].remaining_usd == pytest.approx(9.969)
+
+    def test_over_budget(self, client: BudgetClient) -> None:
+        client.record_spend("user_123", 9.99)
+        with pytest.raises(BudgetExceededError) as caught:
+            client.check_availability("user_123", estimated_cost=0.05)
+        e = caught.value
+        assert str(e) == (
+            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested $0.05"
+        )
+        assert (e.scope, e.entity_id, e.limit_usd, e.spent_usd, e.requested_usd) == (
+            "user",
+            "user_123",
+            10.0,
+            9.99,
+            0.05,
+        )
+        with pytest.raises(BudgetExceededError):
+            client.reserve("user_123", 0.02)
+
+    def test_unknown_reservation(self, client: BudgetClient) -> None:
+        with pytest.raises(UnknownReservationError, match="no reservation 'nope'"):
+            client.reservation("nope")
+
+    def test_unpriced_model(self, live: LiveFactory) -> None:
+        # A long timeout: looking a model up in litellm's table first imports
+        # litellm, seconds on a cold service.
+        with BudgetClient(live().url, USER_KEY, timeout=60) as client:
+            r = client.reserve("u", 1, model="no-such-model-xyz")
+            # The service answers 422 without naming the error class, so the client
+            # can only say InvalidInputError (the manager says UnknownModelError).
+            with pytest.raises((UnknownModelError, InvalidInputError), match="No price known"):
+                r.commit_usage(input_tokens=1, output_tokens=1)
+            assert r.state == "held"
+            assert client.reservation(r.id).state == "held"
+
+    def test_ids_with_url_special_characters(self, client: BudgetClient) -> None:
+        for rid in ("%41", "..", ".", "a b", "ü?#&", "\\", " "):
+            r = client.reserve("u", 0.01, reservation_id=rid)
+            assert client.reservation(rid).state == "held"
+            r.release()
+            assert client.reservation(rid).state == "released"
+        for uid in ("..", "%2F", "a b?c"):
+            client.record_spend(uid, 1)
+            assert client.usage(uid)["user"].spent_nano == NANO
+            assert client.usage(uid)["user"].entity_id == uid
+
+    def test_slash_in_a_reservation_id(self, client: BudgetClient) -> None:
+        """The service routes reservation ids as paths, so a '/' in one is settled too."""
+        r = client.reserve("u", 1, reservation_id="a/b/commit")
+        assert client.reservation("a/b/commit").state == "held"
+        r.commit(0.5)
+        assert client.reservation("a/b/commit").state == "committed"
+        assert client.usage("u")["user"].spent_nano == NANO // 2
+
+    def test_with_block_semantics(self, client: BudgetClient) -> None:
+        with client.reserve("u", 1) as r:
+            pass
+        assert (r.state, client.reservation(r.id).state) == ("committed", "committed")
+        with pytest.raises(KeyError), client.reserve("u", 1) as r:
+            raise KeyError
+        assert client.reservation(r.id).state == "committed"
+        with pytest.raises(KeyError), client.reserve("u", 1, on_error="release") as r:
+            raise KeyError
+        assert client.reservation(r.id).state == "released"
+        with client.reserve("u", 1) as r:
+            r.release()
+        assert client.usage("u")["user"].spent_nano == 2 * NANO
+
+    def test_settling_on_exit_with_the_service_down_keeps_the_callers_error(
+        self, live: LiveFactory, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        handles: list[RemoteReservation] = []
+
+        def failing_call(c: BudgetClient) -> None:
+            with c.reserve("u", 1) as r:
+                handles.append(r)
+                own_redis.kill()
+                raise KeyError("the caller's own error")
+
+        with BudgetClient(live(redis_url=own_redis.url).url, USER_KEY, retries=0) as c:
+            with pytest.raises(KeyError, match="the caller's own error"):
+                failing_call(c)
+            assert "Could not settle reservation" in caplog.text
+            [r] = handles
+            assert r.state == "held"
+            with pytest.raises(BudgetUnavailableError):
+                r.commit(0.5)
+            assert r.state == "held"
+            own_redis.start()  # empty: the store had no persistence
+            # The service settles by id only, so a hold whose record was lost is
+            # unknown to it (the manager, which knows the scopes, would record it).
+            with pytest.raises(UnknownReservationError):
+                r.commit(0.5)
+            assert r.state == "held"
+
+    def test_report(self, client: BudgetClient) -> None:
+        client.record_spend("a", 1, project_id="p", model="house-llm")
+        client.record_spend("b", 2, model="house-llm")
+        report = client.report()
+        assert report.total.spent_nano == 3 * NANO
+        assert [u.entity_id for u in report.users] == ["b", "a"]
+        assert [(m.model, m.spent_nano) for m in report.models] == [("house-llm", 3 * NANO)]
+        assert len(client.report(top=1).users) == 1
+        with pytest.raises(InvalidInputError):
+            client.report(top=0)
+
+    def test_limits_need_an_admin_key(self, live: LiveFactory) -> None:
+        url = live().url
+        with BudgetClient(url, USER_KEY) as user, BudgetClient(url, ADMIN_KEY) as admin:
+            with pytest.raises(BudgetError, match=r"refused the API key for PUT /limits \(403"):
+                user.set_limit("user", "u", 1)
+            admin.set_limit("user", "u", 1)
+            with pytest.raises(BudgetExceededError):
+                user.check_availability("u", 2)
+
+    def test_wrong_or_missing_key(self, live: LiveFactory) -> None:
+        url = live().url
+        for key in ("wrong", None):
+            with BudgetClient(url, key) as c, pytest.raises(BudgetError) as caught:
+                c.check_availability("u", 1)
+            # Plain BudgetError: not "over budget", not "store down", but still a "no".
+            assert type(caught.value) is BudgetError
+            assert "401" in str(caught.value)
+            with BudgetClient(url, key) as c:
+                c.ping()  # /health needs no key
+
+    def test_insecure_server_without_a_key(self, live: LiveFactory) -> None:
+        with BudgetClient(live(ServerSettings(insecure_no_auth=True)).url, None) as c:
+            c.set_limit("global", None, 100)
+            c.check_availability("u", 1)
+
+    def test_store_down_is_unavailable(self, live: LiveFactory, own_redis: RedisServer) -> None:
+        with BudgetClient(live(redis_url=own_redis.url).url, USER_KEY) as c:
+            c.ping()
+            own_redis.kill()
+            for call in (
+                lambda: c.ping(),
+                lambda: c.check_availability("u", 1),
+                lambda: c.record_spend("u", 1),
+                lambda: c.reserve("u", 1),
+                lambda: c.usage("u"),
+                lambda: c.report(),
+            ):
+                with pytest.raises(BudgetUnavailableError):
+                    call()
+
+    def test_threads_share_one_client(self, client: BudgetClient) -> None:
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                for j in range(10):
+                    client.record_spend(f"t{i}", 0.01, idempotency_key=f"{i}-{j}")
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert client.report().total.spent_nano == 8 * 10 * 10_000_000
+
+
+# -- no service needed ---------------------------------------------------------------------
+
+
+def unreachable() -> BudgetClient:
+    """A client whose every request would fail: any error but a validation one hit the wire."""
+    return BudgetClient(f"http://127.0.0.1:{free_port()}", "k", retries=0, timeout=0.5)
+
+
+class TestValidatedBeforeSending:
+    """Bad input raises InvalidInputError (the manager's message) and sends nothing."""
+
+    @pytest.mark.parametrize(
+        ("call", "message"),
+        [
+            (lambda c: c.check_availability("u", -1), "estimated_cost must not be negative"),
+            (lambda c: c.check_availability("u", float("nan")), "estimated_cost must be finite"),
+            (lambda c: c.check_availability("u", float("inf")), "estimated_cost must be finite"),
+            (lambda c: c.check_availability("u", 1_000_001), "above the maximum"),
+            (lambda c: c.check_availability("u", "1"), "must be a number of USD"),
+            (lambda c: c.check_availability("u", True), "must be a number of USD"),
+            (lambda c: c.check_availability("", 1), "user_id must not be empty"),
+            (lambda c: c.check_availability("u" * 257, 1), "user_id is 257 characters"),
+            (lambda c: c.check_availability("u", 1, project_id=""), "project_id must not be"),
+            (lambda c: c.check_availability(7, 1), "user_id must be a str"),
+            (lambda c: c.check_availability("\ud800", 1), "not valid unicode"),
+            (lambda c: c.record_spend("u", Decimal("-0.01")), "cost must not be negative"),
+            (lambda c: c.record_spend("u", 1, model=""), "model must not be empty"),
+            (lambda c: c.record_spend("u", 1, idempotency_key=""), "idempotency_key must not"),
+            (lambda c: c.reserve("u", -1), "estimate must not be negative"),
+            (lambda c: c.reserve("u", 1, on_error="skip"), "on_error must be"),
+            (lambda c: c.reserve("u", 1, reservation_id=""), "reservation_id must not be"),
+            (lambda c: c.reservation(""), "reservation_id must not be empty"),
+            (lambda c: c.usage(""), "user_id must not be empty"),
+            (lambda c: c.usage("u", "x" * 300), "project_id is 300 characters"),
+            (lambda c: c.set_limit("global", "x", 1), "global scope takes no entity id"),
+            (lambda c: c.set_limit("user", None, 1), "user_id must be a str"),
+            (lambda c: c.set_limit("org", "x", 1), "scope must be 'user', 'project' or"),
+            (lambda c: c.set_limit("user", "u", 9_000_001), "above the maximum"),
+            (lambda c: c.report(top=1001), "top must be a whole number"),
+        ],
+    )
+    def test_invalid(self, call: Callable[[BudgetClient], Any], message: str) -> None:
+        with unreachable() as c, pytest.raises(InvalidInputError, match=message):
+            call(c)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"input_tokens": -1, "output_tokens": 1}, "input_tokens must not be negative"),
+            ({"input_tokens": 1, "output_tokens": 1.0}, "output_tokens must be an int"),
+            ({"input_tokens": 1, "output_tokens": 10**9}, "above the maximum"),
+            ({"input_tokens": 1, "output_tokens": 1, "cached_input_tokens": 2}, "cannot exceed"),
+        ],
+    )
+    def test_invalid_token_counts(self, kwargs: dict[str, Any], message: str) -> None:
+        with unreachable() as c:
+            r = RemoteReservation(
+                c, "r", estimate_nano=1, state="held", user_id="u", project_id=None,
+                model="house-llm", on_error="charge",
+            )  # fmt: skip
+            with pytest.raises(InvalidInputError, match=message):
+                r.commit_usage(**kwargs)
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"base_url": "localhost:8000"},
+            {"base_url": "ftp://x"},
+            {"base_url": "http://"},
+            {"timeout": 0},
+            {"timeout": float("nan")},
+            {"retries": -1},
+            {"retries": True},
+            {"pool_size": 0},
+            {"api_key": ""},
+            {"api_key": "ключ"},
+            {"api_key": "a\nb"},
+        ],
+    )
+    def test_bad_configuration(self, kwargs: dict[str, Any]) -> None:
+        args = {"base_url": "http://127.0.0.1:1", "api_key": "k", **kwargs}
+        with pytest.raises(ConfigError):
+            BudgetClient(**args)
+
+
+def scripted(
+    respond: Callable[[httpx.Request], httpx.Response], **kwargs: Any
+) -> tuple[BudgetClient, list[httpx.Request]]:
+    """A client whose requests *respond* answers; the list collects every attempt."""
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return respond(request)
+
+    kwargs.setdefault("retries", 2)
+    client = BudgetClient(
+        "http://budget.test", "k", transport=httpx.MockTransport(handler), **kwargs
+    )
+    return client, sent
+
+
+def body_of(request: httpx.Request) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(request.content)
+    return result
+
+
+class TestTransport:
+    """Retries that cannot double-charge, and fail-closed answers to everything unexpected."""
+
+    def test_retried_reserve_sends_the_same_reservation_id(self) -> None:
+        def respond(request: httpx.Request) -> httpx.Response:
+            if len(sent) < 3:
+                raise httpx.ReadTimeout("lost", request=request)
+            rid = body_of(request)["reservation_id"]
+            return httpx.Response(
+                200, json={"reservation_id": rid, "state": "held", "estimate_usd": 0.5}
+            )
+
+        client, sent = scripted(respond)
+        r = client.reserve("u", 0.5)
+        assert len(sent) == 3
+        assert {body_of(s)["reservation_id"] for s in sent} == {r.id}
+        assert r.estimate_nano == NANO // 2
+        assert sent[0].headers["Authorization"] == "Bearer k"
+
+    def test_retried_spend_sends_the_same_idempotency_key(self) -> None:
+        def respond(request: httpx.Request) -> httpx.Response:
+            if len(sent) < 2:
+                raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(200, json={"status": "recorded"})
+
+        client, sent = scripted(respond)
+        client.record_spend("u", 1)
+        keys = {body_of(s)["idempotency_key"] for s in sent}
+        assert len(sent) == 2
+        assert len(keys) == 1
+        client.record_spend("u", 1)
+        assert body_of(sent[-1])["idempotency_key"] not in keys
+        client.record_spend("u", 1, idempotency_key="mine")
+        assert body_of(sent[-1])["idempotency_key"] == "mine"
+
+    def test_retries_are_bounded(self) -> None:
+        def respond(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("refused", request=request)
+
+        client, sent = scripted(respond, retries=2)
+        with pytest.raises(BudgetUnavailableError, match="did not answer POST /check"):
+            client.check_availability("u", 1)
+        assert len(sent) == 3
+        client, sent = scripted(respond, retries=0)
+        with pytest.raises(BudgetUnavailableError):
+            client.usage("u")
+        assert len(sent) == 1
+
+    @pytest.mark.parametrize(
+        "response",
+        [
+            httpx.Response(503, json={"detail": "store down"}),
+            httpx.Response(500, text="Internal Server Error"),
+            httpx.Response(502, text="<html>Bad Gateway</html>"),
+            httpx.Response(200, text="<html>login</html>"),
+            httpx.Response(200, json={"status": "maybe"}),
+            httpx.Response(200, json=["allowed"]),
+            httpx.Response(307, headers={"Location": "http://elsewhere/check"}),
+            httpx.Response(404, json={"detail": "Not Found"}),
+            httpx.Response(429, text="Too Many Requests"),
+            httpx.Response(429, json={"detail": "slow down", "scope": "user"}),
+            httpx.Response(400, json={"detail": "?"}),
+            httpx.Response(
+                200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")
+            ),
+        ],
+    )
+    def test_anything_but_a_yes_is_a_no(self, response: httpx.Response) -> None:
+        client, sent = scripted(lambda _: response)
+        with pytest.raises(BudgetUnavailableError):
+            client.check_availability("u", 1)
+        assert len(sent) == 1  # answers are not retried
+
+    def test_malformed_answers_to_reads(self) -> None:
+        answers = {
+            "/usage/u": {"user": {"entity_id": "u", "spent_nano": "1", "limit_nano": 1}},
+            "/report": {"day": "yesterday"},
+            "/reservations/r": {"reservation_id": "other"},
+        }
+        client, _ = scripted(lambda req: httpx.Response(200, json=answers[req.url.path]))
+        with pytest.raises(BudgetUnavailableError):
+            client.usage("u")
+        with pytest.raises(BudgetUnavailableError):
+            client.report()
+        with pytest.raises(BudgetUnavailableError):
+            client.reservation("r")
+
+    def test_422_names_its_error_class(self) -> None:
+        def respond(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/reservations":
+                rid = body_of(request)["reservation_id"]
+                return httpx.Response(
+                    200, json={"reservation_id": rid, "state": "held", "estimate_usd": 1.0}
+                )
+            return httpx.Response(422, json={"detail": "No price", "error": "UnknownModelError"})
+
+        client, _ = scripted(respond)
+        r = client.reserve("u", 1, model="m")
+        with pytest.raises(UnknownModelError, match="No price"):
+            r.commit_usage(input_tokens=1, output_tokens=1)
+        assert r.state == "held"
+
+    def test_models_spend_in_nano_when_the_service_sends_it(self) -> None:
+        usage = {"entity_id": None, "spent_nano": 3, "limit_nano": 9}
+        report = {"day": "2026-01-02", "total": usage, "users": [], "projects": [], "models": [
+            {"model": "a", "spent_usd": 1e-9, "spent_nano": 1},
+            {"model": "b", "spent_usd": 2e-9},
+        ]}  # fmt: skip
+        client, sent = scripted(lambda _: httpx.Response(200, json=report))
+        got = client.report()
+        assert [(m.model, m.spent_nano) for m in got.models] == [("a", 1), ("b", 2)]
+        assert got.total.scope == "global"
+        assert sent[0].url.params["top"] == "1000"
+
+    def test_amounts_are_sent_as_the_float_of_their_nano_dollars(self) -> None:
+        client, sent = scripted(lambda _: httpx.Response(200, json={"status": "allowed"}))
+        client.check_availability("u", Decimal("0.1000000001"))
+        assert body_of(sent[0])["estimated_cost"] == 0.100000001
+
+    def test_a_stalled_service_times_out(self) -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)  # accepted by the kernel, never answered
+            port = listener.getsockname()[1]
+            client = BudgetClient(f"http://127.0.0.1:{port}", "k", timeout=0.2, retries=1)
+            start = time.monotonic()
+            with pytest.raises(BudgetUnavailableError, match="ReadTimeout"):
+                client.check_availability("u", 1)
+            assert time.monotonic() - start < 2
+            client.close()
+
+    def test_refused_connection_fails_fast(self) -> None:
+        with unreachable() as c:
+            start = time.monotonic()
+            with pytest.raises(BudgetUnavailableError, match="ConnectError"):
+                c.check_availability("u", 1)
+            assert time.monotonic() - start < 1
+
+
+def test_imports_need_no_server_packages() -> None:
+    """The client needs httpx only, and the library needs neither httpx nor FastAPI."""
+    code = (
+        "import sys\n"
+        "import coreason_budget\n"
+        "assert 'httpx' not in sys.modules and 'fastapi' not in sys.modules\n"
+        "import coreason_budget.client\n"
+        "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- the deployed service, in its own process ----------------------------------------------
+
+
+class Service:
+    """``uvicorn coreason_budget.server:app_from_env --factory`` on a free port."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"uvicorn-{self.port}.log"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("COREASON_BUDGET_")}
+        environ.update(
+            COREASON_BUDGET_REDIS_URL=redis_url,
+            COREASON_BUDGET_API_KEYS=USER_KEY,
+            COREASON_BUDGET_ADMIN_API_KEYS=ADMIN_KEY,
+            COREASON_BUDGET_LOG_PATH=str(tmp_path / "logs" / "app.log"),
+            LITELLM_LOCAL_MODEL_COST_MAP="True",
+        )
+        environ.update(env)
+        args = [
+            sys.executable, "-m", "uvicorn", "coreason_budget.server:app_from_env", "--factory",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                args, env=environ, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self) -> Service:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited: {self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=0.5).status_code in (200, 503):
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"service did not start: {self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                self.proc.kill()
+                self.proc.wait()
+
+
+ServiceFactory = Callable[..., Service]
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[ServiceFactory]:
+    started: list[Service] = []
+
+    def start(redis_url: str, **env: str) -> Service:
+        s = Service(tmp_path, redis_url, **env)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def day_counter(client: redis.Redis, prefix: str, field: str) -> int:
+    keys = list(client.scan_iter(match=f"{{{prefix}}}:day:*"))
+    assert len(keys) == 1, keys
+    return int(client.hget(keys[0], field) or 0)
+
+
+@pytest.mark.slow
+class TestDeployedService:
+    """The service as deployed: its own process, configured from the environment only."""
+
+    def test_scenario_matches_the_manager(
+        self, service: ServiceFactory, redis_url: str, make_manager: ManagerFactory, prices: str
+    ) -> None:
+        env = {
+            "COREASON_BUDGET_PRICING_FILE": prices,
+            "COREASON_BUDGET_KEY_PREFIX": "served",
+            "COREASON_BUDGET_DAILY_USER_LIMIT_USD": "10",
+            "COREASON_BUDGET_DAILY_PROJECT_LIMIT_USD": "20",
+            "COREASON_BUDGET_DAILY_GLOBAL_LIMIT_USD": "50",
+        }
+        s = service(redis_url, **env).wait_ready()
+        direct = scenario(make_manager(key_prefix="direct", pricing_file=prices, **LIMITS))
+        with BudgetClient(s.url, ADMIN_KEY) as client:
+            assert scenario(client) == direct
+        assert (s.log.parent / "logs" / "app.log").exists()
+
+    def test_contention_never_overspends(
+        self, service: ServiceFactory, redis_url: str, redis_client: redis.Redis
+    ) -> None:
+        """16 threads race for a $1.00 budget in $0.07 holds: exactly 14 win."""
+        env = {"COREASON_BUDGET_KEY_PREFIX": "race", "COREASON_BUDGET_DAILY_USER_LIMIT_USD": "1"}
+        s = service(redis_url, **env).wait_ready()
+        threads, attempts = 16, 4
+        barrier = threading.Barrier(threads)
+        won: list[str] = []
+        refused: list[BudgetExceededError] = []
+        other: list[BaseException] = []
+        lock = threading.Lock()
+
+        with BudgetClient(s.url, USER_KEY, timeout=10) as client:
+
+            def race() -> None:
+                barrier.wait()
+                for _ in range(attempts):
+                    try:
+                        r = client.reserve("alice", 0.07, project_id="p")
+                        with lock:
+                            won.append(r.id)
+                    except BudgetExceededError as e:
+                        with lock:
+                            refused.append(e)
+                    except BaseException as e:  # pragma: no cover - reported below
+                        with lock:
+                            other.append(e)
+
+            workers = [threading.Thread(target=race) for _ in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            assert other == []
+            assert len(won) == 14
+            assert len(set(won)) == 14
+            assert len(refused) == threads * attempts - 14
+            assert {(e.scope, e.entity_id) for e in refused} == {("user", "alice")}
+            assert client.usage("alice")["user"].spent_nano == 14 * 70_000_000
+        for field in ("u:alice", "p:p", "g"):
+            assert day_counter(redis_client, "race", field) == 14 * 70_000_000
+        assert len(list(redis_client.scan_iter(match="{race}:res:*"))) == 14
+
+    def test_store_outage_fails_closed_and_recovers(
+        self, service: ServiceFactory, own_redis: RedisServer
+    ) -> None:
+        s = service(own_redis.url).wait_ready()
+        with BudgetClient(s.url, USER_KEY) as client:
+            held = client.reserve("u", 1)
+            own_redis.kill()
+            assert httpx.get(s.url + "/health").status_code == 503
+            start = time.monotonic()
+            for call in (
+                client.ping,
+                lambda: client.check_availability("u", 0.01),
+                lambda: client.record_spend("u", 0.01),
+                lambda: client.reserve("u", 0.01),
+                lambda: held.commit(0.5),
+                lambda: client.usage("u"),
+            ):
+                with pytest.raises(BudgetUnavailableError):
+                    call()
+            assert time.monotonic() - start < 10
+            assert held.state == "held"
+
+            own_redis.start()  # empty: the store had no persistence
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except BudgetUnavailableError:
+                    assert time.monotonic() < deadline, "service did not recover"
+                    time.sleep(0.1)
+            client.check_availability("u", 0.01)
+            with client.reserve("u", 0.5) as r:
+                r.commit(0.25)
+            with pytest.raises(UnknownReservationError):
+                held.commit(0.5)  # its record was lost with the store
+            assert client.usage("u")["user"].spent_nano == 250_000_000
+
+    def test_service_down_fails_closed(self, service: ServiceFactory, redis_url: str) -> None:
+        s = service(redis_url).wait_ready()
+        with BudgetClient(s.url, USER_KEY, timeout=1) as client:
+            client.check_availability("u", 1)
+            s.stop()
+            start = time.monotonic()
+            with pytest.raises(BudgetUnavailableError, match="did not answer"):
+                client.check_availability("u", 1)
+            assert time.monotonic() - start < 2
+
+    def test_refuses_to_start_without_keys(self, service: ServiceFactory, redis_url: str) -> None:
+        s = service(redis_url, COREASON_BUDGET_API_KEYS="", COREASON_BUDGET_ADMIN_API_KEYS="")
+        assert s.proc.wait(30) != 0
+        assert "No API keys configured" in s.output()
+
+    def test_insecure_mode_from_env(self, service: ServiceFactory, redis_url: str) -> None:
+        s = service(
+            redis_url,
+            COREASON_BUDGET_API_KEYS="",
+            COREASON_BUDGET_ADMIN_API_KEYS="",
+            COREASON_BUDGET_INSECURE_NO_AUTH="1",
+        ).wait_ready()
+        with BudgetClient(s.url, None) as client:
+            client.set_limit("user", "u", 1)
+            with pytest.raises(BudgetExceededError):
+                client.check_availability("u", 2)
+        assert "AUTHENTICATION IS DISABLED" in s.output()

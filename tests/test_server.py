@@ -1,0 +1,730 @@
+"""
+The HTTP service in process (FastAPI's TestClient) on a real redis-server.
+
+Every endpoint, every status code the service promises (429 over budget, 503
+store unavailable, 422 bad input, 404 unknown reservation, 401/403 auth), and
+that a refused request changes nothing in the store.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from coreason_budget import BudgetManager, ConfigError
+from coreason_budget.server import ServerSettings, create_app
+
+from .conftest import ManagerFactory
+from .redis_server import RedisServer
+
+USER_KEY = "user-key-1"
+ADMIN_KEY = "admin-key-1"
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+LIMITS = {
+    "daily_user_limit_usd": 10.0,
+    "daily_project_limit_usd": 20.0,
+    "daily_global_limit_usd": 50.0,
+}
+NANO = 1_000_000_000
+
+Serve = Callable[..., TestClient]
+
+
+def snapshot(client: redis.Redis) -> dict[str, Any]:
+    """Every key and its value (the ledger only writes hashes and strings)."""
+    out: dict[str, Any] = {}
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        out[key] = client.hgetall(key) if kind == "hash" else (kind, client.get(key))
+    return out
+
+
+@pytest.fixture
+def serve(make_manager: ManagerFactory) -> Iterator[Serve]:
+    """Start apps on managers of the test store; each is shut down after the test."""
+    clients: list[TestClient] = []
+
+    def start(
+        settings: ServerSettings | None = None, manager: BudgetManager | None = None, **config: Any
+    ) -> TestClient:
+        if manager is None:
+            manager = make_manager(**{**LIMITS, **config})
+        settings = settings or ServerSettings(
+            api_keys=frozenset({USER_KEY}), admin_api_keys=frozenset({ADMIN_KEY})
+        )
+        client = TestClient(create_app(manager, settings), headers=USER)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def api(serve: Serve) -> TestClient:
+    """The service with $10 per user, $20 per project, $50 globally; a user key by default."""
+    return serve()
+
+
+def spent(api: TestClient, user_id: str, project_id: str | None = None) -> dict[str, int]:
+    params = {} if project_id is None else {"project_id": project_id}
+    r = api.get(f"/usage/{user_id}", params=params)
+    assert r.status_code == 200, r.text
+    return {scope: u["spent_nano"] for scope, u in r.json().items()}
+
+
+def reserve(api: TestClient, **body: Any) -> str:
+    r = api.post("/reservations", json=body)
+    assert r.status_code == 200, r.text
+    return str(r.json()["reservation_id"])
+
+
+class TestHealth:
+    """/health is for load balancers: no key, and 503 exactly when the store does not answer."""
+
+    def test_healthy_without_a_key(self, api: TestClient) -> None:
+        r = api.get("/health", headers={"Authorization": ""})
+        assert r.status_code == 200
+        assert r.json() == {"status": "healthy", "redis": "connected"}
+
+    def test_store_down_is_503_then_recovers(self, serve: Serve, own_redis: RedisServer) -> None:
+        api = serve(redis_url=own_redis.url)
+        assert api.get("/health").status_code == 200
+        own_redis.kill()
+        r = api.get("/health")
+        assert r.status_code == 503
+        assert r.json() == {"status": "unhealthy", "redis": "disconnected"}
+        own_redis.start()
+        assert api.get("/health").status_code == 200
+
+
+class TestCheck:
+    """POST /check answers from the ledger and writes nothing."""
+
+    def test_allowed(self, api: TestClient, redis_client: redis.Redis) -> None:
+        before = snapshot(redis_client)
+        r = api.post("/check", json={"user_id": "user_123", "estimated_cost": 9.99})
+        assert r.status_code == 200
+        assert r.json() == {"status": "allowed"}
+        assert snapshot(redis_client) == before
+
+    def test_over_budget_is_429_with_the_scope_and_amounts(self, api: TestClient) -> None:
+        api.post("/spend", json={"user_id": "user_123", "cost": 9.99})
+        r = api.post("/check", json={"user_id": "user_123", "estimated_cost": 0.05})
+        assert r.status_code == 429
+        body = r.json()
+        assert body["detail"] == (
+            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested $0.05"
+        )
+        assert body["scope"] == "user"
+        assert body["entity_id"] == "user_123"
+        assert body["limit_nano"] == 10 * NANO
+        assert body["spent_nano"] == 9_990_000_000
+        assert body["requested_nano"] == 50_000_000
+
+    def test_project_scope_refuses(self, api: TestClient) -> None:
+        for user in ("a", "b", "c"):
+            api.post("/spend", json={"user_id": user, "cost": 7, "project_id": "p"})
+        r = api.post("/check", json={"user_id": "d", "estimated_cost": 0.5, "project_id": "p"})
+        assert r.status_code == 429
+        assert r.json()["scope"] == "project"
+        assert r.json()["entity_id"] == "p"
+
+    def test_global_scope_refuses(self, serve: Serve) -> None:
+        api = serve(daily_global_limit_usd=1.0)
+        api.post("/spend", json={"user_id": "a", "cost": 1})
+        r = api.post("/check", json={"user_id": "b", "estimated_cost": 0})
+        assert r.status_code == 429
+        assert r.json()["scope"] == "global"
+        assert r.json()["entity_id"] is None
+        assert r.json()["detail"].startswith("Budget exceeded for Global:")
+
+
+class TestSpend:
+    """POST /spend records, even past a limit, once per idempotency key."""
+
+    def test_recorded_in_every_scope(self, api: TestClient) -> None:
+        body = {"user_id": "u", "cost": 0.25, "project_id": "p", "model": "gpt-4"}
+        r = api.post("/spend", json=body)
+        assert r.status_code == 200
+        assert r.json() == {"status": "recorded"}
+        assert spent(api, "u", "p") == {
+            "user": NANO // 4,
+            "project": NANO // 4,
+            "global": NANO // 4,
+        }
+        models = api.get("/report").json()["models"]
+        assert [(m["model"], m["spent_usd"]) for m in models] == [("gpt-4", 0.25)]
+
+    def test_idempotency_key_records_once(self, api: TestClient) -> None:
+        body = {"user_id": "u", "cost": 1.5, "idempotency_key": "op-1"}
+        for _ in range(3):
+            assert api.post("/spend", json=body).status_code == 200
+        assert spent(api, "u")["user"] == 1_500_000_000
+
+    def test_past_the_limit_is_still_recorded(self, api: TestClient) -> None:
+        assert api.post("/spend", json={"user_id": "u", "cost": 12}).status_code == 200
+        assert spent(api, "u")["user"] == 12 * NANO
+
+
+class TestReservations:
+    """Hold, settle, look up; every repeat is harmless."""
+
+    def test_create_then_commit_refunds_the_difference(self, api: TestClient) -> None:
+        r = api.post("/reservations", json={"user_id": "u", "estimate": 2, "project_id": "p"})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["state"] == "held"
+        assert body["estimate_usd"] == 2.0
+        rid = body["reservation_id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", rid)
+        assert spent(api, "u", "p")["user"] == 2 * NANO
+        r = api.post(f"/reservations/{rid}/commit", json={"actual_cost": 0.5})
+        assert r.status_code == 200
+        assert r.json() == {"status": "committed"}
+        assert spent(api, "u", "p") == {
+            "user": NANO // 2,
+            "project": NANO // 2,
+            "global": NANO // 2,
+        }
+        # Settling again, either way, changes nothing.
+        assert api.post(f"/reservations/{rid}/commit", json={"actual_cost": 9}).json() == {
+            "status": "committed"
+        }
+        assert api.post(f"/reservations/{rid}/release").json() == {"status": "committed"}
+        assert spent(api, "u")["user"] == NANO // 2
+
+    def test_release_gives_the_hold_back(self, api: TestClient) -> None:
+        rid = reserve(api, user_id="u", estimate=3)
+        r = api.post(f"/reservations/{rid}/release")
+        assert r.status_code == 200
+        assert r.json() == {"status": "released"}
+        assert spent(api, "u")["user"] == 0
+        assert api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1}).json() == {
+            "status": "released"
+        }
+
+    def test_over_budget_is_429_and_holds_nothing(
+        self, api: TestClient, redis_client: redis.Redis
+    ) -> None:
+        reserve(api, user_id="u", estimate=8)
+        before = snapshot(redis_client)
+        r = api.post("/reservations", json={"user_id": "u", "estimate": 2.5})
+        assert r.status_code == 429
+        assert r.json()["scope"] == "user"
+        assert r.json()["requested_nano"] == 2_500_000_000
+        assert snapshot(redis_client) == before
+
+    def test_client_sent_id_is_idempotent(self, api: TestClient) -> None:
+        body = {"user_id": "u", "estimate": 4, "reservation_id": "req-42"}
+        first = api.post("/reservations", json=body)
+        again = api.post("/reservations", json=body)
+        assert first.status_code == again.status_code == 200
+        assert (
+            first.json()
+            == again.json()
+            == {
+                "reservation_id": "req-42",
+                "state": "held",
+                "estimate_usd": 4.0,
+            }
+        )
+        assert spent(api, "u")["user"] == 4 * NANO
+        api.post("/reservations/req-42/commit", json={"actual_cost": 1})
+        settled = api.post("/reservations", json=body)
+        assert settled.json()["state"] == "committed"
+        assert spent(api, "u")["user"] == NANO
+
+    def test_lookup(self, api: TestClient) -> None:
+        rid = reserve(api, user_id="u", estimate=1.25, project_id="p", model="gpt-4")
+        r = api.get(f"/reservations/{rid}")
+        assert r.status_code == 200
+        assert r.json() == {
+            "reservation_id": rid,
+            "state": "held",
+            "estimate_usd": 1.25,
+            "user_id": "u",
+            "project_id": "p",
+            "model": "gpt-4",
+        }
+        rid = reserve(api, user_id="u2", estimate=1)
+        assert api.get(f"/reservations/{rid}").json()["project_id"] is None
+        assert api.get(f"/reservations/{rid}").json()["model"] is None
+
+    def test_ids_with_url_special_characters(self, api: TestClient) -> None:
+        # (Not "%41": Starlette's TestClient decodes paths twice; the e2e tests cover it.)
+        for rid in ("a b", "ü?#&", "..", "."):
+            body = {"user_id": "u", "estimate": 0.01, "reservation_id": rid}
+            assert api.post("/reservations", json=body).status_code == 200
+            path = "".join(f"%{b:02X}" for b in rid.encode())
+            r = api.get(f"/reservations/{path}")
+            assert r.status_code == 200, (rid, r.text)
+            assert r.json()["reservation_id"] == rid
+
+    def test_commit_token_usage_priced_with_the_reservations_model(
+        self, api: TestClient, budget: BudgetManager
+    ) -> None:
+        rid = reserve(api, user_id="u", estimate=1, model="gpt-4")
+        r = api.post(
+            f"/reservations/{rid}/commit", json={"input_tokens": 1000, "output_tokens": 500}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json() == {"status": "committed"}
+        expected = budget.pricing.calculate_nano("gpt-4", 1000, 500, 0)
+        assert expected > 0
+        assert spent(api, "u")["user"] == expected
+
+    def test_token_usage_of_an_unknown_model_is_422_and_keeps_the_hold(
+        self, api: TestClient
+    ) -> None:
+        rid = reserve(api, user_id="u", estimate=1, model="no-such-model-xyz")
+        r = api.post(f"/reservations/{rid}/commit", json={"input_tokens": 1, "output_tokens": 1})
+        assert r.status_code == 422
+        assert "No price known for model 'no-such-model-xyz'" in r.json()["detail"]
+        assert api.get(f"/reservations/{rid}").json()["state"] == "held"
+
+    def test_token_usage_without_a_model_is_422(self, api: TestClient) -> None:
+        rid = reserve(api, user_id="u", estimate=1)
+        r = api.post(f"/reservations/{rid}/commit", json={"input_tokens": 1, "output_tokens": 1})
+        assert r.status_code == 422
+        assert "model" in r.json()["detail"]
+        assert api.get(f"/reservations/{rid}").json()["state"] == "held"
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {},
+            {"actual_cost": 1, "input_tokens": 1, "output_tokens": 1},
+            {"actual_cost": 1, "output_tokens": 1},
+            {"cached_input_tokens": 1},
+        ],
+    )
+    def test_commit_needs_exactly_one_of_cost_or_tokens(
+        self, api: TestClient, body: dict[str, Any]
+    ) -> None:
+        rid = reserve(api, user_id="u", estimate=1, model="gpt-4")
+        r = api.post(f"/reservations/{rid}/commit", json=body)
+        assert r.status_code == 422
+        assert r.json()["detail"] == "send either actual_cost or input_tokens and output_tokens"
+        assert api.get(f"/reservations/{rid}").json()["state"] == "held"
+
+    @pytest.mark.parametrize(
+        ("method", "path", "body"),
+        [
+            ("GET", "/reservations/nope", None),
+            ("POST", "/reservations/nope/commit", {"actual_cost": 1}),
+            ("POST", "/reservations/nope/release", None),
+        ],
+    )
+    def test_unknown_reservation_is_404(
+        self,
+        api: TestClient,
+        redis_client: redis.Redis,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+    ) -> None:
+        before = snapshot(redis_client)
+        r = api.request(method, path, json=body)
+        assert r.status_code == 404
+        assert r.json()["detail"] == "no reservation 'nope' (never made, or expired)"
+        assert snapshot(redis_client) == before
+
+
+class TestUsageAndReport:
+    """Read-only views of today's ledger."""
+
+    def test_usage_per_scope(self, api: TestClient) -> None:
+        reserve(api, user_id="u", estimate=1, project_id="p")
+        api.post("/spend", json={"user_id": "u", "cost": 0.5})
+        r = api.get("/usage/u", params={"project_id": "p"})
+        assert r.status_code == 200
+        assert r.json() == {
+            "user": {
+                "entity_id": "u",
+                "spent_usd": 1.5,
+                "limit_usd": 10.0,
+                "remaining_usd": 8.5,
+                "spent_nano": 1_500_000_000,
+                "limit_nano": 10 * NANO,
+            },
+            "project": {
+                "entity_id": "p",
+                "spent_usd": 1.0,
+                "limit_usd": 20.0,
+                "remaining_usd": 19.0,
+                "spent_nano": NANO,
+                "limit_nano": 20 * NANO,
+            },
+            "global": {
+                "entity_id": None,
+                "spent_usd": 1.5,
+                "limit_usd": 50.0,
+                "remaining_usd": 48.5,
+                "spent_nano": 1_500_000_000,
+                "limit_nano": 50 * NANO,
+            },
+        }
+        assert set(api.get("/usage/u").json()) == {"user", "global"}
+
+    def test_report(self, api: TestClient) -> None:
+        for user, cost in (("a", 1), ("b", 3), ("c", 2)):
+            api.post(
+                "/spend", json={"user_id": user, "cost": cost, "project_id": "p", "model": "m"}
+            )
+        r = api.get("/report", params={"top": 2})
+        assert r.status_code == 200
+        body = r.json()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d", body["day"])
+        assert body["total"]["spent_nano"] == 6 * NANO
+        assert body["total"]["limit_nano"] == 50 * NANO
+        assert [u["entity_id"] for u in body["users"]] == ["b", "c"]
+        assert [p["entity_id"] for p in body["projects"]] == ["p"]
+        assert [(m["model"], m["spent_usd"]) for m in body["models"]] == [("m", 6.0)]
+
+    @pytest.mark.parametrize("top", ["0", "1001", "-1", "x"])
+    def test_report_top_out_of_range_is_422(self, api: TestClient, top: str) -> None:
+        r = api.get("/report", params={"top": top})
+        assert r.status_code == 422
+        assert r.json()["detail"].startswith("query.top:")
+
+
+class TestLimits:
+    """PUT /limits: admin keys only; overrides apply at once and can be removed."""
+
+    def test_admin_sets_and_removes_an_override(self, api: TestClient) -> None:
+        r = api.put(
+            "/limits", json={"scope": "user", "entity_id": "u", "limit_usd": 1}, headers=ADMIN
+        )
+        assert r.status_code == 200
+        assert r.json() == {"status": "updated", "scope": "user", "entity_id": "u"}
+        assert api.post("/check", json={"user_id": "u", "estimated_cost": 2}).status_code == 429
+        api.put(
+            "/limits", json={"scope": "user", "entity_id": "u", "limit_usd": None}, headers=ADMIN
+        )
+        assert api.post("/check", json={"user_id": "u", "estimated_cost": 2}).status_code == 200
+
+    def test_project_and_global(self, api: TestClient) -> None:
+        for body in (
+            {"scope": "project", "entity_id": "p", "limit_usd": 0},
+            {"scope": "global", "entity_id": None, "limit_usd": 0.5},
+        ):
+            assert api.put("/limits", json=body, headers=ADMIN).status_code == 200
+        assert (
+            api.post(
+                "/check", json={"user_id": "u", "estimated_cost": 0, "project_id": "p"}
+            ).json()["scope"]
+            == "project"
+        )
+        assert (
+            api.post("/check", json={"user_id": "u", "estimated_cost": 1}).json()["scope"]
+            == "global"
+        )
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {"scope": "global", "entity_id": "x", "limit_usd": 1},
+            {"scope": "user", "entity_id": None, "limit_usd": 1},
+            {"scope": "team", "entity_id": "t", "limit_usd": 1},
+            {"scope": "user", "entity_id": "u", "limit_usd": -1},
+            {"scope": "user", "entity_id": "u", "limit_usd": 9_000_001},
+            {"scope": "user", "entity_id": "u"},
+        ],
+    )
+    def test_bad_limits_are_422(
+        self, api: TestClient, redis_client: redis.Redis, body: dict[str, Any]
+    ) -> None:
+        before = snapshot(redis_client)
+        r = api.put("/limits", json=body, headers=ADMIN)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"]
+        assert snapshot(redis_client) == before
+
+    def test_user_key_is_403(self, api: TestClient, redis_client: redis.Redis) -> None:
+        r = api.put("/limits", json={"scope": "user", "entity_id": "u", "limit_usd": 100})
+        assert r.status_code == 403
+        assert r.json() == {"detail": "API key not allowed here"}
+        assert snapshot(redis_client) == {}
+
+
+ENDPOINTS = [
+    ("POST", "/check", {"user_id": "u", "estimated_cost": 1}),
+    ("POST", "/spend", {"user_id": "u", "cost": 1}),
+    ("POST", "/reservations", {"user_id": "u", "estimate": 1}),
+    ("GET", "/reservations/r1", None),
+    ("POST", "/reservations/r1/commit", {"actual_cost": 1}),
+    ("POST", "/reservations/r1/release", None),
+    ("GET", "/usage/u", None),
+    ("GET", "/report", None),
+    ("GET", "/metrics", None),
+    ("PUT", "/limits", {"scope": "user", "entity_id": "u", "limit_usd": 1}),
+]
+
+
+class TestAuth:
+    """Bearer API keys: 401 without a good one, 403 for a user key on admin endpoints."""
+
+    @pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS)
+    def test_no_key_is_401(
+        self, api: TestClient, method: str, path: str, body: dict[str, Any] | None
+    ) -> None:
+        r = api.request(method, path, json=body, headers={"Authorization": ""})
+        assert r.status_code == 401
+        assert r.json() == {"detail": "missing bearer API key"}
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+
+    @pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS)
+    def test_wrong_key_is_401(
+        self, api: TestClient, redis_client: redis.Redis, method: str, path: str, body: Any
+    ) -> None:
+        for header in (f"Bearer {USER_KEY}x", "Bearer ", f"Basic {USER_KEY}", USER_KEY):
+            r = api.request(method, path, json=body, headers={"Authorization": header})
+            assert r.status_code == 401, header
+        assert snapshot(redis_client) == {}
+
+    def test_auth_comes_before_validation(self, api: TestClient) -> None:
+        r = api.post("/check", json={"bad": 1}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+
+    def test_admin_key_may_do_everything(self, api: TestClient) -> None:
+        assert (
+            api.post("/spend", json={"user_id": "u", "cost": 1}, headers=ADMIN).status_code == 200
+        )
+        assert api.get("/usage/u", headers=ADMIN).status_code == 200
+
+    def test_several_keys(self, serve: Serve) -> None:
+        api = serve(ServerSettings(api_keys=frozenset({"k1", "k2"})))
+        for key in ("k1", "k2"):
+            r = api.get("/report", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+        # Without admin keys no one may change limits.
+        r = api.put(
+            "/limits",
+            json={"scope": "global", "entity_id": None, "limit_usd": 1},
+            headers={"Authorization": "Bearer k1"},
+        )
+        assert r.status_code == 403
+
+    def test_insecure_mode_needs_no_key(
+        self, serve: Serve, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        api = serve(ServerSettings(insecure_no_auth=True))
+        assert "AUTHENTICATION IS DISABLED" in caplog.text
+        r = api.post(
+            "/check", json={"user_id": "u", "estimated_cost": 1}, headers={"Authorization": ""}
+        )
+        assert r.status_code == 200
+        r = api.put("/limits", json={"scope": "global", "entity_id": None, "limit_usd": 1})
+        assert r.status_code == 200
+
+    def test_no_keys_refuses_to_start(self) -> None:
+        with pytest.raises(
+            ConfigError, match="No API keys configured: set COREASON_BUDGET_API_KEYS"
+        ):
+            ServerSettings()
+
+    def test_settings_from_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("COREASON_BUDGET_INSECURE_NO_AUTH", raising=False)
+        monkeypatch.setenv("COREASON_BUDGET_API_KEYS", " a, b ,,")
+        monkeypatch.setenv("COREASON_BUDGET_ADMIN_API_KEYS", "root")
+        s = ServerSettings.from_env()
+        assert s.api_keys == {"a", "b"}
+        assert s.admin_api_keys == {"root"}
+        assert not s.insecure_no_auth
+
+        monkeypatch.setenv("COREASON_BUDGET_API_KEYS", " , ")
+        monkeypatch.delenv("COREASON_BUDGET_ADMIN_API_KEYS")
+        with pytest.raises(ConfigError):
+            ServerSettings.from_env()
+        monkeypatch.setenv("COREASON_BUDGET_INSECURE_NO_AUTH", "1")
+        assert ServerSettings.from_env().insecure_no_auth
+        with pytest.raises(ConfigError):
+            ServerSettings.from_env(insecure_no_auth=False)
+
+
+BAD_INPUT = [
+    # (endpoint, raw JSON body, text the message must contain)
+    ("/check", '{"user_id": "u", "estimated_cost": -1}', "body.estimated_cost"),
+    ("/check", '{"user_id": "u", "estimated_cost": NaN}', "body.estimated_cost"),
+    ("/check", '{"user_id": "u", "estimated_cost": Infinity}', "body.estimated_cost"),
+    ("/check", '{"user_id": "u", "estimated_cost": 1e400}', "body.estimated_cost"),
+    ("/check", '{"user_id": "u", "estimated_cost": 1000001}', "body.estimated_cost"),
+    ("/check", '{"user_id": "u", "estimated_cost": "a lot"}', "body.estimated_cost"),
+    ("/check", '{"user_id": "", "estimated_cost": 1}', "body.user_id"),
+    ("/check", '{"user_id": "' + "x" * 257 + '", "estimated_cost": 1}', "body.user_id"),
+    ("/check", '{"user_id": 7, "estimated_cost": 1}', "body.user_id"),
+    ("/check", '{"user_id": "u", "estimated_cost": 1, "project_id": ""}', "body.project_id"),
+    ("/check", '{"user_id": "u", "estimated_cost": 1, "budget": 5}', "body.budget"),
+    ("/check", '{"estimated_cost": 1}', "body.user_id"),
+    ("/check", '{"user_id": "u", "estimated_cost": 1', "body"),
+    ("/check", "[1, 2]", "body"),
+    ("/spend", '{"user_id": "u", "cost": -0.000001}', "body.cost"),
+    ("/spend", '{"user_id": "u", "cost": NaN}', "body.cost"),
+    ("/spend", '{"user_id": "u", "cost": 1e7}', "body.cost"),
+    ("/spend", '{"user_id": "u", "cost": 1, "idempotency_key": ""}', "body.idempotency_key"),
+    ("/spend", '{"user_id": "u", "cost": 1, "model": "' + "m" * 257 + '"}', "body.model"),
+    ("/spend", '{"user_id": "u", "cost": 1, "extra": null}', "body.extra"),
+    ("/reservations", '{"user_id": "u", "estimate": -5}', "body.estimate"),
+    ("/reservations", '{"user_id": "u", "estimate": -Infinity}', "body.estimate"),
+    (
+        "/reservations",
+        '{"user_id": "u", "estimate": 1, "reservation_id": ""}',
+        "body.reservation_id",
+    ),
+    ("/reservations", '{"user_id": "u", "estimate": 1, "on_error": "release"}', "body.on_error"),
+]
+
+
+class TestValidation:
+    """422 with a message naming the field, and nothing written."""
+
+    @pytest.mark.parametrize(("path", "raw", "field"), BAD_INPUT)
+    def test_bad_body_is_422(
+        self, api: TestClient, redis_client: redis.Redis, path: str, raw: str, field: str
+    ) -> None:
+        api.post("/spend", json={"user_id": "u", "cost": 1})
+        before = snapshot(redis_client)
+        r = api.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert isinstance(detail, str)
+        assert field in detail
+        assert snapshot(redis_client) == before
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {"actual_cost": -1},
+            {"actual_cost": 2_000_000},
+            {"input_tokens": -1, "output_tokens": 1},
+            {"input_tokens": 1, "output_tokens": 100_000_001},
+            {"input_tokens": 1.5, "output_tokens": 1},
+            {"input_tokens": 10, "output_tokens": 1, "cached_input_tokens": 11},
+            {"actual_cost": 1, "state": "committed"},
+        ],
+    )
+    def test_bad_commit_is_422(
+        self, api: TestClient, redis_client: redis.Redis, body: dict[str, Any]
+    ) -> None:
+        rid = reserve(api, user_id="u", estimate=1, model="gpt-4")
+        before = snapshot(redis_client)
+        r = api.post(f"/reservations/{rid}/commit", json=body)
+        assert r.status_code == 422, r.text
+        assert snapshot(redis_client) == before
+
+    def test_overlong_path_ids_are_422(self, api: TestClient) -> None:
+        assert api.get("/usage/" + "u" * 257).status_code == 422
+        assert api.get("/usage/u", params={"project_id": ""}).status_code == 422
+        assert api.get("/reservations/" + "r" * 257).status_code == 422
+
+    def test_smallest_amounts_round_up_to_a_nano_dollar(self, api: TestClient) -> None:
+        assert api.post("/spend", json={"user_id": "u", "cost": 1e-12}).status_code == 200
+        assert api.post("/spend", json={"user_id": "u", "cost": 0.1}).status_code == 200
+        assert spent(api, "u")["user"] == 100_000_001
+
+
+class TestStoreDown:
+    """Fail closed: with the store gone every call is 503, never a guess."""
+
+    @pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS[:-2] + ENDPOINTS[-1:])
+    def test_503(
+        self,
+        serve: Serve,
+        own_redis: RedisServer,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+    ) -> None:
+        api = serve(redis_url=own_redis.url)
+        own_redis.kill()
+        r = api.request(method, path, json=body, headers=ADMIN)
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"]
+
+
+def metric(api: TestClient, name: str, **labels: str) -> float:
+    """One sample of /metrics (0 when the labelled series does not exist yet)."""
+    text = api.get("/metrics").text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        sname, _, slabels = series.partition("{")
+        got = ",".join(sorted(slabels.rstrip("}").split(","))) if slabels else ""
+        if sname == name and got == want:
+            return float(value)
+    return 0.0
+
+
+class TestMetrics:
+    """Prometheus counters move with the decisions; /metrics needs a key."""
+
+    def test_decisions_and_dollars(self, api: TestClient) -> None:
+        total = "coreason_budget_decisions_total"
+        dollars = "coreason_budget_dollars_total"
+        assert metric(api, total, decision="allowed", scope="all") == 0
+        api.post("/check", json={"user_id": "u", "estimated_cost": 1.5})
+        rid = reserve(api, user_id="u", estimate=2)
+        assert metric(api, total, decision="allowed", scope="all") == 2
+        assert metric(api, dollars, decision="allowed", scope="all") == 3.5
+        api.post("/spend", json={"user_id": "u", "cost": 7})
+        api.post(f"/reservations/{rid}/commit", json={"actual_cost": 0.5})
+        assert metric(api, total, decision="recorded", scope="all") == 2
+        assert metric(api, dollars, decision="recorded", scope="all") == 7.5
+        api.post("/check", json={"user_id": "u", "estimated_cost": 5})
+        assert metric(api, total, decision="blocked", scope="user") == 1
+        assert metric(api, dollars, decision="blocked", scope="user") == 5
+        assert metric(api, "coreason_budget_store_seconds_count", operation="check") == 2
+
+    def test_store_errors(self, serve: Serve, own_redis: RedisServer) -> None:
+        api = serve(redis_url=own_redis.url)
+        own_redis.kill()
+        api.post("/check", json={"user_id": "u", "estimated_cost": 1})
+        api.get("/health")
+        assert metric(api, "coreason_budget_store_errors_total", operation="check") == 1
+        assert metric(api, "coreason_budget_store_errors_total", operation="ping") == 1
+
+    def test_content_type(self, api: TestClient) -> None:
+        r = api.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        assert "# TYPE coreason_budget_decisions_total counter" in r.text
+
+
+class TestOpenAPI:
+    """The schema is served (clients and the fuzz tests are generated from it)."""
+
+    def test_schema(self, api: TestClient) -> None:
+        r = api.get("/openapi.json", headers={"Authorization": ""})
+        assert r.status_code == 200
+        schema = r.json()
+        assert schema["info"]["title"] == "coreason-budget"
+        assert set(schema["paths"]) == {
+            "/health",
+            "/check",
+            "/spend",
+            "/reservations",
+            "/reservations/{reservation_id}",
+            "/reservations/{reservation_id}/commit",
+            "/reservations/{reservation_id}/release",
+            "/usage/{user_id}",
+            "/report",
+            "/limits",
+            "/metrics",
+        }
+        assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        check = schema["components"]["schemas"]["CheckBody"]
+        assert check["additionalProperties"] is False
+        assert check["properties"]["estimated_cost"]["minimum"] == 0
+        assert not math.isinf(check["properties"]["estimated_cost"]["maximum"])
