@@ -84,6 +84,43 @@ class ServerSettings:
         )
 
 
+class ErrorBody(BaseModel):
+    """Every error answer: a readable ``detail`` and the library's error class."""
+
+    detail: str
+    error: str | None = None
+
+
+class ExceededBody(BaseModel):
+    """429: which scope refused, and the amounts (exact, in nano-dollars)."""
+
+    detail: str
+    scope: str
+    entity_id: str | None
+    limit_nano: int
+    spent_nano: int
+    requested_nano: int
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for *statuses*, so the schema says what errors look like."""
+    described = {
+        401: "missing or unknown API key",
+        403: "this API key may not do that (limits need an admin key)",
+        404: "no such reservation (never made, or expired)",
+        422: "bad input; nothing was changed",
+        429: "over budget; nothing was charged",
+        503: "the budget store is unavailable: fail closed, treat as refused",
+    }
+    return {
+        code: {"model": ExceededBody if code == 429 else ErrorBody, "description": described[code]}
+        for code in statuses
+    }
+
+
+_GUARDED = _errors(401, 403, 422, 503)
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -269,7 +306,10 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             status = 500
         return JSONResponse({"detail": str(e), "error": type(e).__name__}, status_code=status)
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        responses={503: {"description": '{"status": "unhealthy", "redis": "disconnected"}'}},
+    )
     def health() -> JSONResponse:
         """Unauthenticated, for load balancers: 503 when the store does not answer."""
         try:
@@ -279,7 +319,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             return JSONResponse({"status": "unhealthy", "redis": "disconnected"}, status_code=503)
         return JSONResponse({"status": "healthy", "redis": "connected"})
 
-    @app.post("/check", dependencies=user)
+    @app.post("/check", dependencies=user, responses=_GUARDED | _errors(429))
     def check(body: CheckBody) -> dict[str, str]:
         """Would *estimated_cost* fit today? 200 allowed, 429 not. Writes nothing."""
         with metrics.store("check"):
@@ -287,7 +327,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         metrics.decided("allowed", "all", body.estimated_cost)
         return {"status": "allowed"}
 
-    @app.post("/spend", dependencies=user)
+    @app.post("/spend", dependencies=user, responses=_GUARDED)
     def spend(body: SpendBody) -> dict[str, str]:
         """Record money already spent; once per idempotency_key."""
         with metrics.store("spend"):
@@ -297,7 +337,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         metrics.decided("recorded", "all", body.cost)
         return {"status": "recorded"}
 
-    @app.post("/reservations", dependencies=user)
+    @app.post("/reservations", dependencies=user, responses=_GUARDED | _errors(429))
     def reserve(body: ReserveBody) -> dict[str, Any]:
         """Hold the estimate in every scope (429 if it does not fit)."""
         with metrics.store("reserve"):
@@ -311,7 +351,11 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         metrics.decided("allowed", "all", r.estimate_usd)
         return {"reservation_id": r.id, "state": r.state, "estimate_usd": r.estimate_usd}
 
-    @app.get("/reservations/{reservation_id:path}", dependencies=user)
+    @app.get(
+        "/reservations/{reservation_id:path}",
+        dependencies=user,
+        responses=_GUARDED | _errors(404),
+    )
     def get_reservation(reservation_id: Id) -> dict[str, Any]:
         with metrics.store("lookup"):
             r = manager.reservation(reservation_id)
@@ -324,7 +368,11 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             "model": r.model,
         }
 
-    @app.post("/reservations/{reservation_id:path}/commit", dependencies=user)
+    @app.post(
+        "/reservations/{reservation_id:path}/commit",
+        dependencies=user,
+        responses=_GUARDED | _errors(404),
+    )
     def commit(reservation_id: Id, body: CommitBody) -> dict[str, str]:
         """Settle to the actual cost (or priced token usage). Repeats are no-ops."""
         tokens = body.input_tokens is not None or body.output_tokens is not None
@@ -344,7 +392,11 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             metrics.decided("recorded", "all", body.actual_cost)
         return {"status": r.state}
 
-    @app.post("/reservations/{reservation_id:path}/release", dependencies=user)
+    @app.post(
+        "/reservations/{reservation_id:path}/release",
+        dependencies=user,
+        responses=_GUARDED | _errors(404),
+    )
     def release(reservation_id: Id) -> dict[str, str]:
         """Give the hold back. Repeats (and release after commit) are no-ops."""
         with metrics.store("release"):
@@ -352,14 +404,14 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             r.release()
         return {"status": r.state}
 
-    @app.get("/usage/{user_id}", dependencies=user)
+    @app.get("/usage/{user_id}", dependencies=user, responses=_GUARDED)
     def usage(user_id: Id, project_id: Id | None = None) -> dict[str, Any]:
         """Spent, limit and remaining per scope today (open holds count as spent)."""
         with metrics.store("usage"):
             usage = manager.usage(user_id, project_id)
         return {scope: _scope_json(u) for scope, u in usage.items()}
 
-    @app.get("/report", dependencies=user)
+    @app.get("/report", dependencies=user, responses=_GUARDED)
     def report(top: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict[str, Any]:
         """Today's spend: the total, then the top users, projects and models."""
         with metrics.store("report"):
@@ -375,14 +427,14 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             ],
         }
 
-    @app.put("/limits", dependencies=admin)
+    @app.put("/limits", dependencies=admin, responses=_GUARDED)
     def set_limit(body: LimitBody) -> dict[str, Any]:
         """Override (or with ``limit_usd: null`` remove the override of) a daily limit."""
         with metrics.store("set_limit"):
             manager.set_limit(body.scope, body.entity_id, body.limit_usd)
         return {"status": "updated", "scope": body.scope, "entity_id": body.entity_id}
 
-    @app.get("/metrics", dependencies=user)
+    @app.get("/metrics", dependencies=user, responses=_errors(401, 403))
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -3,8 +3,8 @@ BudgetClient against the real service, over real HTTP.
 
 Fast tests run the app with uvicorn in a thread of the test process, or
 against scripted transports; the slow ones start the service the way it is
-deployed (``uvicorn coreason_budget.server:app_from_env --factory`` in its own
-process) and drive it from many threads, and through a store outage.
+deployed (``coreason-budget serve`` in its own process) and drive it from many
+threads, and through a store outage.
 """
 
 from __future__ import annotations
@@ -650,12 +650,12 @@ def test_imports_need_no_server_packages() -> None:
 
 
 class Service:
-    """``uvicorn coreason_budget.server:app_from_env --factory`` on a free port."""
+    """``coreason-budget serve`` (as ``python -m coreason_budget serve``) on a free port."""
 
     def __init__(self, tmp_path: Path, redis_url: str, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp_path / f"uvicorn-{self.port}.log"
+        self.log = tmp_path / f"serve-{self.port}.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("COREASON_BUDGET_")}
         environ.update(
             COREASON_BUDGET_REDIS_URL=redis_url,
@@ -666,7 +666,7 @@ class Service:
         )
         environ.update(env)
         args = [
-            sys.executable, "-m", "uvicorn", "coreason_budget.server:app_from_env", "--factory",
+            sys.executable, "-m", "coreason_budget", "serve",
             "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip
         with open(self.log, "wb") as out:
