@@ -8,6 +8,7 @@ display (the float nearest the exact amount).
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 import attrs
 
@@ -39,6 +40,17 @@ class ScopeUsage:
     def remaining_usd(self) -> float:
         return nano_to_usd(self.remaining_nano)
 
+    def to_json(self) -> dict[str, Any]:
+        """The shape the HTTP API and the CLI's ``--json`` share."""
+        return {
+            "entity_id": self.entity_id,
+            "spent_usd": self.spent_usd,
+            "limit_usd": self.limit_usd,
+            "remaining_usd": self.remaining_usd,
+            "spent_nano": self.spent_nano,
+            "limit_nano": self.limit_nano,
+        }
+
 
 @attrs.frozen
 class ModelSpend:
@@ -51,6 +63,9 @@ class ModelSpend:
     def spent_usd(self) -> float:
         return nano_to_usd(self.spent_nano)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "spent_usd": self.spent_usd, "spent_nano": self.spent_nano}
+
 
 @attrs.frozen
 class Report:
@@ -61,3 +76,12 @@ class Report:
     users: tuple[ScopeUsage, ...]
     projects: tuple[ScopeUsage, ...]
     models: tuple[ModelSpend, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "day": self.day.isoformat(),
+            "total": self.total.to_json(),
+            "users": [u.to_json() for u in self.users],
+            "projects": [p.to_json() for p in self.projects],
+            "models": [m.to_json() for m in self.models],
+        }

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except BudgetExceededError as e:
-        return _fail(args, EXIT_REFUSED, "budget_exceeded", e, _exceeded_json(e))
+        return _fail(args, EXIT_REFUSED, "budget_exceeded", e, e.to_json())
     except BudgetUnavailableError as e:
         return _fail(args, EXIT_UNAVAILABLE, "budget_unavailable", e)
     except (ConfigError, InvalidInputError, UnknownModelError) as e:
@@ -269,7 +269,7 @@ def _usage(args: argparse.Namespace) -> int:
     with _manager(args) as budget:
         usage = budget.usage(args.user, args.project)
     if args.json:
-        return _print_json({scope: _scope_json(u) for scope, u in usage.items()})
+        return _print_json({scope: u.to_json() for scope, u in usage.items()})
     header = ("scope", "id", "spent", "limit", "remaining", "used")
     rows = [_scope_row(u) for u in usage.values()]
     print("\n".join(table(header, rows, right=(2, 3, 4, 5))))
@@ -280,18 +280,7 @@ def _report(args: argparse.Namespace) -> int:
     with _manager(args) as budget:
         r = budget.report(args.top)
     if args.json:
-        return _print_json(
-            {
-                "day": r.day.isoformat(),
-                "total": _scope_json(r.total),
-                "users": [_scope_json(u) for u in r.users],
-                "projects": [_scope_json(p) for p in r.projects],
-                "models": [
-                    {"model": m.model, "spent_usd": m.spent_usd, "spent_nano": m.spent_nano}
-                    for m in r.models
-                ],
-            }
-        )
+        return _print_json(r.to_json())
     total = r.total
     lines = [
         f"Spend on {r.day.isoformat()} (UTC): {usd(total.spent_nano)} of "
@@ -351,7 +340,7 @@ def _check(args: argparse.Namespace) -> int:
         except BudgetExceededError as e:
             # A refusal is this command's answer, not a failure: stdout, like "allowed".
             if args.json:
-                _print_json({"allowed": False, "detail": str(e), **_exceeded_json(e)})
+                _print_json({"allowed": False, "detail": str(e), **e.to_json()})
             else:
                 print(f"refused: {e}")
             return EXIT_REFUSED
@@ -451,28 +440,6 @@ def _scope_row(u: ScopeUsage) -> tuple[str, ...]:
         usd(u.remaining_nano),
         _percent(u),
     )
-
-
-def _scope_json(u: ScopeUsage) -> dict[str, Any]:
-    """The HTTP API's shape, so scripts can switch between the two."""
-    return {
-        "entity_id": u.entity_id,
-        "spent_usd": u.spent_usd,
-        "limit_usd": u.limit_usd,
-        "remaining_usd": u.remaining_usd,
-        "spent_nano": u.spent_nano,
-        "limit_nano": u.limit_nano,
-    }
-
-
-def _exceeded_json(e: BudgetExceededError) -> dict[str, Any]:
-    return {
-        "scope": e.scope,
-        "entity_id": e.entity_id,
-        "limit_nano": e.limit_nano,
-        "spent_nano": e.spent_nano,
-        "requested_nano": e.requested_nano,
-    }
 
 
 def table(

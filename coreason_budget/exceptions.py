@@ -64,6 +64,16 @@ class BudgetExceededError(BudgetError):
             f"{format_usd(limit_nano)} daily limit, requested {format_usd(requested_nano)}"
         )
 
+    def to_json(self) -> dict[str, object]:
+        """Which scope refused and the exact amounts, as the HTTP API and CLI report them."""
+        return {
+            "scope": self.scope,
+            "entity_id": self.entity_id,
+            "limit_nano": self.limit_nano,
+            "spent_nano": self.spent_nano,
+            "requested_nano": self.requested_nano,
+        }
+
 
 class BudgetUnavailableError(BudgetError):
     """

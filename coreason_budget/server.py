@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ._config import ENV_PREFIX, BudgetConfig
 from ._manager import BudgetManager
 from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_USD
-from ._usage import ScopeUsage
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -212,17 +211,6 @@ class _Metrics:
             self.store_seconds.labels(operation).observe(time.perf_counter() - start)
 
 
-def _scope_json(u: ScopeUsage) -> dict[str, Any]:
-    return {
-        "entity_id": u.entity_id,
-        "spent_usd": u.spent_usd,
-        "limit_usd": u.limit_usd,
-        "remaining_usd": u.remaining_usd,
-        "spent_nano": u.spent_nano,
-        "limit_nano": u.limit_nano,
-    }
-
-
 def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
     """The HTTP API over *manager*; the app closes the manager when it shuts down."""
 
@@ -286,17 +274,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(BudgetError)
     def _budget_error(_: Request, e: BudgetError) -> JSONResponse:
         if isinstance(e, BudgetExceededError):
-            return JSONResponse(
-                {
-                    "detail": str(e),
-                    "scope": e.scope,
-                    "entity_id": e.entity_id,
-                    "limit_nano": e.limit_nano,
-                    "spent_nano": e.spent_nano,
-                    "requested_nano": e.requested_nano,
-                },
-                status_code=429,
-            )
+            return JSONResponse({"detail": str(e), **e.to_json()}, status_code=429)
         status = 422
         if isinstance(e, BudgetUnavailableError):
             status = 503
@@ -409,23 +387,14 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         """Spent, limit and remaining per scope today (open holds count as spent)."""
         with metrics.store("usage"):
             usage = manager.usage(user_id, project_id)
-        return {scope: _scope_json(u) for scope, u in usage.items()}
+        return {scope: u.to_json() for scope, u in usage.items()}
 
     @app.get("/report", dependencies=user, responses=_GUARDED)
     def report(top: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict[str, Any]:
         """Today's spend: the total, then the top users, projects and models."""
         with metrics.store("report"):
             r = manager.report(top)
-        return {
-            "day": r.day.isoformat(),
-            "total": _scope_json(r.total),
-            "users": [_scope_json(u) for u in r.users],
-            "projects": [_scope_json(p) for p in r.projects],
-            "models": [
-                {"model": m.model, "spent_usd": m.spent_usd, "spent_nano": m.spent_nano}
-                for m in r.models
-            ],
-        }
+        return r.to_json()
 
     @app.put("/limits", dependencies=admin, responses=_GUARDED)
     def set_limit(body: LimitBody) -> dict[str, Any]:
