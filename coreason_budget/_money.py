@@ -9,7 +9,8 @@ through their shortest decimal form (``repr``), never accumulated.
 from __future__ import annotations
 
 import math
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal
+from fractions import Fraction
 
 from .exceptions import InvalidInputError
 
@@ -38,20 +39,27 @@ def to_nano(amount: object, what: str = "cost", maximum: int = MAX_AMOUNT_NANO) 
         )
     if isinstance(amount, float) and not math.isfinite(amount):
         raise InvalidInputError(f"{what} must be finite, got {amount!r}")
-    try:
-        # repr() gives a float's shortest round-tripping decimal: 0.1 -> "0.1".
-        dec = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(amount)
-        if not dec.is_finite():
-            raise InvalidInputError(f"{what} must be finite, got {amount!r}")
-        if dec < 0:
-            raise InvalidInputError(f"{what} must not be negative, got {amount!r}")
-        if dec * _NANO > maximum:
-            raise InvalidInputError(
-                f"{what} of {amount!r} USD is above the maximum of {format_usd(maximum)}"
-            )
-        return int((dec * _NANO).to_integral_value(rounding=ROUND_CEILING))
-    except InvalidOperation as e:  # pragma: no cover - guarded by the checks above
-        raise InvalidInputError(f"{what} is not a valid amount: {amount!r}") from e
+    # repr() gives a float's shortest round-tripping decimal: 0.1 -> "0.1".
+    dec = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(amount)
+    if not dec.is_finite():
+        raise InvalidInputError(f"{what} must be finite, got {amount!r}")
+    if dec < 0:
+        raise InvalidInputError(f"{what} must not be negative, got {amount!r}")
+    if dec == 0:
+        return 0
+    # Decimal arithmetic rounds to its context's 28 digits and can overflow;
+    # the exponent bounds first, then exact rational arithmetic for the rest.
+    if dec.adjusted() > 15:
+        nano = maximum + 1
+    elif dec.adjusted() < -12:
+        nano = 1  # below a thousandth of a nano-dollar, still more than nothing
+    else:
+        nano = math.ceil(Fraction(dec) * NANO_PER_USD)
+    if nano > maximum:
+        raise InvalidInputError(
+            f"{what} of {amount!r} USD is above the maximum of {format_usd(maximum)}"
+        )
+    return nano
 
 
 def nano_to_usd(nano: int) -> float:

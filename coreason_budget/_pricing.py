@@ -633,7 +633,7 @@ def _load_overrides_file(
         raise ConfigError(f"pricing overrides file {str(file)!r} must end in .json or .toml")
     try:
         data = file.read_bytes()
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a NUL or lone surrogate in the path
         raise ConfigError(f"cannot read pricing overrides file {str(file)!r}: {e}") from e
     try:
         if suffix == ".json":
