@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 import cattrs
 from dotenv import dotenv_values
+from redis.connection import parse_url
 
 from ._money import MAX_LIMIT_NANO, MAX_LIMIT_USD, to_nano
 from .exceptions import ConfigError, InvalidInputError
@@ -26,7 +27,7 @@ from .exceptions import ConfigError, InvalidInputError
 log = logging.getLogger("coreason_budget")
 
 ENV_PREFIX = "COREASON_BUDGET_"
-STORE_SCHEMES = ("redis", "rediss", "unix", "embedded", "memory")
+STORE_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix", "embedded", "memory")
 # Read by other parts of the project (server, CLI), not by BudgetConfig: not typos.
 _KNOWN_ELSEWHERE = frozenset({"API_KEYS", "ADMIN_API_KEYS", "INSECURE_NO_AUTH"})
 
@@ -50,7 +51,10 @@ def _limit(_: object, a: attrs.Attribute[Any], value: float) -> None:
 
 
 def _positive_seconds(_: object, a: attrs.Attribute[Any], value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= 3600):
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (
+        is_number and not (isinstance(value, float) and math.isnan(value)) and 0 < value <= 3600
+    ):
         raise _FieldError(
             a.name, f"must be a number of seconds above 0 and at most 3600, got {value!r}"
         )
@@ -64,10 +68,22 @@ def _count(low: int, high: int) -> Any:
     return check
 
 
+def _text(_: object, a: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None and a.default is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise _FieldError(a.name, f"must be non-empty text, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _FieldError(a.name, f"must be valid unicode text, got {value!r}") from None
+
+
 def _prefix(_: object, a: attrs.Attribute[Any], value: str) -> None:
+    _text(_, a, value)
     # Braces would change the Redis Cluster hash tag; a colon-free, short prefix
     # keeps every key readable and in one slot.
-    if not value or len(value) > 64 or any(c in value for c in "{}: \t\r\n"):
+    if len(value) > 64 or any(c in value for c in "{}: \t\r\n"):
         raise _FieldError(
             a.name, f"must be 1-64 characters without braces, colons or spaces, got {value!r}"
         )
@@ -76,7 +92,15 @@ def _prefix(_: object, a: attrs.Attribute[Any], value: str) -> None:
 def _store_url(_: object, a: attrs.Attribute[Any], value: str | None) -> None:
     if value is None:
         return
-    scheme = urlsplit(value).scheme
+    _text(_, a, value)
+    try:
+        scheme = urlsplit(value).scheme
+        if scheme.removesuffix("+cluster") in ("redis", "rediss", "unix"):
+            # Parsed now, as the store will be: a bad port or option is a
+            # configuration error at start-up, not a crash at the first call.
+            parse_url(value.replace("+cluster://", "://", 1))  # type: ignore[no-untyped-call]
+    except ValueError as e:
+        raise _FieldError(a.name, f"is not a valid store URL ({e}): {value!r}") from None
     if scheme not in STORE_SCHEMES:
         raise _FieldError(
             a.name,
@@ -120,9 +144,14 @@ class BudgetConfig:
     #: How long an operation id is remembered, so its retry is not charged twice.
     idempotency_ttl_seconds: int = attrs.field(default=2 * 86400, validator=_count(1, 366 * 86400))
     #: Where the server and CLI log; importing the library never writes there.
-    log_path: str = "logs/app.log"
+    log_path: str = attrs.field(default="logs/app.log", validator=_text)
     #: JSON or TOML file of model prices that win over litellm's table.
-    pricing_file: str | None = None
+    pricing_file: str | None = attrs.field(default=None, validator=_text)
+    #: Where a charge (record_spend, commit) that cannot reach the store is kept
+    #: until it can, so no recorded spend is lost. None: a per-user directory
+    #: beside the embedded store's (``$XDG_DATA_HOME/coreason-budget/spool``);
+    #: "off": no spool (such a charge only raises BudgetUnavailableError).
+    spool_dir: str | None = None
 
     @classmethod
     def from_env(

@@ -14,7 +14,7 @@ import datetime
 import time
 from collections.abc import Callable, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import redis
@@ -35,6 +35,20 @@ class Scope:
     entity_id: str | None
     field: str  # the hash field in the day's counters and in the limits
     default_limit_nano: int  # UNLIMITED for tracked-only counters (models)
+
+    @classmethod
+    def for_field(cls, field: str) -> Scope:
+        """
+        The scope a counter field names, without a limit: enough to replay a
+        spooled spend or settlement, which never check limits.
+        """
+        if field == "g":
+            return cls("global", None, field, UNLIMITED)
+        kind, _, entity = field.partition(":")
+        name = {"u": "user", "p": "project", "m": "model"}.get(kind)
+        if name is None or not entity:
+            raise ValueError(f"not a counter field: {field!r}")
+        return cls(name, entity, field, UNLIMITED)
 
 
 @attrs.frozen
@@ -74,6 +88,7 @@ class Ledger:
         self._clock = clock
         self._skew_ms = 0
         self._day_key = (-1, "")
+        self._errors = _StoreErrors(client)
 
     # -- key names -----------------------------------------------------------
 
@@ -118,6 +133,23 @@ class Ledger:
         """Record *amount* in every scope, once per operation id, limits notwithstanding."""
         self._call("spend", self.operation_key(operation_id), amount, scopes)
 
+    def replay_spend(
+        self, scopes: Sequence[Scope], amount: int, operation_id: str, day: int
+    ) -> Literal["recorded", "duplicate", "expired"]:
+        """
+        Record a spend made on *day* (today or earlier) that never reached the store.
+
+        The same operation id as the original call, so a spend that did reach
+        the store (only its reply was lost) is not charged again. Returns
+        "recorded", "duplicate", or "expired" (the day is past retention).
+        """
+        reply = self._call("replay", self.operation_key(operation_id), amount, scopes, day=day)
+        return "recorded" if reply[0] == "OK" else "duplicate" if reply[0] == "DUP" else "expired"
+
+    def today(self) -> int:
+        """The day a call made now would name (the client's guess; the script has the last word)."""
+        return self._now_ms() // DAY_MS
+
     def check(self, scopes: Sequence[Scope], amount: int) -> None:
         """Raise BudgetExceededError if *amount* does not fit; never writes."""
         reply = self._call("check", self._limits_key, amount, scopes)
@@ -137,7 +169,7 @@ class Ledger:
 
     def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
         """A reservation's state and the counter fields it holds in, or None if unknown."""
-        with _store_errors:
+        with self._errors:
             record: dict[str, str] = self._client.hgetall(  # type: ignore[assignment]
                 self.reservation_key(reservation_id)
             )
@@ -147,11 +179,11 @@ class Ledger:
         return held, [record[f"f{i}"] for i in range(1, int(record["n"]) + 1)]
 
     def ping(self) -> None:
-        with _store_errors:
+        with self._errors:
             self._client.ping()
 
     def set_limit(self, field: str, limit_nano: int | None) -> None:
-        with _store_errors:
+        with self._errors:
             if limit_nano is None:
                 self._client.hdel(self._limits_key, field)
             else:
@@ -183,13 +215,20 @@ class Ledger:
             stamp = "-" if self._clock is None else str(now)
             args = [f"{op} {the_day} {stamp} {tail}", *fields, *extra]
             keys = [self.day_key(the_day), self._limits_key, record_key]
-            with _store_errors:
-                reply: Any = self._script(keys=keys, args=args)
+            with self._errors:
+                try:
+                    reply: Any = self._script(keys=keys, args=args)
+                except redis.exceptions.NoScriptError:
+                    # redis-py reloads the script once; flushed again before its retry
+                    # (a restart storm, repeated SCRIPT FLUSH): nothing ran, so once more.
+                    reply = self._script(keys=keys, args=args)
             if not isinstance(reply, list) or not reply:
                 raise BudgetUnavailableError(f"budget store sent a malformed reply: {reply!r}")
             if reply[0] != "DAY":
                 return reply
             self._skew_ms = int(reply[2]) - int(time.time() * 1000)
+            if day is not None:  # a replay dated in the future by a fast clock: today then
+                day = min(day, int(reply[1]))
         raise BudgetUnavailableError("could not agree with the budget store on today's date")
 
     @staticmethod
@@ -209,17 +248,31 @@ class _StoreErrors:
     Any failure of the store is BudgetUnavailableError: callers fail closed on it.
 
     A class rather than a generator-based context manager: it wraps every call.
+    One per ledger, to name its pool's bounds when the pool is the problem.
     """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = getattr(client, "connection_pool", None)  # a cluster client has one per node
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         if isinstance(exc, redis.RedisError):
-            raise BudgetUnavailableError(f"budget store unavailable: {exc}") from exc
+            raise BudgetUnavailableError(self._message(exc)) from exc
 
-
-_store_errors = _StoreErrors()
+    def _message(self, exc: redis.RedisError) -> str:
+        # redis-py's own words, "No connection available.", read like a dead store;
+        # a saturated pool calls for a different fix (pool_size, fewer threads).
+        if isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available.":
+            size = getattr(self._pool, "max_connections", "?")
+            wait = getattr(self._pool, "timeout", "?")
+            return (
+                f"budget store unavailable: connection pool exhausted (all {size} connections "
+                f"busy for {wait}s); raise pool_size or pool_timeout, or make fewer concurrent "
+                "calls"
+            )
+        return f"budget store unavailable: {exc}"
 
 
 def _pairs(flat: list[str]) -> dict[str, int]:

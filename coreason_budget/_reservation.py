@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ._ledger import Held, Ledger, Scope
 from ._money import nano_to_usd, to_nano
-from .exceptions import BudgetError, InvalidInputError
+from .exceptions import BudgetError, BudgetUnavailableError, InvalidInputError
 
 if TYPE_CHECKING:
     from ._manager import BudgetManager
@@ -60,6 +60,7 @@ class Reservation:
         self.estimate_nano = held.held_nano
         #: "held", then "committed" or "released".
         self.state = held.state
+        self._spooled = False  # a settlement of ours waits in the spool
 
     @property
     def estimate_usd(self) -> float:
@@ -71,6 +72,10 @@ class Reservation:
 
         A cost above the estimate is still recorded in full, even past a
         limit: the money was spent. Settling twice is a no-op.
+
+        If the store cannot be reached this raises BudgetUnavailableError, having
+        first saved the settlement to the local spool, from which it is recorded
+        once the store is back (unless this handle, still held, settles first).
         """
         self._settle(to_nano(actual_cost, "actual_cost"), "committed")
 
@@ -84,24 +89,42 @@ class Reservation:
         """Commit the price of the tokens used, priced for the reservation's model."""
         if self.model is None:
             raise InvalidInputError("commit_usage() needs a reservation made with model=...")
-        cost = self._manager.pricing.calculate_nano(
+        cost = self._manager.pricing.calculate(
             self.model,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cached_input_tokens=cached_input_tokens,
         )
-        self._settle(cost, "committed")
+        self.commit(cost)  # through commit's checks: a price can exceed any single amount
 
-    def _settle(self, actual: int, state: str) -> None:
+    def _settle(self, actual: int, state: str, *, implicit: bool = False) -> None:
+        """
+        *implicit*: the settlement on leaving a ``with`` block, which nobody will
+        retry, so its spooled copy is replayed without waiting for this handle.
+        """
+        manager = self._manager
         with self._lock:
             if self.state != "held":
                 return
-            reply = self._ledger.settle(self._scopes, self.id, self.day, actual, state)
+            try:
+                reply = self._ledger.settle(self._scopes, self.id, self.day, actual, state)
+            except BudgetUnavailableError as e:
+                self._spooled = manager._spool is not None
+                owner = None if implicit else self
+                manager._spool_charge(
+                    e, "settle", self.id, self.day, self._scopes, actual, state, owner=owner
+                )
             if reply[0] == "GONE" and reply[1] == "expired":
                 log.warning(
                     "Reservation %s settled after its day's ledger expired; not recorded", self.id
                 )
             self.state = reply[1] if reply[0] == "DONE" else state
+            if self._spooled:
+                # Settled by this retry: what the spool holds for it is moot (and harmless).
+                self._spooled = False
+                if manager._spool is not None:
+                    manager._spool.confirm_settled(self.id)
+        manager._replay_if_due()
 
     def __enter__(self) -> Reservation:
         return self
@@ -116,12 +139,14 @@ class Reservation:
             return
         try:
             if exc_type is not None and self.on_error == "release":
-                self.release()
+                self._settle(0, "released", implicit=True)
             else:
-                self._settle(self.estimate_nano, "committed")
+                self._settle(self.estimate_nano, "committed", implicit=True)
         except BudgetError as e:
             # The estimate stays held in the store, which is what charging it
-            # would have done; don't hide the caller's own exception for it.
+            # would have done, and the settlement waits in the spool (if any)
+            # to be recorded once the store is back; don't hide the caller's
+            # own exception for it.
             log.warning("Could not settle reservation %s on exit: %s", self.id, e)
 
     def __repr__(self) -> str:

@@ -4,6 +4,10 @@ Opening the Redis the ledger lives in, from a store URL.
 Every store is driven through a redis-py client on a bounded, blocking
 connection pool: thread-safe, fork-aware (Gunicorn forks workers after
 import), with short timeouts and a bounded retry of connection errors only.
+
+``redis+cluster://`` and ``rediss+cluster://`` open a Redis Cluster through
+redis-py's RedisCluster: the same script, one such pool per node, and every key
+of a prefix in one slot (the hash tag), so each operation runs on one shard.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
+from redis.connection import parse_url
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from ._config import BudgetConfig
@@ -29,6 +38,8 @@ log = logging.getLogger("coreason_budget")
 
 _warned_default_store = False
 _EMBEDDED_HOLDER = "coreason-budget-embedded"
+#: A cluster scheme and the plain scheme redis-py parses the rest of the URL with.
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 class Store:
@@ -45,7 +56,8 @@ class Store:
             return
         self._closed = True
         self.client.close()
-        self.client.connection_pool.disconnect()
+        if not isinstance(self.client, ClusterClient):  # which disconnects its nodes itself
+            self.client.connection_pool.disconnect()
         self._on_close()
 
 
@@ -63,6 +75,9 @@ def open_store(config: BudgetConfig) -> Store:
         return _open_memory()
     if url.startswith("embedded://"):
         return _open_embedded(Path(url.removeprefix("embedded://")), config)
+    scheme, _, rest = url.partition("://")
+    if scheme in _CLUSTER_SCHEMES:
+        return _open_cluster(f"{_CLUSTER_SCHEMES[scheme]}://{rest}", config)
     pool = redis.BlockingConnectionPool.from_url(url, **_pool_kwargs(config))
     return Store(redis.Redis(connection_pool=pool))
 
@@ -77,6 +92,113 @@ def _pool_kwargs(config: BudgetConfig) -> dict[str, Any]:
         "decode_responses": True,
         "client_name": "coreason-budget",
     }
+
+
+def _open_cluster(url: str, config: BudgetConfig) -> Store:
+    """
+    A RedisCluster client, connected on first use like every other store.
+
+    Each node gets a blocking pool of ``pool_size`` connections with the same
+    timeouts. RedisCluster retries a command ``retries`` times after a
+    connection error or timeout (refreshing the slot map in between, trying the
+    node that failed last), MOVED/ASK redirections within its own small bound,
+    and nothing else: a call on a dead or stalled shard fails about as fast as
+    on a single Redis.
+    """
+    try:
+        options = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as e:
+        raise ConfigError(f"bad Redis Cluster URL {url!r}: {e}") from None
+    if options.get("db", 0) != 0:
+        raise ConfigError(f"a Redis Cluster has only database 0, got {url!r}")
+    kwargs = _pool_kwargs(config)
+    # RedisCluster takes the retry itself (it refuses one in the node kwargs and
+    # gives every node connection none): it only reads the count, retrying at once.
+    retry = kwargs.pop("retry")
+    kwargs["connection_pool_class"] = redis.BlockingConnectionPool
+
+    def connect() -> RedisCluster:
+        return _RedisCluster(url=url, retry=retry, **kwargs)
+
+    # Typed as the client the ledger takes: it offers the calls the ledger makes.
+    return Store(cast(redis.Redis, ClusterClient(connect)))
+
+
+class ClusterError(redis.RedisError):
+    """
+    RedisCluster's own errors (no reachable node, slots not covered), which
+    redis-py does not derive from RedisError; the ledger maps RedisError to
+    BudgetUnavailableError, so these must be RedisErrors too.
+    """
+
+
+class _RedisCluster(RedisCluster):
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisClusterException as e:
+            raise ClusterError(f"Redis Cluster: {e}") from e
+
+
+class ClusterClient:
+    """
+    A RedisCluster built on first use, not when the manager is made.
+
+    RedisCluster reads the slot map from the cluster as it is constructed; a
+    worker may start before its store, so that waits for the first call, and a
+    call that cannot reach the cluster fails closed (and the next one tries
+    again). Anything not defined here is the RedisCluster's own.
+    """
+
+    #: One pool per node, not one per client; asking must not connect.
+    connection_pool = None
+
+    def __init__(self, connect: Callable[[], RedisCluster]) -> None:
+        self._connect = connect
+        self._client: RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def cluster(self) -> RedisCluster:
+        client = self._client
+        if client is None:
+            with self._lock:
+                client = self._client
+                if client is None:
+                    try:
+                        client = self._client = self._connect()
+                    except RedisClusterException as e:
+                        raise ClusterError(f"Redis Cluster: {e}") from e
+        return client
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy, pickle and friends probing: not a call
+            raise AttributeError(name)
+        return getattr(self.cluster, name)
+
+    def ping(self) -> bool:
+        # Every master, not a random node: a health check should see a dead shard.
+        return bool(self.cluster.ping(target_nodes=RedisCluster.PRIMARIES))
+
+    def register_script(self, script: str) -> Script:
+        # Bytes, so that Script hashes it without asking a client for its encoder
+        # (which would connect); it calls evalsha and script_load on this object.
+        return Script(cast(RedisCluster, self), script.encode())
+
+    def close(self) -> None:
+        """Close every node's pool; a later call connects afresh."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is None:
+            return
+        nodes = [
+            *client.get_nodes(),  # type: ignore[no-untyped-call]
+            *client.nodes_manager.startup_nodes.values(),
+        ]
+        client.close()  # which releases, but does not disconnect, the node pools
+        for node in nodes:
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
 
 
 def _default_url() -> str:

@@ -143,6 +143,19 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub = command(
+        "replay-spool",
+        _replay_spool,
+        "record the charges spooled locally while the store was unreachable, from every "
+        "process's spool file in the directory (idempotent: nothing is charged twice); "
+        "exit 3 if the store could not take them all",
+    )
+    sub.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help=f"spool directory (default: {ENV_PREFIX}SPOOL_DIR, else the per-user one)",
+    )
+
+    sub = command(
         "demo",
         _demo,
         "simulate many users and threads making priced LLM calls on small budgets, then prove "
@@ -378,6 +391,41 @@ def _spend(args: argparse.Namespace) -> int:
         if value is not None
     )
     print(f"recorded {format_usd(to_nano(cost))} for user {args.user}{extra}")
+    return EXIT_OK
+
+
+def _replay_spool(args: argparse.Namespace) -> int:
+    config = BudgetConfig.from_env()
+    if args.spool_dir is not None:
+        config = attrs.evolve(config, spool_dir=args.spool_dir)
+    if args.redis_url is not None:
+        try:
+            config = attrs.evolve(config, redis_url=args.redis_url)
+        except ConfigError as e:
+            raise ConfigError(f"--redis-url: {e}".replace(": redis_url:", "")) from None
+    with BudgetManager(config) as budget:
+        summary = budget.replay_spool()
+    if args.json:
+        _print_json(
+            {"status": "replayed" if summary.error is None else "partial", **summary.to_json()}
+        )
+    else:
+        print(
+            f"replayed {summary.replayed} spooled charge(s) from {summary.files} file(s): "
+            f"{summary.recorded} recorded now, {summary.duplicates} already recorded, "
+            f"{summary.expired} too old to record, {summary.rejected} refused"
+        )
+        if summary.remaining:
+            print(f"{summary.remaining} charge(s) still spooled")
+        if summary.busy_files:
+            print(f"{summary.busy_files} file(s) held by running processes (they replay their own)")
+        for other in summary.other_stores:
+            print(f"left alone, for another store or prefix: {other}")
+        if summary.torn_lines:
+            print(f"{summary.torn_lines} unreadable line(s) skipped (writes cut short by a crash)")
+    if summary.error is not None:
+        print(f"{PROG}: stopped: {summary.error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     return EXIT_OK
 
 

@@ -4,11 +4,13 @@
 --
 -- KEYS[1]  day hash: the day's counters, field per scope ("u:<id>", "p:<id>", "g", "m:<model>")
 -- KEYS[2]  limits hash: per-entity limit overrides, same field names, no TTL
--- KEYS[3]  record: a reservation hash ("reserve", "settle") or an operation-id marker ("spend")
+-- KEYS[3]  record: a reservation hash ("reserve", "settle") or an operation-id marker
+--          ("spend", "replay")
 --
 -- ARGV[1]  a header of space-separated words (one argument, not nine: each
 --          argument costs the client time to pack):
---            op         reserve | settle | spend | check | usage | report
+--            op         reserve | settle | spend | replay | check | usage | report
+--                       (replay: a spend from a client's local spool, made on `day`)
 --            day        the day the client believes it is (days since 1970-01-01, UTC)
 --            now        injected time in ms, or "-" for the server's clock (the
 --                       one clock all workers share)
@@ -41,9 +43,13 @@ end
 
 -- Keys were named by the client for the day it believed it was; if the shared
 -- clock disagrees (drift near midnight), write nothing and tell it which day it is.
+-- A settle names its reservation's day. A replayed spend names the day it was
+-- made, which an outage may have pushed into the past (it must land there, not
+-- today), but never a day that has not begun: the client then retries on today.
 if op ~= 'settle' then
     local today = math.floor(now / DAY_MS)
-    if today ~= tonumber(day) then
+    local d = tonumber(day)
+    if (op == 'replay' and d > today) or (op ~= 'replay' and d ~= today) then
         return {'DAY', string.format('%d', today), string.format('%d', now)}
     end
 end
@@ -100,11 +106,13 @@ elseif op == 'usage' then
 elseif op == 'report' then
     return {'OK', day, redis.call('HGETALL', counters), redis.call('HGETALL', limits)}
 
-elseif op == 'spend' then
+elseif op == 'spend' or op == 'replay' then
     -- The money is gone: a spend is recorded even past the limit, but only once.
     if redis.call('EXISTS', record) == 1 then
         return {'DUP'}
     end
+    -- Only a replay can name a day past retention: its counters are gone, so is the charge.
+    if expire_ms <= 0 then return {'GONE', 'expired'} end
     charge(fields, amount)
     redis.call('SET', record, '1', 'PX', h[5])
     return {'OK'}

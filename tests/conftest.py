@@ -15,6 +15,17 @@ from .redis_server import RedisServer
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
+@pytest.fixture(autouse=True)
+def _private_data_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Per-test XDG_DATA_HOME: the default spool and embedded store live there, so
+    no test replays another's spooled charges or touches the user's real files.
+    """
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg")))
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One real redis-server per test process (each xdist worker has its own)."""
