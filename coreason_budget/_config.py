@@ -123,8 +123,8 @@ class BudgetConfig:
     defaults, typically 0.8 s for a stalled store and 0.06 s for a refused port.
     """
 
-    #: ``redis://``, ``rediss://``, ``unix://``, ``embedded://PATH`` or ``memory://``.
-    #: None: the embedded store at a per-user default path.
+    #: ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://``, ``rediss+cluster://``,
+    #: ``embedded://PATH`` or ``memory://``. None: the embedded store at a per-user path.
     redis_url: str | None = attrs.field(default=None, validator=_store_url)
     daily_user_limit_usd: float = attrs.field(default=10.0, validator=_limit)
     daily_project_limit_usd: float = attrs.field(default=500.0, validator=_limit)
@@ -136,7 +136,8 @@ class BudgetConfig:
     #: Retries of a command after a connection error or timeout; safe because
     #: every write carries an operation id.
     retries: int = attrs.field(default=2, validator=_count(0, 10))
-    #: Connections per manager; a burst beyond it waits up to pool_timeout.
+    #: Connections per manager (per node on a cluster); a burst beyond it waits
+    #: up to pool_timeout.
     pool_size: int = attrs.field(default=32, validator=_count(1, 10_000))
     pool_timeout: float = attrs.field(default=0.5, validator=_positive_seconds)
     #: How long a day's counters and reservations are kept after the day ends.
@@ -151,7 +152,7 @@ class BudgetConfig:
     #: until it can, so no recorded spend is lost. None: a per-user directory
     #: beside the embedded store's (``$XDG_DATA_HOME/coreason-budget/spool``);
     #: "off": no spool (such a charge only raises BudgetUnavailableError).
-    spool_dir: str | None = None
+    spool_dir: str | None = attrs.field(default=None, validator=_text)
 
     @classmethod
     def from_env(
