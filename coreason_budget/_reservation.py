@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Self
 
 from ._ledger import Held, Ledger, Scope
 from ._money import nano_to_usd, to_nano
@@ -23,15 +23,48 @@ log = logging.getLogger("coreason_budget")
 OnError = Literal["charge", "release"]
 
 
-class Reservation:
+class SettlesOnExit:
+    """
+    The with-block contract of every reservation handle, local or over HTTP.
+
+    Leaving the block unsettled charges the estimate: on a normal exit because
+    the call was made, and on an exception too (unless ``on_error="release"``)
+    because a failed call may still have been billed. If that settlement cannot
+    reach the store, the estimate simply stays held, which is what charging it
+    would have done: it is logged, never raised over the caller's own exception.
+    """
+
+    id: str
+    state: str
+    on_error: OnError
+
+    def _settle_on_exit(self, release: bool) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.state != "held":
+            return
+        try:
+            self._settle_on_exit(release=exc_type is not None and self.on_error == "release")
+        except BudgetError as e:
+            log.warning("Could not settle reservation %s on exit: %s", self.id, e)
+
+
+class Reservation(SettlesOnExit):
     """
     A hold on the estimate in every scope, taken when ``reserve()`` returned.
 
     Settle it once: :meth:`commit` with the real cost, or :meth:`release`.
-    Used as a context manager, leaving the block unsettled charges the
-    estimate: on a normal exit because the call was made, and on an exception
-    too (unless ``on_error="release"``) because a failed call may still have
-    been billed, and an unknown outcome is safest assumed spent.
+    Used as a context manager it keeps the :class:`SettlesOnExit` contract: an
+    unknown outcome is safest assumed spent.
     """
 
     def __init__(
@@ -126,28 +159,12 @@ class Reservation:
                     manager._spool.confirm_settled(self.id)
         manager._replay_if_due()
 
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.state != "held":
-            return
-        try:
-            if exc_type is not None and self.on_error == "release":
-                self._settle(0, "released", implicit=True)
-            else:
-                self._settle(self.estimate_nano, "committed", implicit=True)
-        except BudgetError as e:
-            # The estimate stays held in the store, which is what charging it
-            # would have done, and the settlement waits in the spool (if any)
-            # to be recorded once the store is back; don't hide the caller's
-            # own exception for it.
-            log.warning("Could not settle reservation %s on exit: %s", self.id, e)
+    def _settle_on_exit(self, release: bool) -> None:
+        # Nobody retries these, so their spooled copies (if any) replay at once.
+        if release:
+            self._settle(0, "released", implicit=True)
+        else:
+            self._settle(self.estimate_nano, "committed", implicit=True)
 
     def __repr__(self) -> str:
         return (

@@ -38,7 +38,7 @@ import httpx
 
 from ._manager import ScopeName
 from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, to_nano
-from ._reservation import OnError
+from ._reservation import OnError, SettlesOnExit
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
     BudgetError,
@@ -371,7 +371,7 @@ class BudgetClient:
                 ) from e
 
 
-class RemoteReservation:
+class RemoteReservation(SettlesOnExit):
     """
     A hold taken through a :class:`BudgetClient`; behaves as :class:`~coreason_budget.Reservation`.
 
@@ -445,26 +445,11 @@ class RemoteReservation:
             answer = self._client._call("POST", f"{_reservation_path(self.id)}/{action}", body)
             self.state = _answer_str(answer, "status")
 
-    def __enter__(self) -> RemoteReservation:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.state != "held":
-            return
-        try:
-            if exc_type is not None and self.on_error == "release":
-                self.release()
-            else:
-                self._settle("commit", {"actual_cost": self.estimate_usd})
-        except BudgetError as e:
-            # The estimate stays held, which is what charging it would have done;
-            # don't hide the caller's own exception for it.
-            log.warning("Could not settle reservation %s on exit: %s", self.id, e)
+    def _settle_on_exit(self, release: bool) -> None:
+        if release:
+            self.release()
+        else:
+            self._settle("commit", {"actual_cost": self.estimate_usd})
 
     def __repr__(self) -> str:
         return (
