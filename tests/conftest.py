@@ -10,6 +10,7 @@ import redis
 from coreason_budget import BudgetConfig, BudgetManager
 
 from .redis_server import RedisServer
+from .tcp_proxy import TcpProxy
 
 # Pricing must never reach the network, in tests least of all.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -50,6 +51,14 @@ def redis_client(redis_server: RedisServer, redis_url: str) -> Iterator[redis.Re
     client = redis_server.client()
     yield client
     client.close()
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[TcpProxy]:
+    """A fault-injecting TCP proxy in front of the suite's (flushed) redis-server."""
+    p = TcpProxy(redis_server.port)
+    yield p
+    p.close()
 
 
 @pytest.fixture

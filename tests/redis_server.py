@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 import redis
 
@@ -83,3 +84,23 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, decode_responses=True)
+
+
+def snapshot(client: redis.Redis) -> dict[str, Any]:
+    """
+    Every key: its value (the ledger writes only hashes and strings) and whether it
+    expires, to prove that a refused call changed nothing.
+    """
+    keys = sorted(client.scan_iter(count=1000))
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+    kinds = pipe.execute()
+    for key, kind in zip(keys, kinds, strict=True):
+        (pipe.hgetall if kind == "hash" else pipe.get)(key)
+        pipe.pttl(key)
+    values = pipe.execute()
+    return {
+        key: (values[2 * i], values[2 * i + 1] > 0 or values[2 * i + 1] == -1)
+        for i, key in enumerate(keys)
+    }

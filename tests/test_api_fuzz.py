@@ -44,6 +44,7 @@ from coreason_budget import (
 )
 
 from .conftest import ManagerFactory
+from .redis_server import snapshot
 
 PREFIX = "fuzz"
 MAX_AMOUNT_NANO = 1_000_000 * 10**9
@@ -214,23 +215,6 @@ def price_nano(prices: tuple[Fraction, Fraction, Fraction], tokens: tuple[int, i
 
 
 # -- the store -------------------------------------------------------------------------------
-
-
-def snapshot(client: redis.Redis) -> dict[str, Any]:
-    """Every key: its value (the ledger writes only hashes and strings) and whether it expires."""
-    keys = sorted(client.scan_iter(count=1000))
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.type(key)
-    kinds = pipe.execute()
-    for key, kind in zip(keys, kinds, strict=True):
-        (pipe.hgetall if kind == "hash" else pipe.get)(key)
-        pipe.pttl(key)
-    values = pipe.execute()
-    return {
-        key: (values[2 * i], values[2 * i + 1] > 0 or values[2 * i + 1] == -1)
-        for i, key in enumerate(keys)
-    }
 
 
 class Store:

@@ -60,14 +60,6 @@ def evalsha_calls(client: redis.Redis) -> int:
 
 
 @pytest.fixture
-def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[TcpProxy]:
-    """A proxy in front of the suite's (flushed) redis-server."""
-    p = TcpProxy(redis_server.port)
-    yield p
-    p.close()
-
-
-@pytest.fixture
 def managers(tmp_path: Path) -> Iterator[Callable[..., BudgetManager]]:
     """Managers on any URL, spooling into the test's own directory; closed after the test."""
     made: list[BudgetManager] = []

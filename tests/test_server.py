@@ -21,7 +21,7 @@ from coreason_budget import BudgetManager, ConfigError
 from coreason_budget.server import ServerSettings, create_app
 
 from .conftest import ManagerFactory
-from .redis_server import RedisServer
+from .redis_server import RedisServer, snapshot
 
 USER_KEY = "user-key-1"
 ADMIN_KEY = "admin-key-1"
@@ -35,15 +35,6 @@ LIMITS = {
 NANO = 1_000_000_000
 
 Serve = Callable[..., TestClient]
-
-
-def snapshot(client: redis.Redis) -> dict[str, Any]:
-    """Every key and its value (the ledger only writes hashes and strings)."""
-    out: dict[str, Any] = {}
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key)
-        out[key] = client.hgetall(key) if kind == "hash" else (kind, client.get(key))
-    return out
 
 
 @pytest.fixture

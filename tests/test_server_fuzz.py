@@ -28,24 +28,13 @@ from schemathesis.generation import GenerationMode
 from coreason_budget.server import ServerSettings, create_app
 
 from .conftest import ManagerFactory
+from .redis_server import snapshot
 
 pytestmark = pytest.mark.slow
 
 ADMIN = {"Authorization": "Bearer fuzz-admin"}
 # 400: a body that is not JSON at all (FastAPI answers that before validation).
 EXPECTED = {200, 400, 401, 403, 404, 422, 429}
-
-
-def snapshot(client: redis.Redis) -> dict[str, Any]:
-    """Every key and its value (the ledger only writes hashes and strings)."""
-    keys = sorted(client.scan_iter(count=1000))
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.type(key)
-    kinds = pipe.execute()
-    for key, kind in zip(keys, kinds, strict=True):
-        (pipe.hgetall if kind == "hash" else pipe.get)(key)
-    return dict(zip(keys, pipe.execute(), strict=True))
 
 
 @pytest.fixture

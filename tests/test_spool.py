@@ -27,7 +27,7 @@ from coreason_budget import BudgetConfig, BudgetManager, BudgetUnavailableError,
 from coreason_budget._spool import store_identity
 from coreason_budget.cli import main
 
-from .redis_server import RedisServer, free_port
+from .redis_server import free_port
 from .tcp_proxy import TcpProxy
 
 NANO = 1_000_000_000
@@ -57,13 +57,6 @@ def day_counters(client: redis.Redis, day: datetime.date | None = None) -> dict[
 
 def spool_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.spool")) if directory.exists() else []
-
-
-@pytest.fixture
-def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[TcpProxy]:
-    p = TcpProxy(redis_server.port)
-    yield p
-    p.close()
 
 
 @pytest.fixture
