@@ -37,29 +37,54 @@ def to_nano(amount: object, what: str = "cost", maximum: int = MAX_AMOUNT_NANO) 
         raise InvalidInputError(
             f"{what} must be a number of USD (int, float or Decimal), got {type(amount).__name__}"
         )
-    if isinstance(amount, float) and not math.isfinite(amount):
+    finite = (
+        math.isfinite(amount)
+        if isinstance(amount, float)
+        else (not isinstance(amount, Decimal) or amount.is_finite())
+    )
+    if not finite:
         raise InvalidInputError(f"{what} must be finite, got {amount!r}")
-    # repr() gives a float's shortest round-tripping decimal: 0.1 -> "0.1".
-    dec = Decimal(repr(amount)) if isinstance(amount, float) else Decimal(amount)
-    if not dec.is_finite():
-        raise InvalidInputError(f"{what} must be finite, got {amount!r}")
-    if dec < 0:
+    if amount < 0:
         raise InvalidInputError(f"{what} must not be negative, got {amount!r}")
-    if dec == 0:
-        return 0
-    # Decimal arithmetic rounds to its context's 28 digits and can overflow;
-    # the exponent bounds first, then exact rational arithmetic for the rest.
-    if dec.adjusted() > 15:
-        nano = maximum + 1
-    elif dec.adjusted() < -12:
-        nano = 1  # below a thousandth of a nano-dollar, still more than nothing
+    if isinstance(amount, int):
+        nano = amount * NANO_PER_USD
+    elif isinstance(amount, float):
+        # repr() gives a float's shortest round-tripping decimal: 0.1 -> "0.1".
+        plain = _plain_float_nano(amount)
+        nano = _decimal_nano(Decimal(repr(amount))) if plain is None else plain
     else:
-        nano = math.ceil(Fraction(dec) * NANO_PER_USD)
+        nano = _decimal_nano(amount)
     if nano > maximum:
         raise InvalidInputError(
             f"{what} of {amount!r} USD is above the maximum of {format_usd(maximum)}"
         )
     return nano
+
+
+def _plain_float_nano(amount: float) -> int | None:
+    """
+    The hot path: a float whose repr has no exponent ("0.05"), converted from
+    its digits with integer arithmetic, exactly as the Decimal route would.
+    """
+    text = repr(amount)
+    if "e" in text:
+        return None
+    whole, _, frac = text.partition(".")
+    nano = int(whole) * NANO_PER_USD + int(frac[:9].ljust(9, "0"))
+    return nano + 1 if frac[9:].strip("0") else nano  # a sub-nano remainder rounds up
+
+
+def _decimal_nano(dec: Decimal) -> int:
+    """Exact for any finite, non-negative Decimal, rounded up."""
+    if dec == 0:
+        return 0
+    # Decimal arithmetic rounds to its context's 28 digits and can overflow;
+    # the exponent bounds first, then exact rational arithmetic for the rest.
+    if dec.adjusted() > 15:
+        return MAX_LIMIT_NANO * 1_000  # above every maximum
+    if dec.adjusted() < -12:
+        return 1  # below a thousandth of a nano-dollar, still more than nothing
+    return math.ceil(Fraction(dec) * NANO_PER_USD)
 
 
 def nano_to_usd(nano: int) -> float:
