@@ -38,6 +38,7 @@ import httpx
 
 from ._manager import ScopeName
 from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, to_nano
+from ._pricing import _check_tokens
 from ._reservation import OnError, SettlesOnExit
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
@@ -425,14 +426,12 @@ class RemoteReservation(SettlesOnExit):
         """Commit the price of the tokens used, as the service prices the reservation's model."""
         if self.model is None:
             raise InvalidInputError("commit_usage() needs a reservation made with model=...")
-        inp = _token_count(input_tokens, "input_tokens")
-        out = _token_count(output_tokens, "output_tokens")
-        cached = _token_count(cached_input_tokens, "cached_input_tokens")
-        if cached > inp:
-            raise InvalidInputError(
-                f"cached_input_tokens ({cached}) cannot exceed input_tokens ({inp}): "
-                "cached tokens are counted within input_tokens"
-            )
+        # The pricing engine's own checks (importing it does not import litellm),
+        # plus the service's bound on a count.
+        inp, out, cached = _check_tokens(input_tokens, output_tokens, cached_input_tokens)
+        for what, value in (("input_tokens", inp), ("output_tokens", out)):
+            if value > MAX_TOKENS:
+                raise InvalidInputError(f"{what} of {value} is above the maximum of {MAX_TOKENS:,}")
         self._settle(
             "commit",
             {"input_tokens": inp, "output_tokens": out, "cached_input_tokens": cached},
@@ -479,16 +478,6 @@ def _path_part(value: str) -> str:
 
 def _reservation_path(rid: str) -> str:
     return "/reservations/" + _path_part(rid)
-
-
-def _token_count(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInputError(f"{what} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise InvalidInputError(f"{what} must not be negative, got {value}")
-    if value > MAX_TOKENS:
-        raise InvalidInputError(f"{what} of {value} is above the maximum of {MAX_TOKENS:,}")
-    return int(value)
 
 
 # -- answer parsing ----------------------------------------------------------------
