@@ -12,6 +12,7 @@ from ._config import BudgetConfig
 from ._manager import BudgetManager
 from ._pricing import PricingEngine
 from ._reservation import Reservation
+from ._spool import ReplaySummary
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
     BudgetError,
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidInputError",
     "ModelSpend",
     "PricingEngine",
+    "ReplaySummary",
     "Report",
     "Reservation",
     "ScopeUsage",
