@@ -5,35 +5,23 @@ BudgetManager: the public, synchronous, thread-safe entry point.
 from __future__ import annotations
 
 import datetime
-import logging
 import threading
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
-
-import redis
+from typing import TYPE_CHECKING, Literal
 
 from ._config import BudgetConfig
 from ._ledger import UNLIMITED, Ledger, Scope
 from ._money import MAX_LIMIT_NANO, check_id, to_nano
+from ._replay import SpoolKeeper
 from ._reservation import OnError, Reservation
-from ._spool import (
-    Entry,
-    Kind,
-    Outcome,
-    ReplaySummary,
-    Spool,
-    spool_directory,
-    spool_for,
-    store_identity,
-)
+from ._spool import ReplaySummary
 from ._store import open_store
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
     BudgetUnavailableError,
-    ConfigError,
     InvalidInputError,
     UnknownReservationError,
 )
@@ -42,8 +30,6 @@ if TYPE_CHECKING:
     from ._pricing import PricingEngine
 
 ScopeName = Literal["user", "project", "global"]
-
-log = logging.getLogger("coreason_budget")
 
 
 class BudgetManager:
@@ -82,9 +68,7 @@ class BudgetManager:
             # A malformed price file must stop start-up, not the first priced call;
             # reading it is cheap and does not import litellm.
             self._pricing = self._new_pricing()
-        self._closed = False
-        self._replayer: threading.Thread | None = None
-        self._spool = self._open_spool()
+        self._keeper = SpoolKeeper(config, self._ledger)
 
     @classmethod
     def from_env(cls) -> BudgetManager:
@@ -118,7 +102,7 @@ class BudgetManager:
         """
         amount = to_nano(estimated_cost, "estimated_cost")
         self._ledger.check(self._scopes(user_id, project_id, None), amount)
-        self._replay_if_due()
+        self._keeper.replay_if_due()
 
     def record_spend(
         self,
@@ -151,8 +135,8 @@ class BudgetManager:
         try:
             self._ledger.spend(scopes, amount, op)
         except BudgetUnavailableError as e:
-            self._spool_charge(e, "spend", op, day, scopes, amount)
-        self._replay_if_due()
+            self._keeper.keep(e, "spend", op, day, scopes, amount)
+        self._keeper.replay_if_due()
 
     def reserve(
         self,
@@ -181,7 +165,7 @@ class BudgetManager:
             else check_id(reservation_id, "reservation_id")
         )
         held = self._ledger.reserve(scopes, amount, rid)
-        self._replay_if_due()
+        self._keeper.replay_if_due()
         return Reservation(
             self,
             self._ledger,
@@ -200,7 +184,7 @@ class BudgetManager:
         """Today's spent, limit and remaining per scope: "user", "project" (if given), "global"."""
         scopes = self._scopes(user_id, project_id, None)
         values = self._ledger.usage(scopes)
-        self._replay_if_due()
+        self._keeper.replay_if_due()
         return {
             s.name: ScopeUsage(s.name, s.entity_id, spent, limit)
             for s, (spent, limit) in zip(scopes, values, strict=True)
@@ -214,7 +198,7 @@ class BudgetManager:
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
             raise InvalidInputError(f"top must be None or a whole number >= 0, got {top!r}")
         day, counters, overrides = self._ledger.report()
-        self._replay_if_due()
+        self._keeper.replay_if_due()
         default = {"u": self._limits["user"], "p": self._limits["project"]}
         by_kind: dict[str, list[ScopeUsage]] = {"u": [], "p": []}
         models: list[ModelSpend] = []
@@ -278,12 +262,12 @@ class BudgetManager:
         field = self._scope(scope, entity_id).field
         limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
         self._ledger.set_limit(field, limit)
-        self._replay_if_due()
+        self._keeper.replay_if_due()
 
     def ping(self) -> None:
         """Raise BudgetUnavailableError unless the store answers (for health checks)."""
         self._ledger.ping()
-        self._replay_if_due()
+        self._keeper.replay_if_due()
 
     def close(self) -> None:
         """
@@ -292,12 +276,7 @@ class BudgetManager:
         Charges still spooled stay on disk: the next manager for this store
         (in any process) or ``coreason-budget replay-spool`` records them.
         """
-        self._closed = True
-        replayer = self._replayer
-        if replayer is not None:
-            # Stops after the entry in flight, itself bounded by the store's timeouts.
-            c = self.config
-            replayer.join((c.retries + 1) * (c.connect_timeout + c.socket_timeout) + 1.0)
+        self._keeper.close()
         self._store.close()
 
     def __enter__(self) -> BudgetManager:
@@ -321,146 +300,7 @@ class BudgetManager:
         the store is not charged again. Stops at the first entry the store
         cannot take (``error`` says why); what is left stays spooled.
         """
-        spool = self._spool
-        if spool is None:
-            raise ConfigError(
-                "no spool: spool_dir is 'off'"
-                if spool_directory(self.config) is None
-                else "no spool: a memory:// store lives only as long as its manager"
-            )
-        return self._replay(spool, defer_live_handles=False)
-
-    def _open_spool(self) -> Spool | None:
-        directory = spool_directory(self.config)
-        identity = store_identity(self.config)
-        if directory is None or identity is None:
-            return None
-        spool = spool_for(directory, *identity)
-        # Charges a dead process left for this store: replay them once the store answers.
-        # (A directory listing, once per manager; the hot path reads only spool.due.)
-        if spool.has_other_files():
-            spool.due = True
-        return spool
-
-    def _spool_charge(
-        self,
-        error: BudgetUnavailableError,
-        kind: Kind,
-        op: str,
-        day: int,
-        scopes: list[Scope] | tuple[Scope, ...],
-        amount: int,
-        state: str | None = None,
-        owner: object = None,
-    ) -> NoReturn:
-        """
-        Keep a charge the store could not take, then re-raise *error*: the caller
-        still fails closed, but the money is not forgotten.
-        """
-        spool = self._spool
-        if spool is None:
-            raise error
-        fields = tuple(s.field for s in scopes)
-        try:
-            spool.append(kind, op, day, fields, amount, state, owner)
-        except OSError as e:
-            log.error(
-                "Could not write the spool in %s (%s): %s %s of %d nano-USD is kept in memory "
-                "only, and lost if this process ends before the store is back",
-                spool.directory,
-                e,
-                kind,
-                op,
-                amount,
-            )
-            error.add_note(f"could not write it to the local spool: {e}")
-            raise error from error.__cause__
-        note = (
-            f"The {kind} was saved to the local spool in {spool.directory} and will be "
-            "recorded once the store is reachable"
-        )
-        if kind == "spend":
-            # The one retry that is not safe any more: a new key is a new spend.
-            note += f"; a retry records it again unless it passes idempotency_key={op!r}"
-        error.add_note(note + ".")
-        raise error from error.__cause__
-
-    def _replay_if_due(self) -> None:
-        """After a call that reached the store: start replaying the spool if it holds anything."""
-        spool = self._spool
-        if spool is not None and spool.due and not self._closed and spool.claim_replay():
-            self._replayer = threading.Thread(
-                target=self._replay_in_background,
-                args=(spool,),
-                name="coreason-budget-spool-replay",
-                daemon=True,
-            )
-            self._replayer.start()
-
-    def _replay_in_background(self, spool: Spool) -> None:
-        """In its own thread, so that a caller never waits for someone else's backlog."""
-        summary = None
-        try:
-            summary = self._replay(spool, defer_live_handles=True)
-            if summary.replayed:
-                log.info(
-                    "Replayed %d spooled charge(s) (%d already recorded, %d expired); %d remain",
-                    summary.replayed,
-                    summary.duplicates,
-                    summary.expired,
-                    summary.remaining,
-                )
-        except Exception:
-            log.exception("Replaying the spool failed; it is kept and retried")
-        finally:
-            spool.end_replay(again=summary is None or summary.error is not None)
-
-    def _replay(self, spool: Spool, *, defer_live_handles: bool) -> ReplaySummary:
-        defer = _unsettled if defer_live_handles else None
-        summary = spool.replay(self._apply, defer)
-        if summary.error is None:
-            summary.merge(spool.replay_others(self._apply))
-        return summary
-
-    def _apply(self, entry: Entry) -> Outcome:
-        """Re-run one spooled charge through its idempotent ledger operation."""
-        if self._closed:
-            raise BudgetUnavailableError("budget manager closed")
-        try:
-            scopes = [Scope.for_field(f) for f in entry.fields]
-        except ValueError as e:
-            log.error("Dropping a spooled %s that names no counter (%s): %r", entry.kind, e, entry)
-            return "rejected"
-        try:
-            outcome: Outcome
-            if entry.kind == "spend":
-                outcome = self._ledger.replay_spend(scopes, entry.amount, entry.op, entry.day)
-            else:
-                assert entry.state is not None
-                reply = self._ledger.settle(scopes, entry.op, entry.day, entry.amount, entry.state)
-                # OK or GONE/recorded: charged now; DONE: settled before; GONE/expired: too late.
-                outcome = (
-                    "duplicate"
-                    if reply[0] == "DONE"
-                    else "expired"
-                    if reply[1] == "expired"
-                    else "recorded"
-                )
-        except BudgetUnavailableError as e:
-            cause = e.__cause__
-            if isinstance(cause, redis.ResponseError) and "belongs to day" in str(cause):
-                # The id names another day's reservation: never replayable. Logged in full.
-                log.error("Dropping a spooled settlement the store refuses (%s): %r", cause, entry)
-                return "rejected"
-            raise
-        if outcome == "expired":
-            log.warning(
-                "Spooled %s %s of day %d replayed after its day's ledger expired; not recorded",
-                entry.kind,
-                entry.op,
-                entry.day,
-            )
-        return outcome
+        return self._keeper.replay_now()
 
     # -- scopes ------------------------------------------------------------------
 
@@ -487,8 +327,3 @@ class BudgetManager:
             name = check_id(model, "model")
             scopes.append(Scope("model", name, "m:" + name, UNLIMITED))
         return scopes
-
-
-def _unsettled(owner: Any) -> bool:
-    """A live reservation handle still unsettled: its holder may yet retry the commit."""
-    return getattr(owner, "state", None) == "held"

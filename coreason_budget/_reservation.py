@@ -142,9 +142,9 @@ class Reservation(SettlesOnExit):
             try:
                 reply = self._ledger.settle(self._scopes, self.id, self.day, actual, state)
             except BudgetUnavailableError as e:
-                self._spooled = manager._spool is not None
+                self._spooled = manager._keeper.spool is not None
                 owner = None if implicit else self
-                manager._spool_charge(
+                manager._keeper.keep(
                     e, "settle", self.id, self.day, self._scopes, actual, state, owner=owner
                 )
             if reply[0] == "GONE" and reply[1] == "expired":
@@ -155,9 +155,8 @@ class Reservation(SettlesOnExit):
             if self._spooled:
                 # Settled by this retry: what the spool holds for it is moot (and harmless).
                 self._spooled = False
-                if manager._spool is not None:
-                    manager._spool.confirm_settled(self.id)
-        manager._replay_if_due()
+                manager._keeper.confirm_settled(self.id)
+        manager._keeper.replay_if_due()
 
     def _settle_on_exit(self, release: bool) -> None:
         # Nobody retries these, so their spooled copies (if any) replay at once.
