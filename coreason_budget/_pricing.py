@@ -79,10 +79,11 @@ import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from ._money import MAX_AMOUNT_USD, check_id
 from .exceptions import ConfigError, InvalidInputError, UnknownModelError
@@ -114,7 +115,7 @@ _MAX_CACHED_NAMES = 100_000
 _FALLBACK_CHARS_PER_TOKEN = 3
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class _Rates:
     """Per-token prices in units of ``10**-exp`` USD (``exp`` is per model, see :class:`_Price`)."""
 
@@ -123,7 +124,7 @@ class _Rates:
     cached: int
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class _Price:
     """Everything needed to price one model, prepared once."""
 
@@ -136,13 +137,13 @@ class _Price:
     overridden: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@attrs.frozen
 class _State:
     """Overrides plus the name -> price cache built from them; replaced whole, never mutated
     except for cache fills, so a reader never mixes two generations of overrides."""
 
     overrides: Mapping[str, tuple[Decimal, Decimal, Decimal | None]]
-    cache: dict[str, _Price] = field(default_factory=dict)
+    cache: dict[str, _Price] = attrs.field(factory=dict)
 
 
 class PricingEngine:
