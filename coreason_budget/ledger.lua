@@ -155,10 +155,9 @@ elseif op == 'settle' then
     if rec[2] ~= day then
         return redis.error_reply('reservation belongs to day ' .. rec[2] .. ', not ' .. day)
     end
-    local held_in = {}
-    for i = 1, tonumber(rec[4]) do
-        held_in[i] = redis.call('HGET', record, 'f' .. i)
-    end
+    local names = {}
+    for i = 1, tonumber(rec[4]) do names[i] = 'f' .. i end
+    local held_in = #names > 0 and redis.call('HMGET', record, unpack(names)) or {}
     charge(held_in, amount - tonumber(rec[3]))
     redis.call('HSET', record, 'state', state, 'charged', amount_s)
     return {'OK', state}
