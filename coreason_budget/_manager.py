@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import threading
-import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from types import TracebackType
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ._config import BudgetConfig
 from ._ledger import UNLIMITED, Ledger, Scope
-from ._money import MAX_LIMIT_NANO, check_id, to_nano
+from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
 from ._replay import SpoolKeeper
 from ._reservation import OnError, Reservation
 from ._spool import ReplaySummary
@@ -126,11 +125,7 @@ class BudgetManager:
         """
         amount = to_nano(cost, "cost")
         scopes = self._scopes(user_id, project_id, model)
-        op = (
-            uuid.uuid4().hex
-            if idempotency_key is None
-            else check_id(idempotency_key, "idempotency_key")
-        )
+        op = new_id() if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
         day = self._ledger.today()  # the day this spend is made on, should it be spooled
         try:
             self._ledger.spend(scopes, amount, op)
@@ -159,11 +154,7 @@ class BudgetManager:
             raise InvalidInputError(f"on_error must be 'charge' or 'release', got {on_error!r}")
         amount = to_nano(estimate, "estimate")
         scopes = self._scopes(user_id, project_id, model)
-        rid = (
-            uuid.uuid4().hex
-            if reservation_id is None
-            else check_id(reservation_id, "reservation_id")
-        )
+        rid = new_id() if reservation_id is None else check_id(reservation_id, "reservation_id")
         held = self._ledger.reserve(scopes, amount, rid)
         self._keeper.replay_if_due()
         return Reservation(

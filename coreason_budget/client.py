@@ -28,7 +28,6 @@ import datetime
 import logging
 import threading
 import time
-import uuid
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, NoReturn
@@ -37,7 +36,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ._manager import ScopeName
-from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, to_nano
+from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, new_id, to_nano
 from ._pricing import _check_tokens
 from ._reservation import OnError, SettlesOnExit
 from ._usage import ModelSpend, Report, ScopeUsage
@@ -154,9 +153,7 @@ class BudgetClient:
         body = _scope_body(user_id, project_id, model)
         body["cost"] = nano_to_usd(amount)
         body["idempotency_key"] = (
-            uuid.uuid4().hex
-            if idempotency_key is None
-            else check_id(idempotency_key, "idempotency_key")
+            new_id() if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
         )
         self._call("POST", "/spend", body, expect="recorded")
 
@@ -182,11 +179,7 @@ class BudgetClient:
         amount = to_nano(estimate, "estimate")
         body = _scope_body(user_id, project_id, model)
         body["estimate"] = nano_to_usd(amount)
-        rid = (
-            uuid.uuid4().hex
-            if reservation_id is None
-            else check_id(reservation_id, "reservation_id")
-        )
+        rid = new_id() if reservation_id is None else check_id(reservation_id, "reservation_id")
         body["reservation_id"] = rid
         answer = self._call("POST", "/reservations", body)
         if answer.get("reservation_id") != rid:
