@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -74,19 +75,35 @@ ManagerFactory = Callable[..., BudgetManager]
 
 
 @pytest.fixture
-def make_manager(redis_url: str) -> Iterator[ManagerFactory]:
-    """Build managers on the test server; all are closed after the test."""
+def spool_dir(tmp_path: Path) -> Path:
+    """The test's own spool directory, so no test replays another's charges."""
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def managers(spool_dir: Path) -> Iterator[ManagerFactory]:
+    """Build managers on any store URL (spooling into ``spool_dir``); all closed after the test."""
     made: list[BudgetManager] = []
 
-    def make(clock: Callable[[], float] | None = None, **config: Any) -> BudgetManager:
-        config.setdefault("redis_url", redis_url)
-        manager = BudgetManager(BudgetConfig(**config), clock=clock)
+    def make(url: str, clock: Callable[[], float] | None = None, **config: Any) -> BudgetManager:
+        config.setdefault("spool_dir", str(spool_dir))
+        manager = BudgetManager(BudgetConfig(redis_url=url, **config), clock=clock)
         made.append(manager)
         return manager
 
     yield make
     for manager in made:
         manager.close()
+
+
+@pytest.fixture
+def make_manager(redis_url: str, managers: ManagerFactory) -> ManagerFactory:
+    """Build managers on the test server (``redis_url`` may still be overridden)."""
+
+    def make(clock: Callable[[], float] | None = None, **config: Any) -> BudgetManager:
+        return managers(config.pop("redis_url", redis_url), clock=clock, **config)
+
+    return make
 
 
 @pytest.fixture

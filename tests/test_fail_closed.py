@@ -108,21 +108,6 @@ def blackhole() -> Iterator[Blackhole]:
     hole.close()
 
 
-@pytest.fixture
-def managers() -> Iterator[Callable[..., BudgetManager]]:
-    """Build managers on any URL; all are closed after the test."""
-    made: list[BudgetManager] = []
-
-    def make(url: str, **config: Any) -> BudgetManager:
-        manager = BudgetManager(BudgetConfig(redis_url=url, **config))
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        manager.close()
-
-
 class TestUnreachableStore:
     """Nothing listens on the port: every operation refuses, fast."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +57,6 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 def evalsha_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
-@pytest.fixture
-def managers(tmp_path: Path) -> Iterator[Callable[..., BudgetManager]]:
-    """Managers on any URL, spooling into the test's own directory; closed after the test."""
-    made: list[BudgetManager] = []
-
-    def make(url: str, **config: Any) -> BudgetManager:
-        config.setdefault("spool_dir", str(tmp_path / "spool"))
-        manager = BudgetManager(BudgetConfig(redis_url=url, **config))
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        manager.close()
 
 
 class TestLostReply:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -57,26 +57,6 @@ def day_counters(client: redis.Redis, day: datetime.date | None = None) -> dict[
 
 def spool_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.spool")) if directory.exists() else []
-
-
-@pytest.fixture
-def spool_dir(tmp_path: Path) -> Path:
-    return tmp_path / "spool"
-
-
-@pytest.fixture
-def managers(spool_dir: Path) -> Iterator[Callable[..., BudgetManager]]:
-    made: list[BudgetManager] = []
-
-    def make(url: str, clock: Callable[[], float] | None = None, **config: Any) -> BudgetManager:
-        config.setdefault("spool_dir", str(spool_dir))
-        manager = BudgetManager(BudgetConfig(redis_url=url, **config), clock=clock)
-        made.append(manager)
-        return manager
-
-    yield make
-    for manager in made:
-        manager.close()
 
 
 class TestThroughAnOutage:
