@@ -14,7 +14,7 @@ import datetime
 import time
 from collections.abc import Callable, Sequence
 from importlib.resources import files
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import attrs
 import redis
@@ -23,32 +23,59 @@ from .exceptions import BudgetExceededError, BudgetUnavailableError
 
 DAY_MS = 86_400_000
 UNLIMITED = -1
+#: user, project, global, model: the script reads a reservation's fields in one HMGET.
+MAX_SCOPES = 4
 _EPOCH = datetime.date(1970, 1, 1).toordinal()
 _LUA = files(__package__).joinpath("ledger.lua").read_text(encoding="utf-8")
 
 
-@attrs.frozen
-class Scope:
-    """One counter an operation touches, and the limit it enforces there."""
+#: What each counter field's kind letter names, for errors and reports.
+_KINDS = {"u": "user", "p": "project", "m": "model"}
 
-    name: str  # "user", "project", "global" or "model"
-    entity_id: str | None
-    field: str  # the hash field in the day's counters and in the limits
-    default_limit_nano: int  # UNLIMITED for tracked-only counters (models)
+
+def describe(field: str) -> tuple[str, str | None]:
+    """The scope a counter field names: ("user", "alice"), ("global", None), ..."""
+    if field == "g":
+        return "global", None
+    kind, _, entity = field.partition(":")
+    name = _KINDS.get(kind)
+    if name is None or not entity:
+        raise ValueError(f"not a counter field: {field!r}")
+    return name, entity
+
+
+@attrs.frozen
+class Scopes:
+    """
+    The counters one operation touches, narrowest first, and their default limits.
+
+    The manager builds one per (user, project, model) and reuses it, so that
+    the hot path only reads what is precomputed here: the fields already
+    encoded for the wire, and the header words that carry the limits.
+    """
+
+    fields: tuple[str, ...]
+    limits: str  # the script header's tail: "n d1 .. dn"
+    wire: tuple[bytes, ...]
 
     @classmethod
-    def for_field(cls, field: str) -> Scope:
+    def of(cls, pairs: Sequence[tuple[str, int]]) -> Scopes:
+        """From (field, default limit in nano-dollars, or UNLIMITED) pairs."""
+        fields = tuple(field for field, _ in pairs)
+        limits = " ".join([str(len(pairs)), *(str(limit) for _, limit in pairs)])
+        return cls(fields, limits, tuple(f.encode() for f in fields))
+
+    @classmethod
+    def tracked(cls, fields: Sequence[str]) -> Scopes:
         """
-        The scope a counter field names, without a limit: enough to replay a
-        spooled spend or settlement, which never check limits.
+        Counters without limits: enough to replay a spooled spend or settlement,
+        which never check limits. Raises ValueError for a string that is not a field.
         """
-        if field == "g":
-            return cls("global", None, field, UNLIMITED)
-        kind, _, entity = field.partition(":")
-        name = {"u": "user", "p": "project", "m": "model"}.get(kind)
-        if name is None or not entity:
-            raise ValueError(f"not a counter field: {field!r}")
-        return cls(name, entity, field, UNLIMITED)
+        if not 0 < len(fields) <= MAX_SCOPES:
+            raise ValueError(f"{len(fields)} counter fields, not 1 to {MAX_SCOPES}")
+        for field in fields:
+            describe(field)
+        return cls.of([(field, UNLIMITED) for field in fields])
 
 
 @attrs.frozen
@@ -84,20 +111,25 @@ class Ledger:
         self._script = client.register_script(_LUA)
         self._tag = "{" + prefix + "}"
         self._limits_key = f"{self._tag}:limits"
+        # Constant arguments go over the wire as bytes: redis-py sends bytes as they are.
+        self._limits_wire = self._limits_key.encode()
         self._ttls = f"{retention_seconds * 1000} {idempotency_ttl_seconds * 1000}"
         self._clock = clock
         self._skew_ms = 0
-        self._day_key = (-1, "")
+        self._day_key = (-1, b"")
         self._errors = _StoreErrors(client)
 
     # -- key names -----------------------------------------------------------
 
     def day_key(self, day: int) -> str:
+        return self._day_wire(day).decode()
+
+    def _day_wire(self, day: int) -> bytes:
         # Cached: every call names today's key, and formatting a date is not free.
         cached = self._day_key
         if cached[0] != day:
             name = f"{self._tag}:day:{datetime.date.fromordinal(_EPOCH + day).isoformat()}"
-            cached = self._day_key = (day, name)
+            cached = self._day_key = (day, name.encode())
         return cached[1]
 
     def reservation_key(self, reservation_id: str) -> str:
@@ -108,33 +140,41 @@ class Ledger:
 
     # -- operations ----------------------------------------------------------
 
-    def reserve(self, scopes: Sequence[Scope], amount: int, reservation_id: str) -> Held:
+    def reserve(self, scopes: Scopes, amount: int, reservation_id: str) -> Held:
         """Hold *amount* in every scope, or raise BudgetExceededError having written nothing."""
-        reply = self._call("reserve", self.reservation_key(reservation_id), amount, scopes)
+        reply = self._call("reserve", amount, scopes, self.reservation_key(reservation_id))
+        if type(reply) is int:
+            return Held(state="held", day=reply, held_nano=amount)
         if reply[0] == "NO":
             self._refuse(reply, scopes, amount)
-        _, state, held_day, held = reply
+        _, state, held_day, held = reply  # DUP: the hold this id already took
         return Held(state=state, day=int(held_day), held_nano=int(held))
 
     def settle(
         self,
-        scopes: Sequence[Scope],
+        scopes: Scopes,
         reservation_id: str,
         day: int,
         actual: int,
         state: str,
-    ) -> list[Any]:
-        """Settle a hold to *actual* (0 for a release); the first settlement wins."""
-        return self._call(
-            "settle", self.reservation_key(reservation_id), actual, scopes, (state,), day=day
-        )
+    ) -> tuple[str, str]:
+        """
+        Settle a hold to *actual* (0 for a release); the first settlement wins.
 
-    def spend(self, scopes: Sequence[Scope], amount: int, operation_id: str) -> None:
+        Returns ("OK", state), ("DONE", the state an earlier settlement left)
+        or ("GONE", "recorded" | "expired") when the store had no such hold.
+        """
+        reply = self._call(
+            "settle", actual, scopes, self.reservation_key(reservation_id), state, day=day
+        )
+        return ("OK", state) if type(reply) is int else (reply[0], reply[1])
+
+    def spend(self, scopes: Scopes, amount: int, operation_id: str) -> None:
         """Record *amount* in every scope, once per operation id, limits notwithstanding."""
-        self._call("spend", self.operation_key(operation_id), amount, scopes)
+        self._call("spend", amount, scopes, self.operation_key(operation_id))
 
     def replay_spend(
-        self, scopes: Sequence[Scope], amount: int, operation_id: str, day: int
+        self, scopes: Scopes, amount: int, operation_id: str, day: int
     ) -> Literal["recorded", "duplicate", "expired"]:
         """
         Record a spend made on *day* (today or earlier) that never reached the store.
@@ -143,28 +183,28 @@ class Ledger:
         the store (only its reply was lost) is not charged again. Returns
         "recorded", "duplicate", or "expired" (the day is past retention).
         """
-        reply = self._call("replay", self.operation_key(operation_id), amount, scopes, day=day)
-        return "recorded" if reply[0] == "OK" else "duplicate" if reply[0] == "DUP" else "expired"
+        reply = self._call("replay", amount, scopes, self.operation_key(operation_id), day=day)
+        return "recorded" if type(reply) is int else "duplicate" if reply[0] == "DUP" else "expired"
 
     def today(self) -> int:
         """The day a call made now would name (the client's guess; the script has the last word)."""
         return self._now_ms() // DAY_MS
 
-    def check(self, scopes: Sequence[Scope], amount: int) -> None:
+    def check(self, scopes: Scopes, amount: int) -> None:
         """Raise BudgetExceededError if *amount* does not fit; never writes."""
-        reply = self._call("check", self._limits_key, amount, scopes)
-        if reply[0] == "NO":
+        reply = self._call("check", amount, scopes)
+        if type(reply) is not int:
             self._refuse(reply, scopes, amount)
 
-    def usage(self, scopes: Sequence[Scope]) -> list[tuple[int, int]]:
+    def usage(self, scopes: Scopes) -> list[tuple[int, int]]:
         """(spent, limit) in nano-dollars per scope, open holds counted as spent."""
-        reply = self._call("usage", self._limits_key, 0, scopes)
+        reply = self._call("usage", 0, scopes)
         values = [int(v) for v in reply[1:]]
         return list(zip(values[::2], values[1::2], strict=True))
 
     def report(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """Today's day number, every counter of the day and every limit override."""
-        _, day, counters, limits = self._call("report", self._limits_key, 0, ())
+        _, day, counters, limits = self._call("report", 0, _NO_SCOPES)
         return int(day), _pairs(counters), _pairs(limits)
 
     def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
@@ -199,29 +239,42 @@ class Ledger:
     def _call(
         self,
         op: str,
-        record_key: str,
         amount: int,
-        scopes: Sequence[Scope],
-        extra: Sequence[str] = (),
+        scopes: Scopes,
+        record_key: str | None = None,
+        state: str | None = None,
         day: int | None = None,
-    ) -> list[Any]:
-        defaults = " ".join(str(scope.default_limit_nano) for scope in scopes)
-        tail = f"{self._ttls} {amount} {len(scopes)} {defaults}"
-        fields = [scope.field for scope in scopes]
+    ) -> Any:
+        """
+        One script call: its reply, an int (the day booked) or a list.
+
+        Reads (no *record_key*) name two keys, writes three; *state* is the
+        settle's target state.
+        """
+        tail = f"{amount} {self._ttls} {scopes.limits}"
         # Twice is enough: the second attempt uses the day the server named.
         for _ in range(2):
             now = self._now_ms()
             the_day = day if day is not None else now // DAY_MS
             stamp = "-" if self._clock is None else str(now)
-            args = [f"{op} {the_day} {stamp} {tail}", *fields, *extra]
-            keys = [self.day_key(the_day), self._limits_key, record_key]
-            with self._errors:
+            args: list[str | bytes] = [f"{op} {the_day} {stamp} {tail}", *scopes.wire]
+            keys: list[str | bytes] = [self._day_wire(the_day), self._limits_wire]
+            if record_key is not None:
+                keys.append(record_key)
+            if state is not None:
+                args.append(state)
+            try:
                 try:
                     reply: Any = self._script(keys=keys, args=args)
                 except redis.exceptions.NoScriptError:
                     # redis-py reloads the script once; flushed again before its retry
                     # (a restart storm, repeated SCRIPT FLUSH): nothing ran, so once more.
                     reply = self._script(keys=keys, args=args)
+            except redis.RedisError as e:
+                # Not `with self._errors`: a try costs nothing when nothing fails.
+                raise BudgetUnavailableError(self._errors.message(e)) from e
+            if type(reply) is int:
+                return reply
             if not isinstance(reply, list) or not reply:
                 raise BudgetUnavailableError(f"budget store sent a malformed reply: {reply!r}")
             if reply[0] != "DAY":
@@ -232,15 +285,20 @@ class Ledger:
         raise BudgetUnavailableError("could not agree with the budget store on today's date")
 
     @staticmethod
-    def _refuse(reply: list[Any], scopes: Sequence[Scope], amount: int) -> None:
-        scope = scopes[int(reply[1]) - 1]
+    def _refuse(reply: list[Any], scopes: Scopes, amount: int) -> NoReturn:
+        if reply[0] != "NO":
+            raise BudgetUnavailableError(f"budget store sent a malformed reply: {reply!r}")
+        name, entity = describe(scopes.fields[int(reply[1]) - 1])
         raise BudgetExceededError(
-            scope=scope.name,
-            entity_id=scope.entity_id,
+            scope=name,
+            entity_id=entity,
             limit_nano=int(reply[3]),
             spent_nano=int(reply[2]),
             requested_nano=amount,
         )
+
+
+_NO_SCOPES = Scopes.of([])
 
 
 class _StoreErrors:
@@ -259,9 +317,9 @@ class _StoreErrors:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         if isinstance(exc, redis.RedisError):
-            raise BudgetUnavailableError(self._message(exc)) from exc
+            raise BudgetUnavailableError(self.message(exc)) from exc
 
-    def _message(self, exc: redis.RedisError) -> str:
+    def message(self, exc: redis.RedisError) -> str:
         # redis-py's own words, "No connection available.", read like a dead store;
         # a saturated pool calls for a different fix (pool_size, fewer threads).
         if isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available.":

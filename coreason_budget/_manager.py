@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from ._config import BudgetConfig
-from ._ledger import UNLIMITED, Ledger, Scope
+from ._ledger import UNLIMITED, Ledger, Scopes, describe
 from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
 from ._replay import SpoolKeeper
 from ._reservation import OnError, Reservation
@@ -60,7 +60,7 @@ class BudgetManager:
             "project": to_nano(config.daily_project_limit_usd, maximum=MAX_LIMIT_NANO),
             "global": to_nano(config.daily_global_limit_usd, maximum=MAX_LIMIT_NANO),
         }
-        self._global = Scope("global", None, "g", self._limits["global"])
+        self._scopes_seen: dict[tuple[str, str | None, str | None], Scopes] = {}
         self._pricing: PricingEngine | None = None
         self._pricing_lock = threading.Lock()
         if config.pricing_file is not None:
@@ -176,9 +176,10 @@ class BudgetManager:
         scopes = self._scopes(user_id, project_id, None)
         values = self._ledger.usage(scopes)
         self._keeper.replay_if_due()
+        named = [describe(field) for field in scopes.fields]
         return {
-            s.name: ScopeUsage(s.name, s.entity_id, spent, limit)
-            for s, (spent, limit) in zip(scopes, values, strict=True)
+            name: ScopeUsage(name, entity, spent, limit)
+            for (name, entity), (spent, limit) in zip(named, values, strict=True)
         }
 
     def report(self, top: int | None = None) -> Report:
@@ -250,7 +251,7 @@ class BudgetManager:
         entity_id None); ``None`` removes the override. Stored in Redis, so
         every worker applies it from its next call on.
         """
-        field = self._scope(scope, entity_id).field
+        field = self._field(scope, entity_id)
         limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
         self._ledger.set_limit(field, limit)
         self._keeper.replay_if_due()
@@ -295,26 +296,46 @@ class BudgetManager:
 
     # -- scopes ------------------------------------------------------------------
 
-    def _scope(self, name: str, entity_id: str | None) -> Scope:
+    def _field(self, name: str, entity_id: str | None) -> str:
+        """The counter field of a user, project or the global scope; validates the id."""
         if name == "global":
             if entity_id is not None:
                 raise InvalidInputError("the global scope takes no entity id (pass None)")
-            return self._global
+            return "g"
         if name == "user":
-            uid = check_id(entity_id, "user_id")
-            return Scope("user", uid, "u:" + uid, self._limits["user"])
+            return "u:" + check_id(entity_id, "user_id")
         if name == "project":
-            pid = check_id(entity_id, "project_id")
-            return Scope("project", pid, "p:" + pid, self._limits["project"])
+            return "p:" + check_id(entity_id, "project_id")
         raise InvalidInputError(f"scope must be 'user', 'project' or 'global', got {name!r}")
 
-    def _scopes(self, user_id: str, project_id: str | None, model: str | None) -> list[Scope]:
-        """Narrowest first: the first scope that refuses is the one reported."""
-        scopes = [self._scope("user", user_id)]
+    def _scopes(self, user_id: str, project_id: str | None, model: str | None) -> Scopes:
+        """
+        Narrowest first: the first scope that refuses is the one reported.
+
+        Remembered per (user, project, model), ids validated once: the same
+        callers come back all day, and building the wire form is most of the
+        Python a call would otherwise spend.
+        """
+        key = (user_id, project_id, model)
+        try:
+            known = self._scopes_seen.get(key)
+        except TypeError:  # an unhashable id: let the validation below say what is wrong
+            known = None
+        if known is not None:
+            return known
+        limits = self._limits
+        pairs = [(self._field("user", user_id), limits["user"])]
         if project_id is not None:
-            scopes.append(self._scope("project", project_id))
-        scopes.append(self._scope("global", None))
+            pairs.append((self._field("project", project_id), limits["project"]))
+        pairs.append(("g", limits["global"]))
         if model is not None:
-            name = check_id(model, "model")
-            scopes.append(Scope("model", name, "m:" + name, UNLIMITED))
+            pairs.append(("m:" + check_id(model, "model"), UNLIMITED))
+        scopes = Scopes.of(pairs)
+        if len(self._scopes_seen) >= _SCOPES_REMEMBERED:
+            self._scopes_seen.clear()  # cheaper than LRU bookkeeping on every call
+        self._scopes_seen[key] = scopes
         return scopes
+
+
+#: How many (user, project, model) combinations a manager remembers at most.
+_SCOPES_REMEMBERED = 10_000

@@ -26,6 +26,8 @@ MAX_LIMIT_NANO = MAX_LIMIT_USD * NANO_PER_USD
 MAX_ID_LENGTH = 256
 
 _NANO = Decimal(NANO_PER_USD)
+#: Below 2**22, float spacing is under a nano-dollar (see to_nano's fast path).
+_EXACT_BELOW = float(2**22)
 
 
 def to_nano(amount: object, what: str = "cost", maximum: int = MAX_AMOUNT_NANO) -> int:
@@ -34,6 +36,14 @@ def to_nano(amount: object, what: str = "cost", maximum: int = MAX_AMOUNT_NANO) 
 
     Rounding up means a sub-nano remainder is charged, never given away.
     """
+    # The hot path first: a float in range (NaN and the infinities fail the comparison).
+    if type(amount) is float and 0.0 <= amount < _EXACT_BELOW:
+        nano = round(amount * 1e9)
+        # If that many nano-dollars is this very float, it is the float's decimal
+        # (below 2**22 floats are closer together than a nano-dollar, so no other
+        # decimal of at most 9 places maps to it): no rounding up to do.
+        if nano / 1e9 == amount and nano <= maximum:
+            return nano
     if isinstance(amount, bool) or not isinstance(amount, int | float | Decimal):
         raise InvalidInputError(
             f"{what} must be a number of USD (int, float or Decimal), got {type(amount).__name__}"
@@ -64,8 +74,9 @@ def to_nano(amount: object, what: str = "cost", maximum: int = MAX_AMOUNT_NANO) 
 
 def _plain_float_nano(amount: float) -> int | None:
     """
-    The hot path: a float whose repr has no exponent ("0.05"), converted from
-    its digits with integer arithmetic, exactly as the Decimal route would.
+    A float whose repr has no exponent but more than 9 decimals (what float
+    arithmetic makes: 1234 * 0.000003), converted from its digits with integer
+    arithmetic, exactly as the Decimal route would.
     """
     text = repr(amount)
     if "e" in text:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import redis
 
 from ._config import BudgetConfig
-from ._ledger import Ledger, Scope
+from ._ledger import Ledger, Scopes
 from ._spool import (
     Entry,
     Kind,
@@ -49,7 +48,7 @@ class SpoolKeeper:
         kind: Kind,
         op: str,
         day: int,
-        scopes: Sequence[Scope],
+        scopes: Scopes,
         amount: int,
         state: str | None = None,
         owner: object = None,
@@ -61,9 +60,8 @@ class SpoolKeeper:
         spool = self.spool
         if spool is None:
             raise error
-        fields = tuple(s.field for s in scopes)
         try:
-            spool.append(kind, op, day, fields, amount, state, owner)
+            spool.append(kind, op, day, scopes.fields, amount, state, owner)
         except OSError as e:
             log.error(
                 "Could not write the spool in %s (%s): %s %s of %d nano-USD is kept in memory "
@@ -153,7 +151,7 @@ class SpoolKeeper:
         if self._closed:
             raise BudgetUnavailableError("budget manager closed")
         try:
-            scopes = [Scope.for_field(f) for f in entry.fields]
+            scopes = Scopes.tracked(entry.fields)
         except ValueError as e:
             log.error("Dropping a spooled %s that names no counter (%s): %r", entry.kind, e, entry)
             return "rejected"

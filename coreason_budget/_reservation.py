@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self
 
-from ._ledger import Held, Ledger, Scope
+from ._ledger import Held, Ledger, Scopes
 from ._money import nano_to_usd, to_nano
 from .exceptions import BudgetError, BudgetUnavailableError, InvalidInputError
 
@@ -71,7 +70,7 @@ class Reservation(SettlesOnExit):
         self,
         manager: BudgetManager,
         ledger: Ledger,
-        scopes: Sequence[Scope],
+        scopes: Scopes,
         reservation_id: str,
         held: Held,
         *,
@@ -82,7 +81,7 @@ class Reservation(SettlesOnExit):
     ) -> None:
         self._manager = manager
         self._ledger = ledger
-        self._scopes = tuple(scopes)
+        self._scopes = scopes
         self._lock = threading.Lock()
         self.id = reservation_id
         self.user_id = user_id
@@ -147,7 +146,7 @@ class Reservation(SettlesOnExit):
                 manager._keeper.keep(
                     e, "settle", self.id, self.day, self._scopes, actual, state, owner=owner
                 )
-            if reply[0] == "GONE" and reply[1] == "expired":
+            if reply == ("GONE", "expired"):
                 log.warning(
                     "Reservation %s settled after its day's ledger expired; not recorded", self.id
                 )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from coreason_budget import (
     BudgetError,
@@ -277,6 +279,18 @@ class TestExactMoney:
     )
     def test_conversion(self, amount: float | Decimal, nano: int) -> None:
         assert to_nano(amount) == nano
+
+    @given(
+        st.floats(min_value=0, max_value=1e6)
+        | st.decimals(min_value=0, max_value=10_000, places=12).map(float)
+        | st.integers(1, 10**6).map(lambda tokens: tokens * 0.0000025)
+    )
+    def test_floats_mean_their_shortest_decimal(self, amount: float) -> None:
+        """
+        The fast path (round trip through nano-dollars) and the digit-by-digit
+        paths agree with the definition: the float's repr, rounded up to a nano.
+        """
+        assert to_nano(amount) == math.ceil(Decimal(repr(amount)) * NANO)
 
     def test_format(self) -> None:
         assert [format_usd(n) for n in (0, 9_990_000_000, 1_000, 10**9 // 3)] == [
