@@ -164,9 +164,8 @@ class Ledger:
         Returns ("OK", state), ("DONE", the state an earlier settlement left)
         or ("GONE", "recorded" | "expired") when the store had no such hold.
         """
-        reply = self._call(
-            "settle", actual, scopes, self.reservation_key(reservation_id), state, day=day
-        )
+        op = _SETTLE_OPS[state]
+        reply = self._call(op, actual, scopes, self.reservation_key(reservation_id), day=day)
         return ("OK", state) if type(reply) is int else (reply[0], reply[1])
 
     def spend(self, scopes: Scopes, amount: int, operation_id: str) -> None:
@@ -242,27 +241,22 @@ class Ledger:
         amount: int,
         scopes: Scopes,
         record_key: str | None = None,
-        state: str | None = None,
         day: int | None = None,
     ) -> Any:
-        """
-        One script call: its reply, an int (the day booked) or a list.
-
-        Reads (no *record_key*) name two keys, writes three; *state* is the
-        settle's target state.
-        """
+        """One script call: its reply, an int (the day booked) or a list."""
         tail = f"{amount} {self._ttls} {scopes.limits}"
+        reads_limits = op in _READS_LIMITS
         # Twice is enough: the second attempt uses the day the server named.
         for _ in range(2):
             now = self._now_ms()
             the_day = day if day is not None else now // DAY_MS
             stamp = "-" if self._clock is None else str(now)
-            args: list[str | bytes] = [f"{op} {the_day} {stamp} {tail}", *scopes.wire]
-            keys: list[str | bytes] = [self._day_wire(the_day), self._limits_wire]
+            keys: list[str | bytes] = [self._day_wire(the_day)]
             if record_key is not None:
                 keys.append(record_key)
-            if state is not None:
-                args.append(state)
+            if reads_limits:
+                keys.append(self._limits_wire)
+            args: list[str | bytes] = [f"{op} {the_day} {stamp} {tail}", *scopes.wire]
             try:
                 try:
                     reply: Any = self._script(keys=keys, args=args)
@@ -299,6 +293,10 @@ class Ledger:
 
 
 _NO_SCOPES = Scopes.of([])
+#: The settled state a reservation ends in -> the script operation that settles it.
+_SETTLE_OPS = {"committed": "commit", "released": "release"}
+#: The script operations that are sent the limits key.
+_READS_LIMITS = frozenset({"reserve", "check", "usage", "report"})
 
 
 class _StoreErrors:

@@ -2,14 +2,15 @@
 -- is atomic and costs one round trip. Every check happens before the first
 -- write: a refused or failing call changes nothing.
 --
--- KEYS[1]  day hash: the day's counters, field per scope ("u:<id>", "p:<id>", "g", "m:<model>")
--- KEYS[2]  limits hash: per-entity limit overrides, same field names, no TTL
--- KEYS[3]  record (writes only): a reservation hash ("reserve", "settle") or an
---          operation-id marker ("spend", "replay")
+-- KEYS: only those the operation touches (each key costs the client time to send)
+--   KEYS[1]     day hash: the day's counters, field per scope ("u:<id>", "p:<id>", "g", "m:<model>")
+--   then        for writes, the record: a reservation hash (reserve, commit, release)
+--               or an operation-id marker (spend, replay)
+--   then        for reserve, check, usage and report, the limits hash: per-entity
+--               limit overrides, same field names, no TTL
 --
--- ARGV[1]  a header of space-separated words (one argument, not ten: each
---          argument costs the client time to pack):
---            op         reserve | settle | spend | replay | check | usage | report
+-- ARGV[1]  a header of space-separated words (one argument, not ten, for the same reason):
+--            op         reserve | commit | release | spend | replay | check | usage | report
 --                       (replay: a spend from a client's local spool, made on `day`)
 --            day        the day the client believes it is (days since 1970-01-01, UTC)
 --            now        injected time in ms, or "-" for the server's clock (the
@@ -18,9 +19,8 @@
 --            retention  ms counters and reservations live after their day ends
 --            op_ttl     ms an operation-id marker lives
 --            n          the number of scopes (at most 4), then n default limits
---                       (-1: tracked, never limited), read only when limits are
+--                       (-1: tracked, never limited)
 -- ARGV[2 .. n+1]  the scopes' fields, narrowest first (ids may hold any character)
--- ARGV[n+2]       for settle: the state to settle into ("committed" or "released")
 --
 -- Replies: the day the operation was booked on (an integer) when it did what
 -- was asked; otherwise a list whose first word says why (NO, DUP, DONE, GONE,
@@ -30,7 +30,6 @@
 
 local DAY_MS = 86400000
 local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
-local counters, limits, record = KEYS[1], KEYS[2], KEYS[3]
 -- One match for the fixed words; the defaults are split only by the ops that
 -- read them. (Splitting every word costs more than the rest of a check.)
 local op, day, stamp, amount_s, retention, op_ttl, n_s, defaults_s = string.match(
@@ -39,34 +38,47 @@ if not op then
     return redis.error_reply('malformed ledger header')
 end
 local amount, n = tonumber(amount_s), tonumber(n_s)
+local counters, record, limits = KEYS[1], KEYS[2], KEYS[3]
+if op == 'check' or op == 'usage' or op == 'report' then
+    record, limits = nil, KEYS[2]
+end
 
-local now
-if stamp ~= '-' then
-    now = tonumber(stamp)
-else
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- The time in ms: the injected stamp, or the server's clock (the one clock all
+-- workers share), asked at most once, and only by the ops that need it.
+local now_ms
+local function now()
+    if not now_ms then
+        if stamp ~= '-' then
+            now_ms = tonumber(stamp)
+        else
+            local t = redis.call('TIME')
+            now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        end
+    end
+    return now_ms
 end
 
 -- Keys were named by the client for the day it believed it was; if the shared
 -- clock disagrees (drift near midnight), write nothing and tell it which day it is.
--- A settle names its reservation's day. A replayed spend names the day it was
+-- A commit or release names its reservation's day. A replayed spend names the day it was
 -- made, which an outage may have pushed into the past (it must land there, not
 -- today), but never a day that has not begun: the client then retries on today.
 local d = tonumber(day)
-if op ~= 'settle' then
-    local today = math.floor(now / DAY_MS)
+if op ~= 'commit' and op ~= 'release' then
+    local today = math.floor(now() / DAY_MS)
     if (op == 'replay' and d > today) or (op ~= 'replay' and d ~= today) then
-        return {'DAY', string.format('%d', today), string.format('%d', now)}
+        return {'DAY', string.format('%d', today), string.format('%d', now())}
     end
 end
 
-local expire_ms = (d + 1) * DAY_MS + tonumber(retention) - now
+-- ms until the day's counters and reservations expire: negative once the day
+-- is past retention.
+local function expire_ms()
+    return (d + 1) * DAY_MS + tonumber(retention) - now()
+end
 
-local function default_limits()
-    local out = {}
-    for word in string.gmatch(defaults_s, '%S+') do out[#out + 1] = word end
-    return out
+local function default_limits()  -- n <= 4
+    return {string.match(defaults_s, '^(%S+) ?(%S*) ?(%S*) ?(%S*)$')}
 end
 
 -- The first (narrowest) scope the amount does not fit, or nil.
@@ -90,14 +102,17 @@ local function refusal()
     return nil
 end
 
--- Add delta to each field; (re)arm the day's expiry whenever it is written.
-local function charge(fields, first, last, delta)
-    if expire_ms <= 0 or delta == 0 then return end
-    local ds = string.format('%d', delta)
+-- Add delta to each field. The day's hash is only ever created here, with all
+-- the fields of its first charge, so when none of the fields was new the hash
+-- existed and already has its expiry: only a new field (re)arms it.
+local function charge(fields, first, last, delta, ds)
+    if delta == 0 then return end
+    ds = ds or string.format('%d', delta)
+    local fresh = false
     for i = first, last do
-        redis.call('HINCRBY', counters, fields[i], ds)
+        if redis.call('HINCRBY', counters, fields[i], ds) == delta then fresh = true end
     end
-    redis.call('PEXPIRE', counters, expire_ms)
+    if fresh then redis.call('PEXPIRE', counters, expire_ms()) end
 end
 
 if op == 'check' then
@@ -123,8 +138,8 @@ elseif op == 'spend' or op == 'replay' then
         return {'DUP'}
     end
     -- Only a replay can name a day past retention: its counters are gone, so is the charge.
-    if expire_ms <= 0 then return {'GONE', 'expired'} end
-    charge(ARGV, 2, n + 1, amount)
+    if expire_ms() <= 0 then return {'GONE', 'expired'} end
+    charge(ARGV, 2, n + 1, amount, amount_s)
     redis.call('SET', record, '1', 'PX', op_ttl)
     return d
 
@@ -135,18 +150,18 @@ elseif op == 'reserve' then
     end
     local no = refusal()
     if no then return no end
-    charge(ARGV, 2, n + 1, amount)
+    charge(ARGV, 2, n + 1, amount, amount_s)
     local entry = {'state', 'held', 'day', day, 'held', amount_s, 'n', n_s}
     for i = 1, n do
         entry[#entry + 1] = 'f' .. i
         entry[#entry + 1] = ARGV[1 + i]
     end
     redis.call('HSET', record, unpack(entry))
-    redis.call('PEXPIRE', record, expire_ms)
+    redis.call('PEXPIRE', record, expire_ms())
     return d
 
-elseif op == 'settle' then
-    local state = ARGV[n + 2]
+elseif op == 'commit' or op == 'release' then
+    local state = op == 'commit' and 'committed' or 'released'
     -- A reservation holds at most 4 scopes (user, project, global, model).
     local rec = redis.call('HMGET', record, 'state', 'day', 'held', 'n', 'f1', 'f2', 'f3', 'f4')
     if not rec[1] then
@@ -154,11 +169,12 @@ elseif op == 'settle' then
         -- the day is past retention. The spend happened, so record it on its
         -- day while that day is still kept, and leave a tombstone so a retry
         -- of this settle does not charge again.
-        if expire_ms <= 0 then return {'GONE', 'expired'} end
-        if state == 'committed' then charge(ARGV, 2, n + 1, amount) end
+        local ttl = expire_ms()
+        if ttl <= 0 then return {'GONE', 'expired'} end
+        if op == 'commit' then charge(ARGV, 2, n + 1, amount, amount_s) end
         redis.call('HSET', record, 'state', state, 'day', day, 'held', '0', 'n', '0',
                    'charged', amount_s)
-        redis.call('PEXPIRE', record, expire_ms)
+        redis.call('PEXPIRE', record, ttl)
         return {'GONE', 'recorded'}
     end
     if rec[1] ~= 'held' then
