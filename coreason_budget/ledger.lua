@@ -29,6 +29,9 @@
 -- Amounts stay below 2^53 (the client bounds them), so Lua's doubles hold them exactly.
 
 local DAY_MS = 86400000
+-- A reservation record's names for the fields it holds in (at most 4: user,
+-- project, global, model), as constants rather than strings built per call.
+local FIELD_NAMES = {'f1', 'f2', 'f3', 'f4'}
 local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
 -- One match for the fixed words; the defaults are split only by the ops that
 -- read them. (Splitting every word costs more than the rest of a check.)
@@ -153,8 +156,8 @@ elseif op == 'reserve' then
     charge(ARGV, 2, n + 1, amount, amount_s)
     local entry = {'state', 'held', 'day', day, 'held', amount_s, 'n', n_s}
     for i = 1, n do
-        entry[#entry + 1] = 'f' .. i
-        entry[#entry + 1] = ARGV[1 + i]
+        entry[7 + 2 * i] = FIELD_NAMES[i]
+        entry[8 + 2 * i] = ARGV[1 + i]
     end
     redis.call('HSET', record, unpack(entry))
     redis.call('PEXPIRE', record, expire_ms())
@@ -162,8 +165,7 @@ elseif op == 'reserve' then
 
 elseif op == 'commit' or op == 'release' then
     local state = op == 'commit' and 'committed' or 'released'
-    -- A reservation holds at most 4 scopes (user, project, global, model).
-    local rec = redis.call('HMGET', record, 'state', 'day', 'held', 'n', 'f1', 'f2', 'f3', 'f4')
+    local rec = redis.call('HMGET', record, 'state', 'day', 'held', 'n', unpack(FIELD_NAMES))
     if not rec[1] then
         -- No record: the store lost it (restart without persistence, flush) or
         -- the day is past retention. The spend happened, so record it on its
