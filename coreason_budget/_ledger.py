@@ -57,13 +57,16 @@ class Scopes:
     fields: tuple[str, ...]
     limits: str  # the script header's tail: "n d1 .. dn"
     wire: tuple[bytes, ...]
+    record: bytes  # as a reservation record keeps them: "n len1 .. lenn\n" + the fields
 
     @classmethod
     def of(cls, pairs: Sequence[tuple[str, int]]) -> Scopes:
         """From (field, default limit in nano-dollars, or UNLIMITED) pairs."""
         fields = tuple(field for field, _ in pairs)
         limits = " ".join([str(len(pairs)), *(str(limit) for _, limit in pairs)])
-        return cls(fields, limits, tuple(f.encode() for f in fields))
+        wire = tuple(f.encode() for f in fields)
+        lengths = " ".join([str(len(wire)), *(str(len(w)) for w in wire)])
+        return cls(fields, limits, wire, lengths.encode() + b"\n" + b"".join(wire))
 
     @classmethod
     def tracked(cls, fields: Sequence[str]) -> Scopes:
@@ -113,6 +116,7 @@ class Ledger:
         self._limits_key = f"{self._tag}:limits"
         # Constant arguments go over the wire as bytes: redis-py sends bytes as they are.
         self._limits_wire = self._limits_key.encode()
+        self._limits_only = (self._limits_wire,)
         self._ttls = f"{retention_seconds * 1000} {idempotency_ttl_seconds * 1000}"
         self._clock = clock
         self._skew_ms = 0
@@ -142,7 +146,8 @@ class Ledger:
 
     def reserve(self, scopes: Scopes, amount: int, reservation_id: str) -> Held:
         """Hold *amount* in every scope, or raise BudgetExceededError having written nothing."""
-        reply = self._call("reserve", amount, scopes, self.reservation_key(reservation_id))
+        keys = (self.reservation_key(reservation_id), self._limits_wire)
+        reply = self._call("reserve", amount, scopes, keys, with_record=True)
         if type(reply) is int:
             return Held(state="held", day=reply, held_nano=amount)
         if reply[0] == "NO":
@@ -165,12 +170,13 @@ class Ledger:
         or ("GONE", "recorded" | "expired") when the store had no such hold.
         """
         op = _SETTLE_OPS[state]
-        reply = self._call(op, actual, scopes, self.reservation_key(reservation_id), day=day)
+        keys = (self.reservation_key(reservation_id),)
+        reply = self._call(op, actual, scopes, keys, day=day, with_record=True)
         return ("OK", state) if type(reply) is int else (reply[0], reply[1])
 
     def spend(self, scopes: Scopes, amount: int, operation_id: str) -> None:
         """Record *amount* in every scope, once per operation id, limits notwithstanding."""
-        self._call("spend", amount, scopes, self.operation_key(operation_id))
+        self._call("spend", amount, scopes, (self.operation_key(operation_id),))
 
     def replay_spend(
         self, scopes: Scopes, amount: int, operation_id: str, day: int
@@ -182,7 +188,7 @@ class Ledger:
         the store (only its reply was lost) is not charged again. Returns
         "recorded", "duplicate", or "expired" (the day is past retention).
         """
-        reply = self._call("replay", amount, scopes, self.operation_key(operation_id), day=day)
+        reply = self._call("replay", amount, scopes, (self.operation_key(operation_id),), day=day)
         return "recorded" if type(reply) is int else "duplicate" if reply[0] == "DUP" else "expired"
 
     def today(self) -> int:
@@ -191,31 +197,37 @@ class Ledger:
 
     def check(self, scopes: Scopes, amount: int) -> None:
         """Raise BudgetExceededError if *amount* does not fit; never writes."""
-        reply = self._call("check", amount, scopes)
+        reply = self._call("check", amount, scopes, self._limits_only)
         if type(reply) is not int:
             self._refuse(reply, scopes, amount)
 
     def usage(self, scopes: Scopes) -> list[tuple[int, int]]:
         """(spent, limit) in nano-dollars per scope, open holds counted as spent."""
-        reply = self._call("usage", 0, scopes)
+        reply = self._call("usage", 0, scopes, self._limits_only)
         values = [int(v) for v in reply[1:]]
         return list(zip(values[::2], values[1::2], strict=True))
 
     def report(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """Today's day number, every counter of the day and every limit override."""
-        _, day, counters, limits = self._call("report", 0, _NO_SCOPES)
+        _, day, counters, limits = self._call("report", 0, _NO_SCOPES, self._limits_only)
         return int(day), _pairs(counters), _pairs(limits)
 
     def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
         """A reservation's state and the counter fields it holds in, or None if unknown."""
         with self._errors:
-            record: dict[str, str] = self._client.hgetall(  # type: ignore[assignment]
+            record: str | None = self._client.get(  # type: ignore[assignment]
                 self.reservation_key(reservation_id)
             )
-        if not record:
+        if record is None:
             return None
-        held = Held(state=record["state"], day=int(record["day"]), held_nano=int(record["held"]))
-        return held, [record[f"f{i}"] for i in range(1, int(record["n"]) + 1)]
+        # "<state> <day> <held> " + Scopes.record: "<n> <byte lengths>\n<fields>".
+        head, _, body = record.partition("\n")
+        state, day, held, _, *lengths = head.split(" ")
+        data, fields, at = body.encode(), [], 0
+        for length in map(int, lengths):
+            fields.append(data[at : at + length].decode())
+            at += length
+        return Held(state=state, day=int(day), held_nano=int(held)), fields
 
     def ping(self) -> None:
         with self._errors:
@@ -240,23 +252,28 @@ class Ledger:
         op: str,
         amount: int,
         scopes: Scopes,
-        record_key: str | None = None,
+        keys_after_day: tuple[str | bytes, ...],
         day: int | None = None,
+        with_record: bool = False,
     ) -> Any:
-        """One script call: its reply, an int (the day booked) or a list."""
-        tail = f"{amount} {self._ttls} {scopes.limits}"
-        reads_limits = op in _READS_LIMITS
+        """
+        One script call: its reply, an int (the day booked) or a list.
+
+        *keys_after_day*: the record (writes), then the limits (ops that read them).
+        *with_record*: send the scopes as a reservation record keeps them too.
+        """
         # Twice is enough: the second attempt uses the day the server named.
         for _ in range(2):
             now = self._now_ms()
-            the_day = day if day is not None else now // DAY_MS
             stamp = "-" if self._clock is None else str(now)
-            keys: list[str | bytes] = [self._day_wire(the_day)]
-            if record_key is not None:
-                keys.append(record_key)
-            if reads_limits:
-                keys.append(self._limits_wire)
-            args: list[str | bytes] = [f"{op} {the_day} {stamp} {tail}", *scopes.wire]
+            the_day = day if day is not None else now // DAY_MS
+            keys = [self._day_wire(the_day), *keys_after_day]
+            args: list[str | bytes] = [
+                f"{op} {the_day} {stamp} {amount} {self._ttls} {scopes.limits}",
+                *scopes.wire,
+            ]
+            if with_record:
+                args.append(scopes.record)
             try:
                 try:
                     reply: Any = self._script(keys=keys, args=args)
@@ -295,8 +312,6 @@ class Ledger:
 _NO_SCOPES = Scopes.of([])
 #: The settled state a reservation ends in -> the script operation that settles it.
 _SETTLE_OPS = {"committed": "commit", "released": "release"}
-#: The script operations that are sent the limits key.
-_READS_LIMITS = frozenset({"reserve", "check", "usage", "report"})
 
 
 class _StoreErrors:

@@ -4,8 +4,8 @@
 --
 -- KEYS: only those the operation touches (each key costs the client time to send)
 --   KEYS[1]     day hash: the day's counters, field per scope ("u:<id>", "p:<id>", "g", "m:<model>")
---   then        for writes, the record: a reservation hash (reserve, commit, release)
---               or an operation-id marker (spend, replay)
+--   then        for writes, the record: a reservation (reserve, commit, release) or an
+--               operation-id marker (spend, replay)
 --   then        for reserve, check, usage and report, the limits hash: per-entity
 --               limit overrides, same field names, no TTL
 --
@@ -21,6 +21,12 @@
 --            n          the number of scopes (at most 4), then n default limits
 --                       (-1: tracked, never limited)
 -- ARGV[2 .. n+1]  the scopes' fields, narrowest first (ids may hold any character)
+-- ARGV[n+2]       for reserve, commit and release: the same scopes as a reservation
+--                 record keeps them, "<n> <len 1> .. <len n>\n" then the fields back
+--                 to back (lengths in bytes)
+--
+-- A reservation is a string, "<state> <day> <held> " then its scopes as ARGV[n+2]
+-- gives them. One SET NX both creates it with its expiry and refuses a second.
 --
 -- Replies: the day the operation was booked on (an integer) when it did what
 -- was asked; otherwise a list whose first word says why (NO, DUP, DONE, GONE,
@@ -29,9 +35,6 @@
 -- Amounts stay below 2^53 (the client bounds them), so Lua's doubles hold them exactly.
 
 local DAY_MS = 86400000
--- A reservation record's names for the fields it holds in (at most 4: user,
--- project, global, model), as constants rather than strings built per call.
-local FIELD_NAMES = {'f1', 'f2', 'f3', 'f4'}
 local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
 -- One match for the fixed words; the defaults are split only by the ops that
 -- read them. (Splitting every word costs more than the rest of a check.)
@@ -137,36 +140,34 @@ elseif op == 'report' then
 
 elseif op == 'spend' or op == 'replay' then
     -- The money is gone: a spend is recorded even past the limit, but only once.
-    if redis.call('EXISTS', record) == 1 then
-        return {'DUP'}
-    end
     -- Only a replay can name a day past retention: its counters are gone, so is the charge.
     if expire_ms() <= 0 then return {'GONE', 'expired'} end
+    if not redis.call('SET', record, '1', 'NX', 'PX', op_ttl) then
+        return {'DUP'}
+    end
     charge(ARGV, 2, n + 1, amount, amount_s)
-    redis.call('SET', record, '1', 'PX', op_ttl)
     return d
 
 elseif op == 'reserve' then
-    local prior = redis.call('HMGET', record, 'state', 'day', 'held')
-    if prior[1] then
-        return {'DUP', prior[1], prior[2], prior[3]}
-    end
+    -- Refused, or already made (a retry whose first reply was lost): the hold
+    -- it took is the answer, even if no second one would fit now.
     local no = refusal()
-    if no then return no end
-    charge(ARGV, 2, n + 1, amount, amount_s)
-    local entry = {'state', 'held', 'day', day, 'held', amount_s, 'n', n_s}
-    for i = 1, n do
-        entry[7 + 2 * i] = FIELD_NAMES[i]
-        entry[8 + 2 * i] = ARGV[1 + i]
+    local prior = no and redis.call('GET', record)
+    if no and not prior then return no end
+    if not prior then
+        local value = 'held ' .. day .. ' ' .. amount_s .. ' ' .. ARGV[n + 2]
+        if redis.call('SET', record, value, 'NX', 'PX', expire_ms()) then
+            charge(ARGV, 2, n + 1, amount, amount_s)
+            return d
+        end
+        prior = redis.call('GET', record)
     end
-    redis.call('HSET', record, unpack(entry))
-    redis.call('PEXPIRE', record, expire_ms())
-    return d
+    return {'DUP', string.match(prior, '^(%a+) (%d+) (%d+)')}
 
 elseif op == 'commit' or op == 'release' then
     local state = op == 'commit' and 'committed' or 'released'
-    local rec = redis.call('HMGET', record, 'state', 'day', 'held', 'n', unpack(FIELD_NAMES))
-    if not rec[1] then
+    local rec = redis.call('GET', record)
+    if not rec then
         -- No record: the store lost it (restart without persistence, flush) or
         -- the day is past retention. The spend happened, so record it on its
         -- day while that day is still kept, and leave a tombstone so a retry
@@ -174,19 +175,32 @@ elseif op == 'commit' or op == 'release' then
         local ttl = expire_ms()
         if ttl <= 0 then return {'GONE', 'expired'} end
         if op == 'commit' then charge(ARGV, 2, n + 1, amount, amount_s) end
-        redis.call('HSET', record, 'state', state, 'day', day, 'held', '0', 'n', '0',
-                   'charged', amount_s)
-        redis.call('PEXPIRE', record, ttl)
+        redis.call('SET', record, state .. ' ' .. day .. ' 0 0\n', 'PX', ttl)
         return {'GONE', 'recorded'}
     end
-    if rec[1] ~= 'held' then
-        return {'DONE', rec[1]}
+    local was, held_day, held, scopes = string.match(rec, '^(%a+) (%d+) (%d+) ()')
+    if was ~= 'held' then
+        return {'DONE', was}
     end
-    if rec[2] ~= day then
-        return redis.error_reply('reservation belongs to day ' .. rec[2] .. ', not ' .. day)
+    if held_day ~= day then
+        return redis.error_reply('reservation belongs to day ' .. held_day .. ', not ' .. day)
     end
-    charge(rec, 5, 4 + tonumber(rec[4]), amount - tonumber(rec[3]))
-    redis.call('HSET', record, 'state', state, 'charged', amount_s)
+    local delta = amount - tonumber(held)
+    if string.sub(rec, scopes) == ARGV[n + 2] then
+        charge(ARGV, 2, n + 1, delta)  -- the usual case, without cutting the record apart
+    else
+        -- Settled naming other scopes than it holds (never by this library's
+        -- client): the record's own fields are the ones to settle.
+        local lengths, at = string.match(rec, '^%d+([ %d]*)\n()', scopes)
+        local fields = {}
+        for length in string.gmatch(lengths, '%d+') do
+            local after = at + tonumber(length)
+            fields[#fields + 1] = string.sub(rec, at, after - 1)
+            at = after
+        end
+        charge(fields, 1, #fields, delta)
+    end
+    redis.call('SET', record, state .. string.sub(rec, #was + 1), 'KEEPTTL')
     return d
 end
 

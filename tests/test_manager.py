@@ -478,6 +478,28 @@ class TestReservationById:
         assert spent(budget, "alice", "alpha") == {"user": NANO, "project": NANO, "global": NANO}
         assert other.reservation(r.id).state == "committed"
 
+    def test_ids_of_any_characters_survive_the_record(
+        self, budget: BudgetManager, make_manager: ManagerFactory
+    ) -> None:
+        """The record keeps its fields by byte length: spaces, newlines, non-ASCII are fine."""
+        user, project, model = "a l\nice", "pröjekt 🚀", "m\n0 1"
+        r = budget.reserve(user, 2.0, project_id=project, model=model)
+        found = make_manager().reservation(r.id)
+        assert (found.user_id, found.project_id, found.model) == (user, project, model)
+        found.commit(1.0)
+        assert spent(budget, user, project) == {"user": NANO, "project": NANO, "global": NANO}
+
+    def test_a_settlement_naming_other_scopes_settles_the_held_ones(
+        self, budget: BudgetManager
+    ) -> None:
+        """The record decides what a settlement touches (a defence: this library never does so)."""
+        from coreason_budget._ledger import Scopes
+
+        r = budget.reserve("alice", 4.0, project_id="alpha")
+        budget._ledger.settle(Scopes.tracked(["u:bob", "g"]), r.id, r.day, NANO, "committed")
+        assert spent(budget, "alice", "alpha") == {"user": NANO, "project": NANO, "global": NANO}
+        assert spent(budget, "bob")["user"] == 0
+
     def test_unknown(self, budget: BudgetManager) -> None:
         from coreason_budget import UnknownReservationError
 
