@@ -33,6 +33,8 @@ class SettlesOnExit:
     would have done: it is logged, never raised over the caller's own exception.
     """
 
+    __slots__ = ()
+
     id: str
     state: str
     on_error: OnError
@@ -66,6 +68,24 @@ class Reservation(SettlesOnExit):
     unknown outcome is safest assumed spent.
     """
 
+    # One per LLM call: slots make it smaller and quicker to build.
+    __slots__ = (
+        "__weakref__",  # the spool refers to a handle whose settlement it keeps
+        "_ledger",
+        "_lock",
+        "_manager",
+        "_scopes",
+        "_spooled",
+        "day",
+        "estimate_nano",
+        "id",
+        "model",
+        "on_error",
+        "project_id",
+        "state",
+        "user_id",
+    )
+
     def __init__(
         self,
         manager: BudgetManager,
@@ -87,7 +107,7 @@ class Reservation(SettlesOnExit):
         self.user_id = user_id
         self.project_id = project_id
         self.model = model
-        self.on_error: OnError = on_error
+        self.on_error = on_error
         self.day = held.day
         self.estimate_nano = held.held_nano
         #: "held", then "committed" or "released".
