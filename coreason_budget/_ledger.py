@@ -23,7 +23,7 @@ from .exceptions import BudgetExceededError, BudgetUnavailableError
 
 DAY_MS = 86_400_000
 UNLIMITED = -1
-#: user, project, global, model: the script reads a reservation's fields in one HMGET.
+#: user, project, global and model; the script's header gives the count as one digit.
 MAX_SCOPES = 4
 _EPOCH = datetime.date(1970, 1, 1).toordinal()
 _LUA = files(__package__).joinpath("ledger.lua").read_text(encoding="utf-8")
@@ -51,7 +51,8 @@ class Scopes:
 
     The manager builds one per (user, project, model) and reuses it, so that
     the hot path only reads what is precomputed here: the fields already
-    encoded for the wire, and the header words that carry the limits.
+    encoded for the wire, the header words that carry the limits, and the
+    scopes as a reservation record keeps them.
     """
 
     fields: tuple[str, ...]
@@ -282,7 +283,6 @@ class Ledger:
                     # (a restart storm, repeated SCRIPT FLUSH): nothing ran, so once more.
                     reply = self._script(keys=keys, args=args)
             except redis.RedisError as e:
-                # Not `with self._errors`: a try costs nothing when nothing fails.
                 raise BudgetUnavailableError(self._errors.message(e)) from e
             if type(reply) is int:
                 return reply
@@ -318,7 +318,8 @@ class _StoreErrors:
     """
     Any failure of the store is BudgetUnavailableError: callers fail closed on it.
 
-    A class rather than a generator-based context manager: it wraps every call.
+    A context manager for the occasional calls; the script call uses its
+    :meth:`message` in a plain ``except``, which costs nothing until it fails.
     One per ledger, to name its pool's bounds when the pool is the problem.
     """
 
