@@ -13,6 +13,7 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -42,8 +43,8 @@ CALLS: dict[str, Callable[[BudgetManager], object]] = {
 @attrs.frozen
 class Ladder:
     op: str
-    us: dict[str, float]  # step -> best-of-rounds wall microseconds per call
-    cpu_us: dict[str, float]  # step -> best-of-rounds client CPU + server CPU per call
+    us: dict[str, float]  # step -> median over rounds of wall microseconds per call
+    cpu_us: dict[str, float]  # step -> median over rounds of client CPU + server CPU per call
     server_us: dict[str, float]  # "ours" / "floor" -> server usec per EVALSHA
 
 
@@ -110,20 +111,25 @@ def ladder(url: str, op: str, n: int = 400, rounds: int = 9) -> Ladder:
             "ours": lambda: call(ours.manager),
             "ours, no I/O": lambda: call(offline.manager),
         }
-        best: dict[str, float] = {}
-        best_cpu: dict[str, float] = {}
+        walls: dict[str, list[float]] = {name: [] for name in steps}
+        cpus: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(rounds):
             for name, fn in steps.items():
                 us, cpu = _per_call(fn, n, admin)
-                best[name] = min(us, best.get(name, us))
-                best_cpu[name] = min(cpu, best_cpu.get(name, cpu))
+                walls[name].append(us)
+                cpus[name].append(cpu)
+        # Medians, not minima: a round that happens to run client and server on one
+        # core is far faster, and a minimum would compare one step's lucky round
+        # with another's ordinary ones.
+        wall_us = {name: statistics.median(v) for name, v in walls.items()}
+        cpu_us = {name: statistics.median(v) for name, v in cpus.items()}
         server = {}
         for name, fn in (("floor", steps["floor"]), ("ours", steps["our script, direct"])):
             admin.config_resetstat()
             for _ in range(500):
                 fn()
             server[name] = float(admin.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
-        return Ladder(op, best, best_cpu, server)
+        return Ladder(op, wall_us, cpu_us, server)
     finally:
         for closing in (ours.close, offline.close, client.close, admin.close):
             closing()

@@ -223,7 +223,7 @@ def pytest_section(data: dict[str, Any], status: int) -> tuple[str, float | None
 def ladder_section(ladders: list[hot_path.Ladder], profile: str) -> str:
     names = list(hot_path.STEPS)
     lines = [
-        "Each step adds one thing to the floor; one thread, best of interleaved rounds, µs per "
+        "Each step adds one thing to the floor; one thread, median of interleaved rounds, µs per "
         "call as *wall / CPU*, where CPU is this process's CPU time plus the server's EVALSHA "
         "time: on a loaded, shared machine CPU time is the steadier measure of cost.",
         "",
@@ -333,7 +333,9 @@ def render(
         "Every subject does the same job over three scopes (user, project, global), against "
         "one real redis-server started by the benchmark, each on its own "
         "`redis.BlockingConnectionPool` built with `coreason_budget._store._pool_kwargs` "
-        "(the manager's own pool settings). Threads share one instance of each subject.",
+        "(the manager's own pool settings), so all use the same reply parser (hiredis, a core "
+        "dependency, when installed: see the machine table). Threads share one instance of "
+        "each subject.",
         "",
         "- **ours**: `BudgetManager` (`check_availability`, `reserve` + `commit`, "
         "`record_spend`, `usage`).",
