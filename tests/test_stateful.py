@@ -432,6 +432,19 @@ class BudgetMachine(RuleBasedStateMachine):
                 assert stored == self.ledger.spent.get(("model", model), 0), model
 
     @invariant()
+    def everything_but_the_limits_expires(self) -> None:
+        """
+        Counters, reservations and operation ids all carry an expiry (the script
+        re-arms the day's only when a charge creates a field); only overrides stay.
+        """
+        if self.manager is None:
+            return
+        with redis.Redis.from_url(self.url, decode_responses=True) as r:
+            for key in r.scan_iter(count=1000):
+                if not key.endswith(":limits"):
+                    assert r.pttl(key) > 0, key
+
+    @invariant()
     def counters_never_go_negative(self) -> None:
         """A refund never exceeds what was charged."""
         if self.model is None:
