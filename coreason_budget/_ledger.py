@@ -66,8 +66,8 @@ class Scopes:
         fields = tuple(field for field, _ in pairs)
         limits = " ".join([str(len(pairs)), *(str(limit) for _, limit in pairs)])
         wire = tuple(f.encode() for f in fields)
-        lengths = " ".join([str(len(wire)), *(str(len(w)) for w in wire)])
-        return cls(fields, limits, wire, lengths.encode() + b"\n" + b"".join(wire))
+        head = " ".join([str(len(wire)), *(str(len(w)) for w in wire)])  # n, byte lengths
+        return cls(fields, limits, wire, head.encode() + b"\n" + b"".join(wire))
 
     @classmethod
     def tracked(cls, fields: Sequence[str]) -> Scopes:

@@ -68,7 +68,7 @@ class Reservation(SettlesOnExit):
     unknown outcome is safest assumed spent.
     """
 
-    # One per LLM call: slots make it smaller and quicker to build.
+    # One per LLM call: slots keep it small.
     __slots__ = (
         "__weakref__",  # the spool refers to a handle whose settlement it keeps
         "_ledger",
