@@ -4,8 +4,9 @@ A small threaded load harness: N threads share one subject, each timing every ca
 pytest-benchmark times one thread; a budget guard lives in a threaded web
 worker, where what matters is throughput and the tail latency once threads
 queue for the GIL, the pool and the server. Runs of the compared subjects are
-interleaved round by round, and the best round of each is kept, so that noise
-from other work on a shared machine hits them alike and ratios stay meaningful.
+interleaved round by round, so that noise from other work on a shared machine
+hits them alike: throughput compares each subject's best round, latency ratios
+the median of the rounds' side-by-side pairs.
 """
 
 from __future__ import annotations
@@ -85,17 +86,30 @@ def percentile(ordered: list[int], q: float) -> float:
     return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
 
 
+@attrs.frozen
+class Rounds:
+    """Every run of each subject, in round order: run i of each was taken side by side."""
+
+    runs: dict[str, list[Run]]
+
+    def best(self) -> dict[str, Run]:
+        """The best (highest ops/s) run of each subject."""
+        return {name: max(runs, key=lambda r: r.ops_per_s) for name, runs in self.runs.items()}
+
+    def paired(self, a: str, b: str) -> list[float]:
+        """a's median latency over b's, round by round: each pair ran back to back."""
+        return [x.p50_us / y.p50_us for x, y in zip(self.runs[a], self.runs[b], strict=True)]
+
+
 def interleaved(
     makers: dict[str, Callable[[int], Callable[[], object]]],
     threads: int,
     seconds: float,
     rounds: int,
-) -> dict[str, Run]:
-    """Each subject once per round, rounds interleaved; the best (highest ops/s) run of each."""
-    best: dict[str, Run] = {}
+) -> Rounds:
+    """Each subject once per round, rounds interleaved."""
+    runs: dict[str, list[Run]] = {name: [] for name in makers}
     for _ in range(rounds):
         for name, make_op in makers.items():
-            result = run(make_op, threads, seconds)
-            if name not in best or result.ops_per_s > best[name].ops_per_s:
-                best[name] = result
-    return best
+            runs[name].append(run(make_op, threads, seconds))
+    return Rounds(runs)
