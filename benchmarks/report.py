@@ -295,6 +295,11 @@ def render(
                 f"{OP_TITLES[op]} {r:.2f} (rounds {min(paired[op]):.2f}-{max(paired[op]):.2f})"
                 for op, r in ratios.items()
             )
+            + "".join(
+                f"; {OP_TITLES[op]}: {above} of {len(paired[op])} rounds above the target"
+                for op in ratios
+                if (above := sum(r > MAX_FLOOR_RATIO for r in paired[op]))
+            )
             + "; by CPU per call (see Where the time goes): "
             + ", ".join(
                 f"{OP_TITLES[ld.op]} {ld.cpu_us['ours'] / ld.cpu_us['floor']:.2f}" for ld in ladders
