@@ -109,6 +109,8 @@ class Ledger:
         prefix: str,
         retention_seconds: int,
         idempotency_ttl_seconds: int,
+        pool_size: int,
+        pool_timeout: float,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._client = client
@@ -122,7 +124,7 @@ class Ledger:
         self._clock = clock
         self._skew_ms = 0
         self._day_key = (-1, b"")
-        self._errors = _StoreErrors(client)
+        self._errors = _StoreErrors(pool_size, pool_timeout)
 
     # -- key names -----------------------------------------------------------
 
@@ -320,11 +322,13 @@ class _StoreErrors:
 
     A context manager for the occasional calls; the script call uses its
     :meth:`message` in a plain ``except``, which costs nothing until it fails.
-    One per ledger, to name its pool's bounds when the pool is the problem.
+    One per ledger, to name the pool's bounds when the pool is the problem
+    (those of each node's pool, for a cluster).
     """
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._pool = getattr(client, "connection_pool", None)  # a cluster client has one per node
+    def __init__(self, pool_size: int, pool_timeout: float) -> None:
+        self._pool_size = pool_size
+        self._pool_timeout = pool_timeout
 
     def __enter__(self) -> None:
         return None
@@ -337,12 +341,10 @@ class _StoreErrors:
         # redis-py's own words, "No connection available.", read like a dead store;
         # a saturated pool calls for a different fix (pool_size, fewer threads).
         if isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available.":
-            size = getattr(self._pool, "max_connections", "?")
-            wait = getattr(self._pool, "timeout", "?")
             return (
-                f"budget store unavailable: connection pool exhausted (all {size} connections "
-                f"busy for {wait}s); raise pool_size or pool_timeout, or make fewer concurrent "
-                "calls"
+                f"budget store unavailable: connection pool exhausted (all {self._pool_size} "
+                f"connections busy for {self._pool_timeout}s); raise pool_size or pool_timeout, "
+                "or make fewer concurrent calls"
             )
         return f"budget store unavailable: {exc}"
 

@@ -53,6 +53,8 @@ class BudgetManager:
             prefix=config.key_prefix,
             retention_seconds=config.retention_seconds,
             idempotency_ttl_seconds=config.idempotency_ttl_seconds,
+            pool_size=config.pool_size,
+            pool_timeout=config.pool_timeout,
             clock=clock,
         )
         self._limits = {
