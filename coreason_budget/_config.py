@@ -142,7 +142,8 @@ class BudgetConfig:
     pool_timeout: float = attrs.field(default=0.5, validator=_positive_seconds)
     #: How long a day's counters and reservations are kept after the day ends.
     retention_seconds: int = attrs.field(default=7 * 86400, validator=_count(0, 366 * 86400))
-    #: How long an operation id is remembered, so its retry is not charged twice.
+    #: How long an operation id is remembered at least, so its retry is not charged
+    #: twice. It is remembered as long as the day it charged is kept, too.
     idempotency_ttl_seconds: int = attrs.field(default=2 * 86400, validator=_count(1, 366 * 86400))
     #: Where the server and CLI log; importing the library never writes there.
     log_path: str = attrs.field(default="logs/app.log", validator=_text)

@@ -17,7 +17,8 @@
 --                       one clock all workers share)
 --            amount     nano-dollars: the estimate, the spend or the actual cost
 --            retention  ms counters and reservations live after their day ends
---            op_ttl     ms an operation-id marker lives
+--            op_ttl     ms an operation-id marker lives at least (it also lives as
+--                       long as the day it charged)
 --            n          the number of scopes (at most 4), then n default limits
 --                       (-1: tracked, never limited)
 -- ARGV[2 .. n+1]  the scopes' fields, narrowest first (ids may hold any character)
@@ -141,8 +142,11 @@ elseif op == 'report' then
 elseif op == 'spend' or op == 'replay' then
     -- The money is gone: a spend is recorded even past the limit, but only once.
     -- Only a replay can name a day past retention: its counters are gone, so is the charge.
-    if expire_ms() <= 0 then return {'GONE', 'expired'} end
-    if not redis.call('SET', record, '1', 'NX', 'PX', op_ttl) then
+    local ttl = expire_ms()
+    if ttl <= 0 then return {'GONE', 'expired'} end
+    -- The marker outlives the charge it guards: a spool replayed days later
+    -- (a crashed job's, picked up on its next run) must still find it.
+    if not redis.call('SET', record, '1', 'NX', 'PX', math.max(ttl, tonumber(op_ttl))) then
         return {'DUP'}
     end
     charge(ARGV, 2, n + 1, amount, amount_s)

@@ -444,6 +444,33 @@ class TestDays:
         assert day_counters(redis_client, self.DAY) == {"u:alice": NANO, "g": NANO}
 
 
+class TestLateReplay:
+    """A spool replayed long after the outage still charges each spend once."""
+
+    def test_a_spend_that_landed_is_not_charged_again_after_the_id_ttl(
+        self,
+        proxy: TcpProxy,
+        managers: Callable[..., BudgetManager],
+        redis_client: redis.Redis,
+    ) -> None:
+        """
+        The spend reached the store but every reply was lost, so it was spooled
+        too. Replayed after its operation id's TTL (a crashed job's spool, picked
+        up days later), the id is still known: it lives as long as the day it charged.
+        """
+        manager = managers(proxy.url, idempotency_ttl_seconds=1, **FAST)
+        manager.usage("warm-up")
+        proxy.drop_replies(100)
+        with pytest.raises(BudgetUnavailableError):
+            manager.record_spend("alice", 1.0)
+        assert proxy.dropped >= 1
+        proxy.pass_through()
+        time.sleep(1.5)  # the idempotency TTL is over
+        summary = manager.replay_spool()
+        assert (summary.duplicates, summary.recorded, summary.remaining) == (1, 0, 0)
+        assert day_counters(redis_client) == {"u:alice": NANO, "g": NANO}
+
+
 class TestHandles:
     """A spooled settlement of a handle its holder still has waits for them to retry."""
 
