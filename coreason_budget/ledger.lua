@@ -35,67 +35,34 @@
 --
 -- Amounts stay below 2^53 (the client bounds them), so Lua's doubles hold them exactly.
 
-local DAY_MS = 86400000
-local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
--- One match for the fixed words; the defaults are split only by the ops that
--- read them. (Splitting every word costs more than the rest of a check.)
-local op, day, stamp, amount_s, retention, op_ttl, n_s, defaults_s = string.match(
-    ARGV[1], '^(%a+) (%d+) (%S+) (%d+) (%d+) (%d+) (%d) ?(.*)$')
-if not op then
-    return redis.error_reply('malformed ledger header')
-end
-local amount, n = tonumber(amount_s), tonumber(n_s)
-local counters, record, limits = KEYS[1], KEYS[2], KEYS[3]
-if op == 'check' or op == 'usage' or op == 'report' then
-    record, limits = nil, KEYS[2]
-end
+-- The helpers take everything they use as arguments: a function that captures
+-- the script's locals allocates them as upvalues on every call, which cost more
+-- than all of a reserve's checks together.
 
 -- The time in ms: the injected stamp, or the server's clock (the one clock all
--- workers share), asked at most once, and only by the ops that need it.
-local now_ms
-local function now()
-    if not now_ms then
-        if stamp ~= '-' then
-            now_ms = tonumber(stamp)
-        else
-            local t = redis.call('TIME')
-            now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-        end
-    end
-    return now_ms
+-- workers share).
+local function clock(stamp)
+    if stamp ~= '-' then return tonumber(stamp) end
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Keys were named by the client for the day it believed it was; if the shared
--- clock disagrees (drift near midnight), write nothing and tell it which day it is.
--- A commit or release names its reservation's day. A replayed spend names the day it was
--- made, which an outage may have pushed into the past (it must land there, not
--- today), but never a day that has not begun: the client then retries on today.
-local d = tonumber(day)
-if op ~= 'commit' and op ~= 'release' then
-    local today = math.floor(now() / DAY_MS)
-    if (op == 'replay' and d > today) or (op ~= 'replay' and d ~= today) then
-        return {'DAY', string.format('%d', today), string.format('%d', now())}
-    end
+-- ms until day d's counters and reservations expire: negative once it is past
+-- retention. (A day is 86400000 ms, here and below.)
+local function expiry(d, retention, now)
+    return (d + 1) * 86400000 + tonumber(retention) - now
 end
 
--- ms until the day's counters and reservations expire: negative once the day
--- is past retention.
-local function expire_ms()
-    return (d + 1) * DAY_MS + tonumber(retention) - now()
-end
-
-local function default_limits()  -- n <= 4
+local function default_limits(defaults_s)  -- n <= 4
     return {string.match(defaults_s, '^(%S+) ?(%S*) ?(%S*) ?(%S*)$')}
 end
 
--- The first (narrowest) scope the amount does not fit, or nil.
+-- The first (narrowest) scope the amount does not fit, as the refusal, or nil.
 -- Fits when spent + amount <= limit and spent < limit: an exhausted scope
 -- refuses even a zero estimate.
-local function refusal()
+local function refusal(n, amount, spent, overrides, defaults_s)
     if n == 0 then return nil end
-    local overrides = redis.call('HMGET', limits, unpack(ARGV, 2, n + 1))
-    local spent = redis.call('HMGET', counters, unpack(ARGV, 2, n + 1))
-    local defaults = default_limits()
+    local defaults = default_limits(defaults_s)
     for i = 1, n do
         local limit = overrides[i] or defaults[i]
         local l = tonumber(limit)
@@ -109,26 +76,61 @@ local function refusal()
     return nil
 end
 
--- Add delta to each field. The day's hash is only ever created here, with all
--- the fields of its first charge, so when none of the fields was new the hash
--- existed and already has its expiry: only a new field (re)arms it.
-local function charge(fields, first, last, delta, ds)
-    if delta == 0 then return end
+-- Add delta to fields[first .. last]; true when that created a field. The day's
+-- hash is only ever created here, with all the fields of its first charge, so
+-- when none was new the hash existed and already has its expiry: only a new
+-- field needs the caller to (re)arm it.
+local function charge(counters, fields, first, last, delta, ds)
+    if delta == 0 then return false end
     ds = ds or string.format('%d', delta)
     local fresh = false
     for i = first, last do
         if redis.call('HINCRBY', counters, fields[i], ds) == delta then fresh = true end
     end
-    if fresh then redis.call('PEXPIRE', counters, expire_ms()) end
+    return fresh
+end
+
+local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
+-- One match for the fixed words; the defaults are split only by the ops that
+-- read them. (Splitting every word costs more than the rest of a check.)
+local op, day, stamp, amount_s, retention, op_ttl, n_s, defaults_s = string.match(
+    ARGV[1], '^(%a+) (%d+) (%S+) (%d+) (%d+) (%d+) (%d) ?(.*)$')
+if not op then
+    return redis.error_reply('malformed ledger header')
+end
+local amount, n, d = tonumber(amount_s), tonumber(n_s), tonumber(day)
+local counters, record, limits = KEYS[1], KEYS[2], KEYS[3]
+if op == 'check' or op == 'usage' or op == 'report' then
+    record, limits = nil, KEYS[2]
+end
+
+-- Keys were named by the client for the day it believed it was; if the shared
+-- clock disagrees (drift near midnight), write nothing and tell it which day it is.
+-- A commit or release names its reservation's day (and rarely needs the time).
+-- A replayed spend names the day it was made, which an outage may have pushed
+-- into the past (it must land there, not today), but never a day that has not
+-- begun: the client then retries on today.
+local now
+if op ~= 'commit' and op ~= 'release' then
+    now = clock(stamp)
+    local today = math.floor(now / 86400000)
+    if (op == 'replay' and d > today) or (op ~= 'replay' and d ~= today) then
+        return {'DAY', string.format('%d', today), string.format('%d', now)}
+    end
+end
+
+-- Today's spent and limit overrides of each scope, for the ops that read them.
+local spent, overrides
+if n > 0 and (op == 'check' or op == 'reserve' or op == 'usage') then
+    overrides = redis.call('HMGET', limits, unpack(ARGV, 2, n + 1))
+    spent = redis.call('HMGET', counters, unpack(ARGV, 2, n + 1))
 end
 
 if op == 'check' then
-    return refusal() or d
+    return refusal(n, amount, spent, overrides, defaults_s) or d
 
 elseif op == 'usage' then
-    local spent = redis.call('HMGET', counters, unpack(ARGV, 2, n + 1))
-    local overrides = redis.call('HMGET', limits, unpack(ARGV, 2, n + 1))
-    local defaults = default_limits()
+    local defaults = default_limits(defaults_s)
     local reply = {'OK'}
     for i = 1, n do
         reply[#reply + 1] = spent[i] or '0'
@@ -142,26 +144,31 @@ elseif op == 'report' then
 elseif op == 'spend' or op == 'replay' then
     -- The money is gone: a spend is recorded even past the limit, but only once.
     -- Only a replay can name a day past retention: its counters are gone, so is the charge.
-    local ttl = expire_ms()
+    local ttl = expiry(d, retention, now)
     if ttl <= 0 then return {'GONE', 'expired'} end
     -- The marker outlives the charge it guards: a spool replayed days later
     -- (a crashed job's, picked up on its next run) must still find it.
     if not redis.call('SET', record, '1', 'NX', 'PX', math.max(ttl, tonumber(op_ttl))) then
         return {'DUP'}
     end
-    charge(ARGV, 2, n + 1, amount, amount_s)
+    if charge(counters, ARGV, 2, n + 1, amount, amount_s) then
+        redis.call('PEXPIRE', counters, ttl)
+    end
     return d
 
 elseif op == 'reserve' then
     -- Refused, or already made (a retry whose first reply was lost): the hold
     -- it took is the answer, even if no second one would fit now.
-    local no = refusal()
+    local no = refusal(n, amount, spent, overrides, defaults_s)
     local prior = no and redis.call('GET', record)
     if no and not prior then return no end
     if not prior then
+        local ttl = expiry(d, retention, now)
         local value = 'held ' .. day .. ' ' .. amount_s .. ' ' .. ARGV[n + 2]
-        if redis.call('SET', record, value, 'NX', 'PX', expire_ms()) then
-            charge(ARGV, 2, n + 1, amount, amount_s)
+        if redis.call('SET', record, value, 'NX', 'PX', ttl) then
+            if charge(counters, ARGV, 2, n + 1, amount, amount_s) then
+                redis.call('PEXPIRE', counters, ttl)
+            end
             return d
         end
         prior = redis.call('GET', record)
@@ -176,9 +183,11 @@ elseif op == 'commit' or op == 'release' then
         -- the day is past retention. The spend happened, so record it on its
         -- day while that day is still kept, and leave a tombstone so a retry
         -- of this settle does not charge again.
-        local ttl = expire_ms()
+        local ttl = expiry(d, retention, clock(stamp))
         if ttl <= 0 then return {'GONE', 'expired'} end
-        if op == 'commit' then charge(ARGV, 2, n + 1, amount, amount_s) end
+        if op == 'commit' and charge(counters, ARGV, 2, n + 1, amount, amount_s) then
+            redis.call('PEXPIRE', counters, ttl)
+        end
         redis.call('SET', record, state .. ' ' .. day .. ' 0 0\n', 'PX', ttl)
         return {'GONE', 'recorded'}
     end
@@ -190,8 +199,9 @@ elseif op == 'commit' or op == 'release' then
         return redis.error_reply('reservation belongs to day ' .. held_day .. ', not ' .. day)
     end
     local delta = amount - tonumber(held)
+    local fresh
     if string.sub(rec, scopes) == ARGV[n + 2] then
-        charge(ARGV, 2, n + 1, delta)  -- the usual case, without cutting the record apart
+        fresh = charge(counters, ARGV, 2, n + 1, delta)  -- the usual case: no cutting up
     else
         -- Settled naming other scopes than it holds (never by this library's
         -- client): the record's own fields are the ones to settle.
@@ -202,7 +212,10 @@ elseif op == 'commit' or op == 'release' then
             fields[#fields + 1] = string.sub(rec, at, after - 1)
             at = after
         end
-        charge(fields, 1, #fields, delta)
+        fresh = charge(counters, fields, 1, #fields, delta)
+    end
+    if fresh then  -- a refund never creates a field; a charge above the hold may
+        redis.call('PEXPIRE', counters, expiry(d, retention, clock(stamp)))
     end
     redis.call('SET', record, state .. string.sub(rec, #was + 1), 'KEEPTTL')
     return d
