@@ -42,6 +42,15 @@ OPERATIONS: dict[str, Operation] = {
     "remove_limit": lambda m: m.set_limit("project", "p", None),
 }
 
+#: The operations that run the ledger script.
+SCRIPTED: dict[str, Operation] = {
+    "check_availability": OPERATIONS["check_availability"],
+    "reserve": OPERATIONS["reserve"],
+    "record_spend": OPERATIONS["record_spend"],
+    "usage": OPERATIONS["usage"],
+    "report": lambda m: m.report(),
+}
+
 # Short timeouts keep the stalled-store tests fast; the bound scales with them.
 FAST = {"connect_timeout": 0.1, "socket_timeout": 0.1, "retries": 1}
 
@@ -281,6 +290,28 @@ class TestStoreDiesAndComesBack:
         # 1 spent + 1 spent (record_spend in OPERATIONS) + 1 held by "reserve" + 0.5 committed
         assert usage.spent_usd == 3.5
         assert usage.limit_usd == 5.0
+
+
+class TestMalformedReply:
+    """A reply the ledger script never sends is an unavailable store, never a success."""
+
+    @pytest.mark.parametrize("reply", ["OK", [], ["WHAT"], ["DONE", "held"]])
+    @pytest.mark.parametrize("name", SCRIPTED)
+    def test_operation(
+        self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, name: str, reply: object
+    ) -> None:
+        monkeypatch.setattr(budget._ledger, "_script", lambda keys, args: reply)
+        with pytest.raises(BudgetUnavailableError, match="malformed reply"):
+            SCRIPTED[name](budget)
+
+    @pytest.mark.parametrize("reply", ["OK", [], ["WHAT"], ["NO", "1", "0", "5"]])
+    def test_settle(
+        self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, reply: object
+    ) -> None:
+        held = budget.reserve("alice", 1.0)
+        monkeypatch.setattr(budget._ledger, "_script", lambda keys, args: reply)
+        with pytest.raises(BudgetUnavailableError, match="malformed reply"):
+            held.commit(0.5)
 
 
 class TestRetrySafety:
