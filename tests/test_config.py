@@ -508,7 +508,7 @@ class TestDefaultStore:
             finally:
                 first.close()
                 if pid is not None:
-                    # Closing may leave the server running (see test_embedded.py).
+                    # Should closing fail, the server must not outlive the test.
                     with contextlib.suppress(psutil.NoSuchProcess):
                         psutil.Process(pid).kill()
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

