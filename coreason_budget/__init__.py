@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._config import BudgetConfig
 from ._manager import BudgetManager
 from ._pricing import PricingEngine
+from ._receipt import Receipt
 from ._reservation import Reservation
 from ._spool import ReplaySummary
 from ._usage import ModelSpend, Report, ScopeUsage
@@ -19,6 +20,7 @@ from .exceptions import (
     BudgetExceededError,
     BudgetUnavailableError,
     ConfigError,
+    IdempotencyConflictError,
     InvalidInputError,
     UnknownModelError,
     UnknownReservationError,
@@ -31,9 +33,11 @@ __all__ = [
     "BudgetManager",
     "BudgetUnavailableError",
     "ConfigError",
+    "IdempotencyConflictError",
     "InvalidInputError",
     "ModelSpend",
     "PricingEngine",
+    "Receipt",
     "ReplaySummary",
     "Report",
     "Reservation",

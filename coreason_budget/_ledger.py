@@ -10,16 +10,23 @@ collide with another kind of key, whatever characters it holds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.resources import files
 from typing import Any, Literal, NoReturn
 
 import attrs
 import redis
 
-from .exceptions import BudgetExceededError, BudgetUnavailableError
+from .exceptions import (
+    BudgetError,
+    BudgetExceededError,
+    BudgetUnavailableError,
+    IdempotencyConflictError,
+    InvalidInputError,
+)
 
 DAY_MS = 86_400_000
 UNLIMITED = -1
@@ -148,15 +155,24 @@ class Ledger:
     # -- operations ----------------------------------------------------------
 
     def reserve(self, scopes: Scopes, amount: int, reservation_id: str) -> Held:
-        """Hold *amount* in every scope, or raise BudgetExceededError having written nothing."""
+        """
+        Hold *amount* in every scope, or raise BudgetExceededError having written nothing.
+
+        A retry with the same id returns the hold the first call took; the same
+        id with other scopes or another amount raises IdempotencyConflictError.
+        """
         keys = (self.reservation_key(reservation_id), self._limits_wire)
         reply = self._call("reserve", amount, scopes, keys, with_record=True)
         if type(reply) is int:
             return Held(state="held", day=reply, held_nano=amount)
-        if reply[0] == "NO":
-            self._refuse(reply, scopes, amount)
-        _, state, held_day, held = reply  # DUP: the hold this id already took
-        return Held(state=state, day=int(held_day), held_nano=int(held))
+        with _decoding(reply):
+            if reply[0] == "NO":
+                self._refuse(reply, scopes, amount)
+            _refuse_write(reply, scopes, f"reservation_id {reservation_id!r}")
+            _, state, held_day, held = reply  # DUP: the hold this id already took
+            if state not in _STATES:
+                raise ValueError(state)
+            return Held(state=state, day=int(held_day), held_nano=_held(held))
 
     def settle(
         self,
@@ -175,11 +191,29 @@ class Ledger:
         op = _SETTLE_OPS[state]
         keys = (self.reservation_key(reservation_id),)
         reply = self._call(op, actual, scopes, keys, day=day, with_record=True)
-        return ("OK", state) if type(reply) is int else (reply[0], reply[1])
+        if type(reply) is int:
+            return ("OK", state)
+        with _decoding(reply):
+            _refuse_write(reply, scopes, f"reservation {reservation_id!r}")
+            return (str(reply[0]), str(reply[1]))
 
-    def spend(self, scopes: Scopes, amount: int, operation_id: str) -> None:
-        """Record *amount* in every scope, once per operation id, limits notwithstanding."""
-        self._call("spend", amount, scopes, (self.operation_key(operation_id),))
+    def spend(
+        self, scopes: Scopes, amount: int, operation_id: str
+    ) -> Literal["recorded", "duplicate"]:
+        """
+        Record *amount* in every scope, once per operation id, limits notwithstanding.
+
+        "duplicate": this id already paid for exactly this; the same id for
+        another payment raises IdempotencyConflictError, writing nothing.
+        """
+        reply = self._call(
+            "spend", amount, scopes, (self.operation_key(operation_id),), with_record=True
+        )
+        if type(reply) is int:
+            return "recorded"
+        with _decoding(reply):
+            _refuse_write(reply, scopes, f"idempotency_key {operation_id!r}")
+        return "duplicate"
 
     def replay_spend(
         self, scopes: Scopes, amount: int, operation_id: str, day: int
@@ -191,8 +225,13 @@ class Ledger:
         the store (only its reply was lost) is not charged again. Returns
         "recorded", "duplicate", or "expired" (the day is past retention).
         """
-        reply = self._call("replay", amount, scopes, (self.operation_key(operation_id),), day=day)
-        return "recorded" if type(reply) is int else "duplicate" if reply[0] == "DUP" else "expired"
+        key = (self.operation_key(operation_id),)
+        reply = self._call("replay", amount, scopes, key, day=day, with_record=True)
+        if type(reply) is int:
+            return "recorded"
+        with _decoding(reply):
+            _refuse_write(reply, scopes, f"idempotency_key {operation_id!r}")
+        return "duplicate" if reply[0] == "DUP" else "expired"
 
     def today(self) -> int:
         """The day a call made now would name (the client's guess; the script has the last word)."""
@@ -202,18 +241,24 @@ class Ledger:
         """Raise BudgetExceededError if *amount* does not fit; never writes."""
         reply = self._call("check", amount, scopes, self._limits_only)
         if type(reply) is not int:
-            self._refuse(reply, scopes, amount)
+            with _decoding(reply):
+                self._refuse(reply, scopes, amount)
 
     def usage(self, scopes: Scopes) -> list[tuple[int, int]]:
         """(spent, limit) in nano-dollars per scope, open holds counted as spent."""
         reply = self._call("usage", 0, scopes, self._limits_only)
-        values = [int(v) for v in reply[1:]]
-        return list(zip(values[::2], values[1::2], strict=True))
+        with _decoding(reply):
+            values = [int(v) for v in reply[1:]]
+            if len(values) != 2 * len(scopes.fields):
+                raise ValueError("not one (spent, limit) pair per scope")
+            return list(zip(values[::2], values[1::2], strict=True))
 
     def report(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """Today's day number, every counter of the day and every limit override."""
-        _, day, counters, limits = self._call("report", 0, _NO_SCOPES, self._limits_only)
-        return int(day), _pairs(counters), _pairs(limits)
+        reply = self._call("report", 0, _NO_SCOPES, self._limits_only)
+        with _decoding(reply):
+            _, day, counters, limits = reply
+            return int(day), _pairs(counters), _pairs(limits)
 
     def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
         """A reservation's state and the counter fields it holds in, or None if unknown."""
@@ -223,14 +268,17 @@ class Ledger:
             )
         if record is None:
             return None
-        # "<state> <day> <held> " + Scopes.record: "<n> <byte lengths>\n<fields>".
-        head, _, body = record.partition("\n")
-        state, day, held, _, *lengths = head.split(" ")
-        data, fields, at = body.encode(), [], 0
-        for length in map(int, lengths):
-            fields.append(data[at : at + length].decode())
-            at += length
-        return Held(state=state, day=int(day), held_nano=int(held)), fields
+        with _decoding(record):
+            # "<state> <day> <held> " + Scopes.record: "<n> <byte lengths>\n<fields>".
+            head, _, body = record.partition("\n")
+            state, day, held, _, *lengths = head.split(" ")
+            data, fields, at = body.encode(), [], 0
+            for length in map(int, lengths):
+                fields.append(data[at : at + length].decode())
+                at += length
+            if state not in _STATES:
+                raise ValueError(state)
+            return Held(state=state, day=int(day), held_nano=_held(held)), fields
 
     def ping(self) -> None:
         with self._errors:
@@ -284,19 +332,27 @@ class Ledger:
                     # redis-py reloads the script once; flushed again before its retry
                     # (a restart storm, repeated SCRIPT FLUSH): nothing ran, so once more.
                     reply = self._script(keys=keys, args=args)
-            except redis.RedisError as e:
+            except Exception as e:
+                # Whatever the client library raises (redis-py's errors, and its
+                # own bugs on a peer's garbage): the store could not answer.
                 raise BudgetUnavailableError(self._errors.message(e)) from e
-            if type(reply) is int:
+            # Success is the day the call named, nothing else: any other integer
+            # (a proxy's or an impostor's ":0") is no "yes".
+            if type(reply) is int and reply == the_day:
                 return reply
-            if not isinstance(reply, list) or not reply or reply[0] not in _ANSWERS[op]:
+            if not isinstance(reply, list) or not reply or not _ANSWERS[op](reply):
                 # Not our script's (a bug, or something between us and Redis): never
                 # taken for a success, which for a spend would be a charge lost.
-                raise BudgetUnavailableError(f"budget store sent a malformed reply: {reply!r}")
+                raise BudgetUnavailableError(
+                    f"budget store sent a malformed reply: {str(reply)[:200]}"
+                )
             if reply[0] != "DAY":
                 return reply
-            self._skew_ms = int(reply[2]) - int(time.time() * 1000)
+            with _decoding(reply):
+                self._skew_ms = int(reply[2]) - int(time.time() * 1000)
+                server_day = int(reply[1])
             if day is not None:  # a replay dated in the future by a fast clock: today then
-                day = min(day, int(reply[1]))
+                day = min(day, server_day)
         raise BudgetUnavailableError("could not agree with the budget store on today's date")
 
     @staticmethod
@@ -314,17 +370,35 @@ class Ledger:
 _NO_SCOPES = Scopes.of([])
 #: The settled state a reservation ends in -> the script operation that settles it.
 _SETTLE_OPS = {"committed": "commit", "released": "release"}
-#: The first words each operation's list replies may start with (DAY: any op but a settle's).
-_ANSWERS = {
-    "reserve": {"NO", "DUP", "DAY"},
-    "commit": {"DONE", "GONE"},
-    "release": {"DONE", "GONE"},
-    "spend": {"DUP", "GONE", "DAY"},
-    "replay": {"DUP", "GONE", "DAY"},
-    "check": {"NO", "DAY"},
-    "usage": {"OK", "DAY"},
-    "report": {"OK", "DAY"},
+def _shapes(*shapes: tuple[str, int]) -> Callable[[list[Any]], bool]:
+    """A test that a list reply is one the script sends: its first word, its length."""
+    lengths = dict(shapes)
+    return lambda reply: lengths.get(reply[0]) == len(reply)
+
+
+_DAY = ("DAY", 3)
+_STATES = {"held", "committed", "released"}
+#: The list replies each operation may get (DAY: any op but a settle's); the
+#: values in them are checked where they are read.
+_ANSWERS: dict[str, Callable[[list[Any]], bool]] = {
+    "reserve": _shapes(("NO", 4), ("DUP", 4), _DAY, ("CONFLICT", 1), ("BIG", 2)),
+    "commit": lambda r: _settled(r) or (r[0] == "BIG" and len(r) == 2),
+    "release": lambda r: _settled(r),
+    "spend": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
+    "replay": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
+    "check": _shapes(("NO", 4), _DAY),
+    "usage": lambda r: r[0] == "OK" or (r[0] == "DAY" and len(r) == 3),
+    "report": _shapes(("OK", 4), _DAY),
 }
+
+
+def _settled(reply: list[Any]) -> bool:
+    """DONE with the state an earlier settlement left, or GONE (recorded, expired)."""
+    if len(reply) != 2:
+        return False
+    if reply[0] == "DONE":
+        return reply[1] in ("committed", "released")
+    return reply[0] == "GONE" and reply[1] in ("recorded", "expired")
 
 
 class _StoreErrors:
@@ -345,10 +419,10 @@ class _StoreErrors:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
-        if isinstance(exc, redis.RedisError):
+        if isinstance(exc, Exception) and not isinstance(exc, BudgetError):
             raise BudgetUnavailableError(self.message(exc)) from exc
 
-    def message(self, exc: redis.RedisError) -> str:
+    def message(self, exc: Exception) -> str:
         # redis-py's own words, "No connection available.", read like a dead store;
         # a saturated pool calls for a different fix (pool_size, fewer threads).
         if isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available.":
@@ -357,8 +431,44 @@ class _StoreErrors:
                 f"connections busy for {self._pool_timeout}s); raise pool_size or pool_timeout, "
                 "or make fewer concurrent calls"
             )
-        return f"budget store unavailable: {exc}"
+        if isinstance(exc, redis.RedisError):
+            return f"budget store unavailable: {exc}"
+        return f"budget store unavailable: its client failed ({type(exc).__name__}: {exc})"
 
 
 def _pairs(flat: list[str]) -> dict[str, int]:
     return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _held(text: str) -> int:
+    """A record's held amount; "-" marks a tombstone, which holds nothing."""
+    return 0 if text == "-" else int(text)
+
+
+def _refuse_write(reply: list[Any], scopes: Scopes, what: str) -> None:
+    """Raise for a write the script refused before writing anything (CONFLICT, BIG)."""
+    if reply[0] == "CONFLICT":
+        raise IdempotencyConflictError(
+            f"{what} was already used for a different charge (another user, scopes or "
+            "amount); nothing was written. Use a new id for a new charge."
+        )
+    if reply[0] == "BIG":
+        name, entity = describe(scopes.fields[int(reply[1]) - 1])
+        who = name if entity is None else f"{name} {entity}"
+        raise InvalidInputError(
+            f"the {who} counter would pass the largest amount the store can count today "
+            "(about $9.2 billion); nothing was written"
+        )
+
+
+@contextlib.contextmanager
+def _decoding(reply: object) -> Iterator[None]:
+    """A reply of the right first word but the wrong shape is not our script's: fail closed."""
+    try:
+        yield
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        if isinstance(e, BudgetError):  # InvalidInputError is a ValueError too
+            raise
+        raise BudgetUnavailableError(
+            f"budget store sent a malformed reply: {str(reply)[:200]}"
+        ) from e

@@ -12,14 +12,16 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from ._config import BudgetConfig
-from ._ledger import UNLIMITED, Ledger, Scopes, describe
+from ._ledger import UNLIMITED, Held, Ledger, Scopes, describe
 from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
+from ._receipt import Receipt, Status
 from ._replay import SpoolKeeper
 from ._reservation import OnError, Reservation
 from ._spool import ReplaySummary
 from ._store import open_store
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
+    BudgetError,
     BudgetUnavailableError,
     InvalidInputError,
     UnknownReservationError,
@@ -112,28 +114,34 @@ class BudgetManager:
         project_id: str | None = None,
         model: str | None = None,
         idempotency_key: str | None = None,
-    ) -> None:
+    ) -> Receipt:
         """
         Record money already spent, in every scope, even past a limit.
 
-        Repeating a call with the same *idempotency_key* records it once; without
-        one, a key is generated for this call so the store client's own retries
-        cannot double-charge.
+        Repeating a call with the same *idempotency_key* records it once
+        (status "duplicate"); the same key for a different user, scopes or
+        amount raises IdempotencyConflictError. Without a key, one is generated
+        for this call (the receipt names it) so that retries cannot double-charge.
 
-        If the store cannot be reached this raises BudgetUnavailableError, having
-        first saved the spend to the local spool (``spool_dir``), from which it is
-        recorded once the store is back, on the day it was made. So retry only
-        with the same *idempotency_key* (the exception's note names the generated one).
+        If the store cannot be reached, the spend is saved to the local spool
+        (``spool_dir``) and the receipt says "spooled": it is recorded exactly
+        once when the store is back, on the day it was made. Without a spool this
+        raises BudgetUnavailableError naming the key: the spend may or may not
+        have reached the store, and only a retry with that key is safe.
         """
         amount = to_nano(cost, "cost")
         scopes = self._scopes(user_id, project_id, model)
         op = new_id() if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
         day = self._ledger.today()  # the day this spend is made on, should it be spooled
+        status: Status
         try:
-            self._ledger.spend(scopes, amount, op)
+            status = self._ledger.spend(scopes, amount, op)
         except BudgetUnavailableError as e:
+            e.idempotency_key = op
             self._keeper.keep(e, "spend", op, day, scopes, amount)
+            return Receipt("spooled", "spend", op, amount)
         self._keeper.replay_if_due()
+        return Receipt(status, "spend", op, 0 if status == "duplicate" else amount)
 
     def reserve(
         self,
@@ -157,7 +165,12 @@ class BudgetManager:
         amount = to_nano(estimate, "estimate")
         scopes = self._scopes(user_id, project_id, model)
         rid = new_id() if reservation_id is None else check_id(reservation_id, "reservation_id")
-        held = self._ledger.reserve(scopes, amount, rid)
+        day = self._ledger.today()
+        try:
+            held = self._ledger.reserve(scopes, amount, rid)
+        except BudgetUnavailableError as e:
+            self._undo_reserve(e, scopes, rid, day)
+            raise
         self._keeper.replay_if_due()
         return Reservation(
             self,
@@ -169,6 +182,33 @@ class BudgetManager:
             project_id=project_id,
             model=model,
             on_error=on_error,
+        )
+
+    def _undo_reserve(
+        self, error: BudgetUnavailableError, scopes: Scopes, rid: str, day: int
+    ) -> None:
+        """
+        A reserve that failed may still have taken its hold (only the reply was
+        lost); nobody would ever settle it. Release it by id: through the spool
+        (the store just failed us; the release lands with the next call that
+        reaches it), else directly, once. A release that finds no hold leaves a
+        tombstone, so a reserve of this id arriving late takes nothing either.
+        """
+        error.reservation_id = rid
+        try:
+            try:
+                self._keeper.keep(error, "settle", rid, day, scopes, 0, "released")
+            except BudgetUnavailableError:  # no spool: the store, once more
+                self._ledger.settle(scopes, rid, day, 0, "released")
+        except BudgetError as e:
+            error.add_note(
+                f"If the store took reservation {rid!r} before failing, it stays held until "
+                f"its day ends: release it with reservation({rid!r}).release() ({e})."
+            )
+            return
+        error.add_note(
+            f"Reservation {rid!r} is being released in case the store took it before failing; "
+            "reserving again needs a new reservation_id."
         )
 
     # -- reporting and administration -------------------------------------------
@@ -218,30 +258,59 @@ class BudgetManager:
             models=tuple(models[:top]),
         )
 
-    def reservation(self, reservation_id: str) -> Reservation:
+    def reservation(
+        self,
+        reservation_id: str,
+        *,
+        user_id: str | None = None,
+        project_id: str | None = None,
+        model: str | None = None,
+        date: datetime.date | None = None,
+    ) -> Reservation:
         """
         The handle of an existing reservation, by id, from any process.
 
         For settling a hold in another worker than the one that took it (an
         HTTP service behind a load balancer). Raises UnknownReservationError
         when the store has no such reservation (never made, or expired).
+
+        With *user_id* and *date* (and the *project_id* and *model* it was
+        made with), a reservation whose record the store lost (restarted
+        without persistence) still gets a handle: committing it records the
+        cost once on that day, as the handle that took it would. So does one
+        the store cannot be asked about now, so that its settlement can be
+        spooled. (The store settles a reservation in the scopes its record
+        names, whatever the handle says.)
         """
         rid = check_id(reservation_id, "reservation_id")
-        found = self._ledger.lookup(rid)
+        try:
+            found = self._ledger.lookup(rid)
+        except BudgetUnavailableError:
+            if user_id is None or date is None:
+                raise
+            found = None
         if found is None:
-            raise UnknownReservationError(f"no reservation {rid!r} (never made, or expired)")
-        held, fields = found
-        ids = {f.partition(":")[0]: f.partition(":")[2] for f in fields}
-        scopes = self._scopes(ids["u"], ids.get("p"), ids.get("m"))
+            if user_id is None or date is None:
+                raise UnknownReservationError(f"no reservation {rid!r} (never made, or expired)")
+            if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
+                raise InvalidInputError(f"date must be a datetime.date, got {date!r}")
+            day = (date - datetime.date(1970, 1, 1)).days
+            held = Held(state="held", day=day, held_nano=0)
+        else:
+            held, fields = found
+            ids = {f.partition(":")[0]: f.partition(":")[2] for f in fields}
+            if "u" not in ids:
+                raise UnknownReservationError(f"reservation {rid!r} names no user (not ours?)")
+            user_id, project_id, model = ids["u"], ids.get("p"), ids.get("m")
         return Reservation(
             self,
             self._ledger,
-            scopes,
+            self._scopes(user_id, project_id, model),
             rid,
             held,
-            user_id=ids["u"],
-            project_id=ids.get("p"),
-            model=ids.get("m"),
+            user_id=user_id,
+            project_id=project_id,
+            model=model,
             on_error="charge",
         )
 

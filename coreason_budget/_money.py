@@ -9,9 +9,11 @@ through their shortest decimal form (``repr``), never accumulated.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from decimal import Decimal
 from fractions import Fraction
+from typing import Any
 
 from .exceptions import InvalidInputError
 
@@ -45,9 +47,16 @@ def to_nano(amount: object, what: str = "cost", maximum: int = MAX_AMOUNT_NANO) 
         if nano / 1e9 == amount and nano <= maximum:
             return nano
     if isinstance(amount, bool) or not isinstance(amount, int | float | Decimal):
+        if isinstance(amount, numbers.Integral) and not isinstance(amount, bool):
+            return to_nano(_exactly(int, amount, what), what, maximum)  # numpy.int64, say
         raise InvalidInputError(
             f"{what} must be a number of USD (int, float or Decimal), got {type(amount).__name__}"
         )
+    if type(amount) not in (int, float, Decimal):
+        # A subclass (numpy.float64, an IntEnum) may override repr, arithmetic or
+        # comparisons; its plain value is what it means.
+        base = float if isinstance(amount, float) else int if isinstance(amount, int) else Decimal
+        return to_nano(_exactly(base, amount, what), what, maximum)
     finite = (
         math.isfinite(amount)
         if isinstance(amount, float)
@@ -70,6 +79,14 @@ def to_nano(amount: object, what: str = "cost", maximum: int = MAX_AMOUNT_NANO) 
             f"{what} of {amount!r} USD is above the maximum of {format_usd(maximum)}"
         )
     return nano
+
+
+def _exactly(base: type[Any], amount: object, what: str) -> Any:
+    """*amount* as a plain int, float or Decimal; anything that fails is bad input."""
+    try:
+        return base(amount)
+    except Exception as e:
+        raise InvalidInputError(f"{what} of {type(amount).__name__} is not a number: {e}") from e
 
 
 def _plain_float_nano(amount: float) -> int | None:

@@ -16,11 +16,24 @@ Semantics (the places the spec is silent):
   ``litellm.cost_per_token(prompt_tokens=..., cache_read_input_tokens=...)``
   computes it: ``cached_input_tokens`` are billed at the cache-read price and
   the remaining ``input_tokens - cached_input_tokens`` at the input price. So
-  ``cached_input_tokens > input_tokens`` is an error. (Anthropic reports
-  ``input_tokens`` *without* cache reads: add them before calling.)
-* **A model without a cache-read price** bills cached tokens at its input
-  price, which is what the provider does and what litellm does (Fireworks
-  aside, below). Likewise an override without ``cached_input_per_mtok``.
+  ``cached_input_tokens > input_tokens`` is an error.
+* **Cache writes are part of ``input_tokens`` too**: ``cache_creation_input_tokens``
+  (Anthropic's prompt-caching writes, and the OpenAI-compatible
+  ``prompt_tokens_details.cache_creation_tokens``) are billed at the cache-write
+  price (``cache_creation_input_token_cost``) and only the remaining
+  ``input_tokens - cached_input_tokens - cache_creation_input_tokens`` at the
+  input price, exactly as ``litellm.cost_per_token(prompt_tokens=...,
+  cache_read_input_tokens=..., cache_creation_input_tokens=...)`` prices a
+  table model; a sum above ``input_tokens`` is an error. Anthropic's ``usage``
+  reports ``input_tokens`` *without* cache reads and writes (litellm's
+  ``prompt_tokens`` adds them back): pass ``input_tokens + cache_read_input_tokens
+  + cache_creation_input_tokens``. Writes are priced at the default (5-minute)
+  cache-write rate; a 1-hour write (``..._above_1hr``, 2x input at Anthropic) is
+  not told apart by a token count and is under-charged by that difference.
+* **A model without a cache-read or cache-write price** bills those tokens at
+  its input price, which is what litellm does (Fireworks cache reads aside,
+  below). Likewise an override without ``cached_input_per_mtok`` or
+  ``cache_creation_input_per_mtok``.
 * **Long-context prices**: when ``input_tokens`` exceeds a threshold in the
   table (``input_cost_per_token_above_200k_tokens`` and friends, or Dashscope's
   ``tiered_pricing`` ranges) the whole request is billed at that tier's rates,
@@ -32,7 +45,7 @@ Semantics (the places the spec is silent):
 * **Fireworks** entries without a cache-read price bill cache reads at the
   share of the input price litellm's code applies (0.5), to agree with it.
 * **Not modelled**, because they are not a function of token counts: priority /
-  flex / batch service tiers, regional uplifts, cache *writes*, audio / image /
+  flex / batch service tiers, regional uplifts, audio / image /
   reasoning-token breakdowns, per-second and per-character prices, and time of
   day: DeepSeek's off-peak discount is ignored, so those models are charged the
   standard (higher) rate, which over- rather than under-charges a budget.
@@ -109,7 +122,9 @@ _THRESHOLD_KEY_PREFIXES = tuple(
 _NON_STANDARD_SUFFIXES = ("_auto", "_flex", "_balanced", "_priority", "_fast", "_batches")
 _THRESHOLD = re.compile(r"(\d+)(k?)")
 _DATE_SUFFIX = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|[-@]\d{8})$")
-_OVERRIDE_FIELDS = frozenset({"input_per_mtok", "output_per_mtok", "cached_input_per_mtok"})
+_OVERRIDE_FIELDS = frozenset(
+    {"input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "cache_creation_input_per_mtok"}
+)
 _MAX_CACHED_NAMES = 100_000
 #: Characters per token assumed when a prompt cannot be tokenized; low on purpose.
 _FALLBACK_CHARS_PER_TOKEN = 3
@@ -122,6 +137,15 @@ class _Rates:
     input: int
     output: int
     cached: int
+    #: Cache writes (``cache_creation_input_token_cost``).
+    creation: int
+
+
+#: An override: input, output, cache-read and cache-write prices in USD per million tokens;
+#: ``None`` for a cache price means the input price.
+_Override = tuple[Decimal, Decimal, Decimal | None, Decimal | None]
+#: A prepared tier: ``(threshold, input, output, cache read, cache write)`` in USD per token.
+_Tier = tuple[int, Decimal, Decimal, Decimal, Decimal]
 
 
 @attrs.frozen
@@ -142,7 +166,7 @@ class _State:
     """Overrides plus the name -> price cache built from them; replaced whole, never mutated
     except for cache fills, so a reader never mixes two generations of overrides."""
 
-    overrides: Mapping[str, tuple[Decimal, Decimal, Decimal | None]]
+    overrides: Mapping[str, _Override]
     cache: dict[str, _Price] = attrs.field(factory=dict)
 
 
@@ -152,12 +176,19 @@ class PricingEngine:
 
     ``overrides_file`` (JSON or TOML, chosen by extension) maps model names to
     ``input_per_mtok``, ``output_per_mtok`` and optionally
-    ``cached_input_per_mtok``, in USD per million tokens::
+    ``cached_input_per_mtok`` (cache reads) and ``cache_creation_input_per_mtok``
+    (cache writes), in USD per million tokens::
 
         ["openai/gpt-4o"]
         input_per_mtok = 2.5
         output_per_mtok = 10
         cached_input_per_mtok = 1.25
+
+        ["anthropic/claude-sonnet-4-5"]
+        input_per_mtok = 3
+        output_per_mtok = 15
+        cached_input_per_mtok = 0.3
+        cache_creation_input_per_mtok = 3.75
 
         [llama3-local]            # free: costs exactly $0
         input_per_mtok = 0
@@ -176,27 +207,48 @@ class PricingEngine:
         self._table: _Table | None = None
 
     def calculate(
-        self, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
     ) -> Decimal:
         """The cost in USD, exact, rounded up to the nano-dollar (``Decimal('0.004750000')``)."""
-        nano = self.calculate_nano(model, input_tokens, output_tokens, cached_input_tokens)
+        nano = self.calculate_nano(
+            model, input_tokens, output_tokens, cached_input_tokens, cache_creation_input_tokens
+        )
         return Decimal(nano).scaleb(-_NANO_EXP)
 
     def calculate_nano(
-        self, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
     ) -> int:
-        """The cost in nano-dollars (1e-9 USD), rounded up; ``cached_input_tokens`` are part of
-        ``input_tokens``."""
+        """
+        The cost in nano-dollars (1e-9 USD), rounded up.
+
+        ``cached_input_tokens`` (cache reads) and ``cache_creation_input_tokens``
+        (cache writes) are part of ``input_tokens``, as in litellm's ``prompt_tokens``.
+        """
         # type() is, not isinstance: the common case must stay cheap, and bool is an int.
         if not (
             type(input_tokens) is int
             and type(output_tokens) is int
             and type(cached_input_tokens) is int
-            and 0 <= cached_input_tokens <= input_tokens
+            and type(cache_creation_input_tokens) is int
+            and cached_input_tokens >= 0
+            and cache_creation_input_tokens >= 0
+            and cached_input_tokens + cache_creation_input_tokens <= input_tokens
             and output_tokens >= 0
         ):
-            input_tokens, output_tokens, cached_input_tokens = _check_tokens(
-                input_tokens, output_tokens, cached_input_tokens
+            input_tokens, output_tokens, cached_input_tokens, cache_creation_input_tokens = (
+                _check_tokens(
+                    input_tokens, output_tokens, cached_input_tokens, cache_creation_input_tokens
+                )
             )
         price = self._price(model)
         rates = price.base
@@ -205,8 +257,9 @@ class PricingEngine:
                 break
             rates = tier
         total = (
-            (input_tokens - cached_input_tokens) * rates.input
+            (input_tokens - cached_input_tokens - cache_creation_input_tokens) * rates.input
             + cached_input_tokens * rates.cached
+            + cache_creation_input_tokens * rates.creation
             + output_tokens * rates.output
         )
         return -(-total // price.divisor)
@@ -247,20 +300,26 @@ class PricingEngine:
         input_per_mtok: float | Decimal,
         output_per_mtok: float | Decimal,
         cached_input_per_mtok: float | Decimal | None = None,
+        cache_creation_input_per_mtok: float | Decimal | None = None,
     ) -> None:
         """
         Price ``model`` at these USD-per-million-token rates, ahead of litellm's table.
 
-        ``cached_input_per_mtok=None`` bills cache reads at the input price.
+        ``cached_input_per_mtok=None`` bills cache reads, and
+        ``cache_creation_input_per_mtok=None`` cache writes, at the input price
+        (as litellm does for a model without those prices).
         Thread-safe; takes effect for every later call.
         """
         check_id(model, "model")
-        entry = (
+
+        def optional(value: float | Decimal | None, what: str) -> Decimal | None:
+            return None if value is None else _price_decimal(value, what, InvalidInputError)
+
+        entry: _Override = (
             _price_decimal(input_per_mtok, "input_per_mtok", InvalidInputError),
             _price_decimal(output_per_mtok, "output_per_mtok", InvalidInputError),
-            None
-            if cached_input_per_mtok is None
-            else _price_decimal(cached_input_per_mtok, "cached_input_per_mtok", InvalidInputError),
+            optional(cached_input_per_mtok, "cached_input_per_mtok"),
+            optional(cache_creation_input_per_mtok, "cache_creation_input_per_mtok"),
         )
         with self._lock:
             # A fresh cache too: any name may now resolve to this override.
@@ -283,9 +342,7 @@ class PricingEngine:
             state.cache[model] = price
         return price
 
-    def _resolve(
-        self, model: str, overrides: Mapping[str, tuple[Decimal, Decimal, Decimal | None]]
-    ) -> _Price:
+    def _resolve(self, model: str, overrides: Mapping[str, _Override]) -> _Price:
         table: _Table | None = None
         for names in _candidate_names(model):
             for name in names:
@@ -424,22 +481,34 @@ def _table_price(entry: Mapping[str, Any], cache_ratios: Mapping[str, Decimal]) 
     ratio = cache_ratios.get(str(entry.get("litellm_provider")))
     if base_cached is None and raw_in is not None and ratio is not None:
         base_cached = raw_in * ratio
-    base = (base_in, base_out, base_cached if base_cached is not None else base_in)
+    # Cache writes: no provider-specific default, an absent price is the input price.
+    base_creation = _table_rate(entry.get("cache_creation_input_token_cost"))
+    base = (
+        base_in,
+        base_out,
+        base_cached if base_cached is not None else base_in,
+        base_creation if base_creation is not None else base_in,
+    )
     if tiers is None:
-        tiers = _threshold_tiers(entry, base_in, base_out, base_cached)
+        tiers = _threshold_tiers(entry, base_in, base_out, base_cached, base_creation)
     return _make_price(base, tiers, _max_output(entry))
 
 
 def _threshold_tiers(
-    entry: Mapping[str, Any], base_in: Decimal, base_out: Decimal, base_cached: Decimal | None
-) -> list[tuple[int, Decimal, Decimal, Decimal]]:
+    entry: Mapping[str, Any],
+    base_in: Decimal,
+    base_out: Decimal,
+    base_cached: Decimal | None,
+    base_creation: Decimal | None,
+) -> list[_Tier]:
     """
     Long-context prices (``input_cost_per_token_above_200k_tokens`` and the like).
 
     As in litellm, every ``<rate>_above_<N>_tokens`` key with a value declares a
     threshold, the highest one crossed wins, and a rate it does not list keeps
-    the value from the tier below (a cache-read rate absent everywhere is the
-    tier's input rate). Service-tier and batch variants are not thresholds here.
+    the value from the tier below (a cache-read or cache-write rate absent
+    everywhere is the tier's input rate). Service-tier and batch variants are
+    not thresholds here.
     """
     thresholds: set[int] = set()
     for key, value in entry.items():
@@ -453,8 +522,8 @@ def _threshold_tiers(
             if m:
                 thresholds.add(int(m[1]) * (1000 if m[2] else 1))
     inclusive = entry.get("litellm_provider") in _INCLUSIVE_THRESHOLD_PROVIDERS
-    tiers = []
-    tier_in, tier_out, tier_cached = base_in, base_out, base_cached
+    tiers: list[_Tier] = []
+    tier_in, tier_out, tier_cached, tier_creation = base_in, base_out, base_cached, base_creation
     for threshold in sorted(thresholds):
         suffix = f"_above_{threshold // 1000}k_tokens" if threshold % 1000 == 0 else None
         keys = [f"_above_{threshold}_tokens", *([suffix] if suffix else [])]
@@ -469,6 +538,7 @@ def _threshold_tiers(
         tier_in = rate("input_cost_per_token", tier_in) or Decimal(0)
         tier_out = rate("output_cost_per_token", tier_out) or Decimal(0)
         tier_cached = rate("cache_read_input_token_cost", tier_cached)
+        tier_creation = rate("cache_creation_input_token_cost", tier_creation)
         tiers.append(
             (
                 # An integer count reaches N exactly when it is above N - 1.
@@ -476,14 +546,13 @@ def _threshold_tiers(
                 tier_in,
                 tier_out,
                 tier_cached if tier_cached is not None else tier_in,
+                tier_creation if tier_creation is not None else tier_in,
             )
         )
     return tiers
 
 
-def _ranged_tiers(
-    entry: Mapping[str, Any], base_out: Decimal
-) -> list[tuple[int, Decimal, Decimal, Decimal]] | None:
+def _ranged_tiers(entry: Mapping[str, Any], base_out: Decimal) -> list[_Tier] | None:
     """
     Dashscope-style ``tiered_pricing``: ``[{"range": [lo, hi], "input_cost_per_token": ...}]``.
 
@@ -510,7 +579,7 @@ def _ranged_tiers(
         return None
     if any(_table_rate(t.get("input_cost_per_token")) is None for _, _, t in ranged):
         return None
-    tiers: list[tuple[int, Decimal, Decimal, Decimal]] = []
+    tiers: list[_Tier] = []
     for low, _, tier in ranged:
         tier_in = _rate_or(tier["input_cost_per_token"], Decimal(0))
         tiers.append(
@@ -521,6 +590,7 @@ def _ranged_tiers(
                 tier_in,
                 _rate_or(tier.get("output_cost_per_token"), base_out),
                 _rate_or(tier.get("cache_read_input_token_cost"), tier_in),
+                _rate_or(tier.get("cache_creation_input_token_cost"), tier_in),
             )
         )
     return tiers
@@ -530,18 +600,22 @@ def _override_price(
     input_per_mtok: Decimal,
     output_per_mtok: Decimal,
     cached_per_mtok: Decimal | None,
+    creation_per_mtok: Decimal | None,
 ) -> _Price:
     base = (
         input_per_mtok.scaleb(-_PER_MTOK_EXP),
         output_per_mtok.scaleb(-_PER_MTOK_EXP),
         (cached_per_mtok if cached_per_mtok is not None else input_per_mtok).scaleb(-_PER_MTOK_EXP),
+        (creation_per_mtok if creation_per_mtok is not None else input_per_mtok).scaleb(
+            -_PER_MTOK_EXP
+        ),
     )
     return _make_price(base, [], None, overridden=True)
 
 
 def _make_price(
-    base: tuple[Decimal, Decimal, Decimal],
-    tiers: Sequence[tuple[int, Decimal, Decimal, Decimal]],
+    base: tuple[Decimal, Decimal, Decimal, Decimal],
+    tiers: Sequence[_Tier],
     max_output_tokens: int | None,
     *,
     overridden: bool = False,
@@ -550,8 +624,10 @@ def _make_price(
     rates = [*base, *(r for t in tiers for r in t[1:])]
     exp = max([_NANO_EXP, *(_decimal_places(r) for r in rates)])
 
-    def ints(i: Decimal, o: Decimal, c: Decimal) -> _Rates:
-        return _Rates(int(i.scaleb(exp)), int(o.scaleb(exp)), int(c.scaleb(exp)))
+    def ints(i: Decimal, o: Decimal, c: Decimal, w: Decimal) -> _Rates:
+        return _Rates(
+            int(i.scaleb(exp)), int(o.scaleb(exp)), int(c.scaleb(exp)), int(w.scaleb(exp))
+        )
 
     return _Price(
         base=ints(*base),
@@ -621,9 +697,7 @@ def _candidate_names(model: str) -> list[list[str]]:
 # -- overrides file -------------------------------------------------------------------------------
 
 
-def _load_overrides_file(
-    path: str | os.PathLike[str],
-) -> dict[str, tuple[Decimal, Decimal, Decimal | None]]:
+def _load_overrides_file(path: str | os.PathLike[str]) -> dict[str, _Override]:
     """Read and validate an overrides file; every problem is a ConfigError naming file and entry."""
     try:
         file = Path(path)
@@ -655,7 +729,7 @@ def _load_overrides_file(
             f"pricing overrides file {str(file)!r} must map model names to prices, "
             f"got a {type(parsed).__name__}"
         )
-    overrides: dict[str, tuple[Decimal, Decimal, Decimal | None]] = {}
+    overrides: dict[str, _Override] = {}
     for model, spec in parsed.items():
         where = f"pricing overrides file {str(file)!r}, entry {model!r}"
         try:
@@ -687,6 +761,9 @@ def _load_overrides_file(
             price("input_per_mtok"),
             price("output_per_mtok"),
             price("cached_input_per_mtok") if "cached_input_per_mtok" in spec else None,
+            price("cache_creation_input_per_mtok")
+            if "cache_creation_input_per_mtok" in spec
+            else None,
         )
     return overrides
 
@@ -727,18 +804,28 @@ def _check_count(value: object, what: str) -> int:
 
 
 def _check_tokens(
-    input_tokens: object, output_tokens: object, cached_input_tokens: object
-) -> tuple[int, int, int]:
+    input_tokens: object,
+    output_tokens: object,
+    cached_input_tokens: object,
+    cache_creation_input_tokens: object = 0,
+) -> tuple[int, int, int, int]:
     """The slow path of calculate's checks: say exactly what is wrong (or accept int subclasses)."""
     inp = _check_count(input_tokens, "input_tokens")
     out = _check_count(output_tokens, "output_tokens")
     cached = _check_count(cached_input_tokens, "cached_input_tokens")
+    creation = _check_count(cache_creation_input_tokens, "cache_creation_input_tokens")
     if cached > inp:
         raise InvalidInputError(
             f"cached_input_tokens ({cached}) cannot exceed input_tokens ({inp}): "
             "cached tokens are counted within input_tokens"
         )
-    return inp, out, cached
+    if cached + creation > inp:
+        raise InvalidInputError(
+            f"cached_input_tokens + cache_creation_input_tokens ({cached} + {creation}) cannot "
+            f"exceed input_tokens ({inp}): cache reads and writes are counted within "
+            "input_tokens (Anthropic reports input_tokens without them: add them)"
+        )
+    return inp, out, cached, creation
 
 
 # -- litellm --------------------------------------------------------------------------------------

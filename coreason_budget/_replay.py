@@ -2,16 +2,18 @@
 The manager's side of the spool: keep what the store could not take, replay it when it answers.
 
 The spool file format and its locking live in :mod:`._spool`; this module
-decides *when* a charge is kept (a write that failed closed) and *when* it is
-replayed (in the background after a call that reached the store, or on demand),
-and replays each entry through the same idempotent ledger operation it missed.
+decides *when* a charge is kept (a write the store could not take: the caller
+then answers "spooled") and *when* it is replayed (in the background after a
+call that reached the store, or on demand), and replays each entry through the
+same idempotent ledger operation it missed. A charge that could not be kept
+(spooling off, or the spool cannot be written) is not kept anywhere: the
+caller raises BudgetUnavailableError, and nothing is charged later.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, NoReturn
 
 import redis
 
@@ -20,14 +22,15 @@ from ._ledger import Ledger, Scopes
 from ._spool import (
     Entry,
     Kind,
-    Outcome,
+    Rejected,
+    Replayed,
     ReplaySummary,
     Spool,
     spool_directory,
     spool_for,
     store_identity,
 )
-from .exceptions import BudgetUnavailableError, ConfigError
+from .exceptions import BudgetError, BudgetUnavailableError, ConfigError
 
 log = logging.getLogger("coreason_budget")
 
@@ -51,21 +54,24 @@ class SpoolKeeper:
         scopes: Scopes,
         amount: int,
         state: str | None = None,
-        owner: object = None,
-    ) -> NoReturn:
+    ) -> None:
         """
-        Keep a charge the store could not take, then re-raise *error*: the caller
-        still fails closed, but the money is not forgotten.
+        Keep a charge the store could not take; returns once it is on disk.
+
+        Then it will be recorded exactly once (replays are idempotent), and the
+        caller answers "spooled". Raises *error* when it could not be kept
+        (spooling off, or the spool cannot be written): the caller's answer is
+        then "unavailable", and the error names the id that makes a retry safe.
         """
         spool = self.spool
         if spool is None:
             raise error
         try:
-            spool.append(kind, op, day, scopes.fields, amount, state, owner)
+            spool.append(kind, op, day, scopes.fields, amount, state)
         except OSError as e:
             log.error(
-                "Could not write the spool in %s (%s): %s %s of %d nano-USD is kept in memory "
-                "only, and lost if this process ends before the store is back",
+                "Could not write the spool in %s (%s): %s %s of %d nano-USD is not kept, and "
+                "will not be recorded unless the caller retries it",
                 spool.directory,
                 e,
                 kind,
@@ -74,20 +80,6 @@ class SpoolKeeper:
             )
             error.add_note(f"could not write it to the local spool: {e}")
             raise error from error.__cause__
-        note = (
-            f"The {kind} was saved to the local spool in {spool.directory} and will be "
-            "recorded once the store is reachable"
-        )
-        if kind == "spend":
-            # The one retry that is not safe any more: a new key is a new spend.
-            note += f"; a retry records it again unless it passes idempotency_key={op!r}"
-        error.add_note(note + ".")
-        raise error from error.__cause__
-
-    def confirm_settled(self, reservation_id: str) -> None:
-        """A held handle's retry got through: what the spool holds for it is moot."""
-        if self.spool is not None:
-            self.spool.confirm_settled(reservation_id)
 
     def replay_if_due(self) -> None:
         """After a call that reached the store: start replaying the spool if it holds anything."""
@@ -110,7 +102,7 @@ class SpoolKeeper:
                 if spool_directory(self._config) is None
                 else "no spool: a memory:// store lives only as long as its manager"
             )
-        return self._replay(spool, defer_live_handles=False)
+        return self._replay(spool)
 
     def close(self) -> None:
         """Stop replaying; charges still spooled stay on disk for the next manager or the CLI."""
@@ -125,38 +117,47 @@ class SpoolKeeper:
         """In its own thread, so that a caller never waits for someone else's backlog."""
         summary = None
         try:
-            summary = self._replay(spool, defer_live_handles=True)
-            if summary.replayed:
+            summary = self._replay(spool)
+            if summary.replayed or summary.quarantined:
                 log.info(
-                    "Replayed %d spooled charge(s) (%d already recorded, %d expired); %d remain",
+                    "Replayed %d spooled charge(s) (%d already recorded, %d expired); %d remain; "
+                    "%d quarantined%s",
                     summary.replayed,
                     summary.duplicates,
                     summary.expired,
                     summary.remaining,
+                    summary.quarantined,
+                    f" in {', '.join(summary.quarantine_files)}"
+                    if summary.quarantine_files
+                    else "",
                 )
         except Exception:
             log.exception("Replaying the spool failed; it is kept and retried")
         finally:
             spool.end_replay(again=summary is None or summary.error is not None)
 
-    def _replay(self, spool: Spool, *, defer_live_handles: bool) -> ReplaySummary:
-        defer = _unsettled if defer_live_handles else None
-        summary = spool.replay(self._apply, defer)
+    def _replay(self, spool: Spool) -> ReplaySummary:
+        summary = spool.replay(self._apply)
         if summary.error is None:
             summary.merge(spool.replay_others(self._apply))
         return summary
 
-    def _apply(self, entry: Entry) -> Outcome:
-        """Re-run one spooled charge through its idempotent ledger operation."""
+    def _apply(self, entry: Entry) -> Replayed:
+        """
+        Re-run one spooled charge through its idempotent ledger operation.
+
+        Raises BudgetUnavailableError when the store is away (the replay stops,
+        the rest stays spooled), Rejected when it refuses this very entry, as it
+        would every time (the entry is quarantined, the replay goes on).
+        """
         if self._closed:
             raise BudgetUnavailableError("budget manager closed")
         try:
             scopes = Scopes.tracked(entry.fields)
         except ValueError as e:
-            log.error("Dropping a spooled %s that names no counter (%s): %r", entry.kind, e, entry)
-            return "rejected"
+            raise Rejected(f"names no counter: {e}") from e
         try:
-            outcome: Outcome
+            outcome: Replayed
             if entry.kind == "spend":
                 outcome = self._ledger.replay_spend(scopes, entry.amount, entry.op, entry.day)
             else:
@@ -171,12 +172,18 @@ class SpoolKeeper:
                     else "recorded"
                 )
         except BudgetUnavailableError as e:
-            cause = e.__cause__
-            if isinstance(cause, redis.ResponseError) and "belongs to day" in str(cause):
-                # The id names another day's reservation: never replayable. Logged in full.
-                log.error("Dropping a spooled settlement the store refuses (%s): %r", cause, entry)
-                return "rejected"
-            raise
+            reason = _refusal(e)
+            if reason is None:
+                raise
+            raise Rejected(reason) from e
+        except BudgetError as e:
+            # Not the store being away: it refuses this entry (an idempotency key
+            # used for another charge, a counter it cannot add to), and always will.
+            raise Rejected(f"{type(e).__name__}: {e}") from e
+        except (ValueError, OverflowError) as e:
+            # The entry cannot even be sent (the spool checks every value first, so
+            # this would be a gap in those checks): it would fail the same way each time.
+            raise Rejected(f"cannot be sent to the store: {type(e).__name__}: {e}") from e
         if outcome == "expired":
             log.warning(
                 "Spooled %s %s of day %d replayed after its day's ledger expired; not recorded",
@@ -185,6 +192,30 @@ class SpoolKeeper:
                 entry.day,
             )
         return outcome
+
+
+#: Words of a store error that refuses one entry, and would refuse it every time. Any
+#: other error stops the replay instead (the rest stays spooled): a store that refuses
+#: every call (read-only, out of memory, loading, no script support, no permission)
+#: must not have the whole spool quarantined.
+_REFUSALS = (
+    "belongs to day",  # the script: a settlement naming another day's reservation
+    "WRONGTYPE",  # a key of this entry holds something else
+    "is not an integer",  # a counter of this entry holds something else
+    "would overflow",  # a counter of this entry cannot take the amount
+)
+
+
+def _refusal(error: BudgetUnavailableError) -> str | None:
+    """Why the store refuses this very entry for good; None if it is unavailable."""
+    cause = error.__cause__
+    if isinstance(cause, redis.DataError):
+        return f"the store's client cannot send it: {cause}"
+    # Subclasses (NoScript, ReadOnly, OutOfMemory, BusyLoading, cluster errors...)
+    # are the store's state, not the entry's.
+    if type(cause) is redis.ResponseError and any(w in str(cause) for w in _REFUSALS):
+        return f"refused by the store: {cause}"
+    return None
 
 
 def _open_spool(config: BudgetConfig) -> Spool | None:
@@ -198,8 +229,3 @@ def _open_spool(config: BudgetConfig) -> Spool | None:
     if spool.has_other_files():
         spool.due = True
     return spool
-
-
-def _unsettled(owner: Any) -> bool:
-    """A live reservation handle still unsettled: its holder may yet retry the commit."""
-    return getattr(owner, "state", None) == "held"

@@ -4,6 +4,7 @@ The reservation handle: money held before an LLM call, settled after it.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 from decimal import Decimal
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, Self
 
 from ._ledger import Held, Ledger, Scopes
 from ._money import nano_to_usd, to_nano
+from ._receipt import Kind, Receipt, Status
 from .exceptions import BudgetError, BudgetUnavailableError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -29,8 +31,9 @@ class SettlesOnExit:
     Leaving the block unsettled charges the estimate: on a normal exit because
     the call was made, and on an exception too (unless ``on_error="release"``)
     because a failed call may still have been billed. If that settlement cannot
-    reach the store, the estimate simply stays held, which is what charging it
-    would have done: it is logged, never raised over the caller's own exception.
+    reach the store it is spooled; without a spool the estimate simply stays
+    held, which is what charging it would have done: it is logged, never raised
+    over the caller's own exception.
     """
 
     __slots__ = ()
@@ -70,18 +73,17 @@ class Reservation(SettlesOnExit):
 
     # One per LLM call: slots keep it small.
     __slots__ = (
-        "__weakref__",  # the spool refers to a handle whose settlement it keeps
         "_ledger",
         "_lock",
         "_manager",
         "_scopes",
-        "_spooled",
         "day",
         "estimate_nano",
         "id",
         "model",
         "on_error",
         "project_id",
+        "receipt",
         "state",
         "user_id",
     )
@@ -110,35 +112,54 @@ class Reservation(SettlesOnExit):
         self.on_error = on_error
         self.day = held.day
         self.estimate_nano = held.held_nano
-        #: "held", then "committed" or "released".
+        #: "held", then "committed" or "released" (as this handle settled it,
+        #: or as the store had it settled already).
         self.state = held.state
-        self._spooled = False  # a settlement of ours waits in the spool
+        #: What became of the settlement's money, once settled through this handle.
+        self.receipt: Receipt | None = None
 
     @property
     def estimate_usd(self) -> float:
         return nano_to_usd(self.estimate_nano)
 
-    def commit(self, actual_cost: float | Decimal) -> None:
+    @property
+    def date(self) -> datetime.date:
+        """The (UTC) day the hold was taken on, which it settles on whenever committed."""
+        return datetime.date(1970, 1, 1) + datetime.timedelta(days=self.day)
+
+    def commit(self, actual_cost: float | Decimal) -> Receipt:
         """
         Settle the hold to *actual_cost*: refund the difference, or charge it.
 
         A cost above the estimate is still recorded in full, even past a
-        limit: the money was spent. Settling twice is a no-op.
+        limit: the money was spent. Settling twice is a no-op (the first
+        settlement's receipt is returned again).
 
-        If the store cannot be reached this raises BudgetUnavailableError, having
-        first saved the settlement to the local spool, from which it is recorded
-        once the store is back (unless this handle, still held, settles first).
+        If the store cannot be reached, the settlement is saved to the local
+        spool and the receipt says "spooled": it will be recorded exactly once
+        when the store is back. Without a spool this raises
+        BudgetUnavailableError and the hold stays as it is: commit again later.
         """
-        self._settle(to_nano(actual_cost, "actual_cost"), "committed")
+        return self._settle(to_nano(actual_cost, "actual_cost"), "committed")
 
-    def release(self) -> None:
+    def release(self) -> Receipt:
         """Give the whole hold back (the call was not made). A no-op once settled."""
-        self._settle(0, "released")
+        return self._settle(0, "released")
 
     def commit_usage(
-        self, *, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
-    ) -> None:
-        """Commit the price of the tokens used, priced for the reservation's model."""
+        self,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
+    ) -> Receipt:
+        """
+        Commit the price of the tokens used, priced for the reservation's model.
+
+        Cache reads (*cached_input_tokens*) and writes (*cache_creation_input_tokens*)
+        are counted within *input_tokens*, see :meth:`PricingEngine.calculate`.
+        """
         if self.model is None:
             raise InvalidInputError("commit_usage() needs a reservation made with model=...")
         cost = self._manager.pricing.calculate(
@@ -146,46 +167,54 @@ class Reservation(SettlesOnExit):
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cached_input_tokens=cached_input_tokens,
+            cache_creation_input_tokens=cache_creation_input_tokens,
         )
-        self.commit(cost)  # through commit's checks: a price can exceed any single amount
+        return self.commit(cost)  # through commit's checks: a price can exceed any single amount
 
-    def _settle(self, actual: int, state: str, *, implicit: bool = False) -> None:
-        """
-        *implicit*: the settlement on leaving a ``with`` block, which nobody will
-        retry, so its spooled copy is replayed without waiting for this handle.
-        """
+    def _settle(self, actual: int, state: str) -> Receipt:
         manager = self._manager
+        kind: Kind = "commit" if state == "committed" else "release"
         with self._lock:
-            if self.state != "held":
-                return
+            if self.receipt is not None:
+                return self.receipt
+            if self.state != "held":  # settled before this handle was made
+                self.receipt = Receipt("duplicate", kind, self.id, 0)
+                return self.receipt
             try:
                 reply = self._ledger.settle(self._scopes, self.id, self.day, actual, state)
             except BudgetUnavailableError as e:
-                self._spooled = manager._keeper.spool is not None
-                owner = None if implicit else self
-                manager._keeper.keep(
-                    e, "settle", self.id, self.day, self._scopes, actual, state, owner=owner
-                )
+                e.reservation_id = self.id
+                manager._keeper.keep(e, "settle", self.id, self.day, self._scopes, actual, state)
+                self.state = state
+                self.receipt = Receipt("spooled", kind, self.id, actual)
+                return self.receipt
             if reply == ("GONE", "expired"):
                 log.warning(
                     "Reservation %s settled after its day's ledger expired; not recorded", self.id
                 )
+            status = "duplicate" if reply[0] == "DONE" else _SETTLED[reply[1]]
             self.state = reply[1] if reply[0] == "DONE" else state
-            if self._spooled:
-                # Settled by this retry: what the spool holds for it is moot (and harmless).
-                self._spooled = False
-                manager._keeper.confirm_settled(self.id)
-        manager._keeper.replay_if_due()
+            self.receipt = Receipt(status, kind, self.id, 0 if status == "duplicate" else actual)
+        manager._keeper.replay_if_due()  # after a call that reached the store
+        return self.receipt
 
     def _settle_on_exit(self, release: bool) -> None:
-        # Nobody retries these, so their spooled copies (if any) replay at once.
         if release:
-            self._settle(0, "released", implicit=True)
+            self._settle(0, "released")
         else:
-            self._settle(self.estimate_nano, "committed", implicit=True)
+            self._settle(self.estimate_nano, "committed")
 
     def __repr__(self) -> str:
         return (
             f"<Reservation {self.id} user={self.user_id!r} project={self.project_id!r} "
             f"estimate=${self.estimate_usd} state={self.state}>"
         )
+
+
+#: A settlement's reply word (OK's state, or GONE's) -> what became of the money.
+_SETTLED: dict[str, Status] = {
+    "committed": "recorded",
+    "released": "recorded",
+    "recorded": "recorded",
+    "expired": "expired",
+}

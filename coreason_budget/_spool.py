@@ -1,20 +1,34 @@
 """
 The local spool: charges that could not reach the store, kept on disk until they can.
 
-A budget guard fails closed: when the store cannot be reached, ``record_spend``
-and ``commit`` raise BudgetUnavailableError. But that money was already spent;
-forgetting it would make the next day's budget a lie. So before raising, the
-charge is appended to a spool file and later replayed through the very same
-idempotent ledger operation (the spend's operation id, the reservation's id),
-which makes a replay of something that did reach the store, or a second
-replay, charge nothing.
+When the store cannot be reached, the money of ``record_spend`` and
+``commit`` was already spent; forgetting it would make the next day's budget a
+lie. So the charge is appended to a spool file, and the caller's receipt says
+"spooled"; it is later replayed through the very same idempotent ledger
+operation (the spend's operation id, the reservation's id), which makes a
+replay of something that did reach the store, or a second replay, charge
+nothing. A charge is spooled only once it is on disk: when the file cannot be
+written, nothing is kept (not even in memory), and the caller raises
+BudgetUnavailableError instead, which means that nothing will be charged later.
 
 Files: ``<dir>/<store-id>-<pid>.spool``, one per process and store, JSON lines,
 append-only and fsynced per entry (a charge is reported as spooled only once
 it is on disk). The first line names the store (URL without password, key
 prefix); then one line per charge; replayed entries are confirmed by appending
 ``{"done": [seq, ...]}``, and a file whose entries are all confirmed is
-deleted. A torn last line (a crash mid-write) or a corrupt line is skipped.
+deleted. A torn last line (a crash mid-write) is skipped.
+
+Quarantine: a line that is no entry (corrupt, out of range, nested or long
+beyond any entry), and an entry the store refuses for good (a settlement of
+another day's reservation, an idempotency key already used for another
+charge), can never be replayed, and must not stop the entries after it. It is
+appended, with the reason, to ``<spool file name>.quarantine`` beside the
+spool (JSON lines, fsynced; never read back by the library), logged at ERROR
+and counted in the ReplaySummary; only then is it marked in the spool (an
+entry by ``done``, a line by ``{"skip": [line number, ...]}``), so a later
+replay neither replays nor quarantines it again. Line numbers stay valid:
+the file is append-only, and a torn last line is ended (and marked skipped)
+before anything is appended after it.
 
 Locks: the owning process holds an exclusive ``flock`` on its file while it is
 open, so another replayer (a new process, the CLI) takes only files of dead
@@ -23,7 +37,9 @@ processes, and two replayers never take the same file.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
 import errno
 import fcntl
 import hashlib
@@ -33,7 +49,6 @@ import os
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +57,8 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 
 from ._config import BudgetConfig
+from ._ledger import MAX_SCOPES, describe
+from ._money import MAX_AMOUNT_NANO, check_id
 from ._store import default_embedded_path
 from .exceptions import BudgetUnavailableError
 
@@ -49,13 +66,29 @@ log = logging.getLogger("coreason_budget")
 
 VERSION = 1
 SUFFIX = ".spool"
+QUARANTINE_SUFFIX = ".quarantine"
 OFF = "off"
 #: Confirm replayed entries on disk at least this often, so a crash mid-replay
 #: repeats little (repeating is harmless, only slower).
 _CONFIRM_EVERY = 64
+#: At most this many numbers in one "done" or "skip" line.
+_MARK_EVERY = 1024
+#: A longer line is no spool line, and is not even parsed: an entry with every id
+#: at its maximum, each character \u-escaped, is under 16 KiB.
+MAX_LINE_BYTES = 64 * 1024
+#: The last day an entry may name, 9999-12-31 (days since 1970-01-01, like the ledger).
+MAX_DAY = datetime.date.max.toordinal() - datetime.date(1970, 1, 1).toordinal()
+#: Sequence numbers are positive and below 2**63.
+MAX_SEQ = 2**63 - 1
+#: A file of a dead namesake numbered beyond this is not adopted (our next
+#: numbers must stay in range): it is replayed as another process's file.
+_ADOPT_BELOW = 2**62
 
 Kind = Literal["spend", "settle"]
+#: What replaying an entry did; "rejected": the store refused it (quarantined).
 Outcome = Literal["recorded", "duplicate", "expired", "rejected"]
+#: What an Apply returns; it raises Rejected for an entry the store refuses.
+Replayed = Literal["recorded", "duplicate", "expired"]
 
 
 @attrs.frozen
@@ -91,26 +124,60 @@ class Entry:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Entry:
-        """Raises ValueError (or KeyError/TypeError) for anything but a well-formed entry."""
+    def from_json(cls, doc: object) -> Entry:
+        """
+        The entry *doc* describes; ValueError for anything else.
+
+        Every value is held to what the library itself writes, so that an
+        entry that passes can be sent to the store as it is: a day from 1970
+        to 9999, an amount no larger than any single charge, an id and counter
+        fields as the manager validates them.
+        """
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        missing = [k for k in ("seq", "kind", "op", "day", "fields", "amount") if k not in doc]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        seq = _whole(doc["seq"], "seq", 1, MAX_SEQ)
+        day = _whole(doc["day"], "day", 0, MAX_DAY)
+        amount = _whole(doc["amount"], "amount", 0, MAX_AMOUNT_NANO)
         kind, state = doc["kind"], doc.get("state")
-        ints = (doc["seq"], doc["day"], doc["amount"])
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ints):
-            raise ValueError("seq, day and amount must be whole numbers")
-        fields = doc["fields"]
-        if not (isinstance(fields, list) and fields and all(isinstance(f, str) for f in fields)):
-            raise ValueError("fields must be a non-empty list of strings")
-        if not isinstance(doc["op"], str) or not doc["op"]:
-            raise ValueError("op must be a non-empty string")
-        if (kind, state) not in (
-            ("spend", None),
-            ("settle", "committed"),
-            ("settle", "released"),
+        if not (
+            (kind == "spend" and state is None)
+            or (kind == "settle" and state in ("committed", "released"))
         ):
-            raise ValueError(f"bad kind/state {kind!r}/{state!r}")
-        if doc["amount"] < 0:
-            raise ValueError("negative amount")
-        return cls(doc["seq"], kind, doc["op"], doc["day"], tuple(fields), doc["amount"], state)
+            raise ValueError(f"bad kind/state {_show(kind)}/{_show(state)}")
+        op = check_id(doc["op"], "op")  # InvalidInputError: a ValueError
+        fields = doc["fields"]
+        if not (isinstance(fields, list) and 0 < len(fields) <= MAX_SCOPES):
+            raise ValueError(f"fields must be a list of 1 to {MAX_SCOPES} counter fields")
+        for field in fields:
+            if not isinstance(field, str):
+                raise ValueError(f"counter field {_show(field)} is not a string")
+            _, entity = describe(field)  # ValueError for anything but a counter field
+            if entity is not None:
+                check_id(entity, f"the id in counter field {_show(field)}")
+        if len(set(fields)) != len(fields):
+            raise ValueError("a counter field appears twice")
+        return cls(seq, kind, op, day, tuple(fields), amount, state)
+
+
+def _whole(value: object, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {_show(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} {_show(value)} is out of range ({low} to {high})")
+    return value
+
+
+def _show(value: object) -> str:
+    """A value for a message, cut short: it comes from a corrupt line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Rejected(Exception):
+    """Raised by an Apply for an entry the store refuses for good; the message says why."""
 
 
 @attrs.define
@@ -120,13 +187,17 @@ class ReplaySummary:
     recorded: int = 0  # charged (or settled) now
     duplicates: int = 0  # already in the store: its reply, not the charge, had been lost
     expired: int = 0  # its day is past retention: the store keeps nothing to charge
-    rejected: int = 0  # refused by the store as inconsistent: dropped, logged in full
-    remaining: int = 0  # still spooled: not reached, or deferred to a live reservation handle
+    rejected: int = 0  # refused by the store for good: quarantined (see below)
+    remaining: int = 0  # still spooled: not reached, or not quarantined (its file unwritable)
     files: int = 0  # other processes' spool files taken
     busy_files: int = 0  # held by a live process or another replayer: left alone
-    torn_lines: int = 0  # unreadable lines skipped (a write cut short by a crash)
+    torn_lines: int = 0  # a last line cut short by a crash (never confirmed): skipped
     other_stores: list[str] = attrs.field(factory=list)  # files for other stores: left alone
     error: str | None = None
+    #: Lines and entries moved to a quarantine file by this replay: the rejected
+    #: entries, and lines that are no entry (corrupt, out of range). Kept, never replayed.
+    quarantined: int = 0
+    quarantine_files: list[str] = attrs.field(factory=list)  # where this replay put them
 
     @property
     def replayed(self) -> int:
@@ -152,17 +223,23 @@ class ReplaySummary:
             "files",
             "busy_files",
             "torn_lines",
+            "quarantined",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.other_stores += other.other_stores
+        self.quarantine_files += [
+            f for f in other.quarantine_files if f not in self.quarantine_files
+        ]
         self.error = self.error or other.error
 
     def to_json(self) -> dict[str, Any]:
         return {**attrs.asdict(self), "replayed": self.replayed}
 
 
-#: Replays one entry through the ledger; raises BudgetUnavailableError to stop the replay.
-Apply = Callable[[Entry], Outcome]
+#: Replays one entry through the ledger. Raises BudgetUnavailableError to stop the
+#: replay (the store is away: the rest stays spooled), Rejected for an entry the
+#: store refuses for good (it is quarantined, and the replay goes on).
+Apply = Callable[[Entry], Replayed]
 
 
 # -- where, and for which store ----------------------------------------------------------------
@@ -209,38 +286,187 @@ def store_identity(config: BudgetConfig) -> tuple[str, str] | None:
 
 
 @attrs.define
+class _Bad:
+    """A line that is no entry, not yet quarantined."""
+
+    line: int  # its number in the file, from 1 (the header)
+    raw: bytes
+    reason: str
+
+
+@attrs.define
 class _Contents:
     header: dict[str, Any] | None = None
     entries: dict[int, Entry] = attrs.field(factory=dict)  # not yet confirmed
-    torn: int = 0
+    bad: list[_Bad] = attrs.field(factory=list)  # not yet quarantined
+    torn: int = 0  # the number of an unmarked torn last line, or 0
     max_seq: int = 0
 
 
+#: What parsing a line may raise, all of it turned into a reason to quarantine the line.
+_UNREADABLE = (ValueError, TypeError, KeyError, OverflowError, RecursionError)
+
+
 def _parse(data: bytes, path: Path) -> _Contents:
+    """Read a spool file; never raises for its contents, whatever they are."""
     out = _Contents()
     done: set[int] = set()
+    marked: set[int] = set()
+    found: list[tuple[int, bytes, Entry]] = []
+    bad: list[_Bad] = []
+    torn = 0
     lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
+    ends_torn = lines[-1] != b""  # the last write was cut short before its newline
+    if not ends_torn:
         lines.pop()
     for number, line in enumerate(lines, 1):
         try:
-            doc = json.loads(line)
-            if not isinstance(doc, dict):
-                raise ValueError("not an object")
-            if "spool" in doc:
-                out.header = out.header or doc
-            elif "done" in doc:
-                done.update(int(s) for s in doc["done"])
+            doc = _load(line)
+        except _UNREADABLE as e:
+            if ends_torn and number == len(lines) and len(line) <= MAX_LINE_BYTES:
+                torn = number  # a write cut short: never a whole JSON document
             else:
-                entry = Entry.from_json(doc)
-                out.entries[entry.seq] = entry
-                out.max_seq = max(out.max_seq, entry.seq)
-        except (ValueError, KeyError, TypeError) as e:
-            out.torn += 1
-            log.warning("Skipping unreadable line %d of spool file %s: %s", number, path, e)
+                bad.append(_Bad(number, line, _reason(e)))
+            continue
+        try:
+            if isinstance(doc, dict) and doc.get("spool") == "coreason-budget":
+                out.header = out.header or doc
+            elif isinstance(doc, dict) and "done" in doc:
+                done.update(_numbers(doc["done"], "done"))
+            elif isinstance(doc, dict) and "skip" in doc:
+                marked.update(_numbers(doc["skip"], "skip"))
+            else:
+                found.append((number, line, Entry.from_json(doc)))
+        except _UNREADABLE as e:
+            bad.append(_Bad(number, line, _reason(e)))
+    seen: dict[int, Entry] = {}
+    for number, line, entry in found:
+        out.max_seq = max(out.max_seq, entry.seq)  # marked or not: never numbered again
+        if number in marked:
+            continue
+        prior = seen.setdefault(entry.seq, entry)
+        if prior != entry:
+            bad.append(_Bad(number, line, f"seq {entry.seq} is another entry's"))
     for seq in done:
-        out.entries.pop(seq, None)
+        seen.pop(seq, None)
+    out.entries = seen
+    out.bad = sorted((b for b in bad if b.line not in marked), key=lambda b: b.line)
+    if torn and torn not in marked:
+        out.torn = torn
+        log.warning(
+            "Skipping the torn last line %d of spool file %s (a write cut short)", torn, path
+        )
     return out
+
+
+def _load(line: bytes) -> Any:
+    if len(line) > MAX_LINE_BYTES:
+        raise ValueError(f"{len(line):,} bytes long; a spool line has at most {MAX_LINE_BYTES:,}")
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply to be a spool line") from None
+
+
+def _numbers(value: object, name: str) -> list[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"{name} must be a list of numbers")
+    return [_whole(v, name, 1, MAX_SEQ) for v in value]
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply to be a spool line"
+    text = str(e) if not isinstance(e, KeyError) else f"no {e}"
+    return text[:500] or type(e).__name__
+
+
+def _chunks(numbers: list[int]) -> list[list[int]]:
+    return [numbers[i : i + _MARK_EVERY] for i in range(0, len(numbers), _MARK_EVERY)]
+
+
+@attrs.define
+class _Quarantine:
+    """
+    Where the lines of one spool file that can never be replayed are kept: beside
+    it, in ``<its name>.quarantine``, JSON lines, fsynced, for a person to read.
+    """
+
+    path: Path
+    spool: Path | None  # the spool file they come from (None: it could not be written)
+    store: str
+    used: bool = False
+
+    def lines(self, bad: list[_Bad]) -> bool:
+        """Keep unreadable lines (raw, byte for byte); False if the file could not be written."""
+        records = []
+        for b in bad:
+            record: dict[str, Any] = {**self._record(b.reason), "line": b.line}
+            try:
+                record["raw"] = b.raw.decode()
+            except UnicodeDecodeError:
+                record["raw_base64"] = base64.b64encode(b.raw).decode()
+            records.append(record)
+        if not self._keep(records):
+            return False
+        for b in bad:
+            log.error(
+                "Quarantined line %d of spool file %s, which is no entry (%s): kept in %s",
+                b.line,
+                self.spool,
+                b.reason,
+                self.path,
+            )
+        return True
+
+    def entry(self, entry: Entry, reason: str) -> bool:
+        """Keep an entry the store refused; False if the file could not be written."""
+        if not self._keep([{**self._record(reason), "entry": entry.to_json()}]):
+            return False
+        log.error(
+            "Quarantined a spooled %s the store refuses (%s): %r, kept in %s",
+            entry.kind,
+            reason,
+            entry,
+            self.path,
+        )
+        return True
+
+    def _record(self, reason: str) -> dict[str, Any]:
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        spool = None if self.spool is None else str(self.spool)
+        return {"quarantined": now, "store": self.store, "spool": spool, "reason": reason}
+
+    def _keep(self, records: list[dict[str, Any]]) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                new = os.fstat(fd).st_size == 0
+                first = not new and _ends_torn(fd)  # a write of ours cut short: end it
+                data = b"\n" if first else b""
+                data += b"".join(
+                    json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records
+                )
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if new:
+                _fsync_dir(self.path.parent)
+        except OSError as e:
+            log.error(
+                "Could not write the quarantine file %s (%s): %d line(s) it should keep stay in "
+                "the spool %s",
+                self.path,
+                e,
+                len(records),
+                self.spool,
+            )
+            return False
+        self.used = True
+        return True
 
 
 def _read_all(fd: int) -> bytes:
@@ -285,22 +511,36 @@ def _lock(path: Path) -> int | None:
 
 
 def _replay_entries(
-    entries: list[Entry], apply: Apply, confirm: Callable[[list[int]], None]
+    entries: list[Entry],
+    apply: Apply,
+    confirm: Callable[[list[int]], None],
+    quarantine: Callable[[Entry, str], bool],
 ) -> ReplaySummary:
-    """Apply entries in order, confirming them in batches; stop at the first unavailability."""
+    """
+    Apply entries in order, confirming them in batches; stop at the first unavailability.
+
+    An entry the store refuses is quarantined and confirmed at once, and the
+    replay goes on: one bad entry never holds up the ones after it.
+    """
     summary = ReplaySummary()
     done: list[int] = []
     try:
         for i, entry in enumerate(entries):
             try:
-                outcome = apply(entry)
+                outcome: Outcome = apply(entry)
             except BudgetUnavailableError as e:
                 summary.error = str(e)
                 summary.remaining += len(entries) - i
                 break
+            except Rejected as e:
+                if not quarantine(entry, str(e)):
+                    summary.remaining += 1  # still in the spool, never lost: tried again later
+                    continue
+                summary.quarantined += 1
+                outcome = "rejected"
             summary.count(outcome)
             done.append(entry.seq)
-            if len(done) >= _CONFIRM_EVERY:
+            if len(done) >= _CONFIRM_EVERY or outcome == "rejected":
                 confirm(done)
                 done = []
     finally:
@@ -337,10 +577,14 @@ class Spool:
         self._fd: int | None = None
         self.path: Path | None = None
         self._pending: dict[int, Entry] = {}
-        self._owners: dict[int, weakref.ref[Any]] = {}
         self._next_seq = 1
         self._torn_tail = False
         self._replaying = False
+        #: Lines of an adopted file that are no entry: quarantined by the next replay.
+        self._unreadable: list[_Bad] = []
+        self._torn_lines = 0  # its torn last line, reported by the next replay
+        #: The file quarantined lines go to: beside the spool file, named after it.
+        self._quarantine_path: Path | None = None
 
     def after_fork(self) -> None:
         """A forked child starts with an empty spool of its own; the parent keeps its file."""
@@ -360,32 +604,48 @@ class Spool:
         fields: tuple[str, ...],
         amount: int,
         state: str | None = None,
-        owner: object = None,
     ) -> None:
         """
-        Keep a charge on disk (written and fsynced) before the caller reports failure.
+        Keep a charge on disk (written and fsynced) before the caller reports it spooled.
 
-        *owner*, a live reservation handle, defers the automatic replay of its
-        settlement while the handle is alive and unsettled: whoever holds it was
-        told the commit failed and may well retry it themselves.
-        Raises OSError if the file cannot be written; the entry is then still
-        kept in memory and replayed by this process.
+        Raises OSError if the file cannot be written: then nothing is kept,
+        neither in memory nor on disk, and nothing of it will ever be replayed.
         """
         with self._lock:
+            fd = self._open()
+            entry = Entry(self._next_seq, kind, op, day, fields, amount, state)
+            self._next_seq += 1  # never numbered again, even if it is not kept
+            self._write_entry(fd, entry)
+            self._pending[entry.seq] = entry
             self.due = True
-            try:
-                fd: int | None = self._open()
-            except OSError as e:
-                fd, error = None, e
-            seq = self._next_seq
-            self._next_seq += 1
-            entry = Entry(seq, kind, op, day, fields, amount, state)
-            self._pending[seq] = entry
-            if owner is not None:
-                self._owners[seq] = weakref.ref(owner, self._owner_gone)
-            if fd is None:
-                raise error
+
+    def _write_entry(self, fd: int, entry: Entry) -> None:
+        """
+        Append *entry*; if that fails, undo it: its caller reports that nothing
+        was kept, so no replay (ours, or another's after we are gone) may find it.
+        """
+        size, torn_tail = os.fstat(fd).st_size, self._torn_tail
+        try:
             self._write(fd, entry.to_json())
+        except OSError:
+            try:
+                # All of it, or part: written, perhaps, yet not known to be on disk.
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+                self._torn_tail = torn_tail
+            except OSError:
+                try:
+                    self._write(fd, {"done": [entry.seq]})
+                except OSError as e:
+                    log.error(
+                        "Could not undo a failed write to the spool %s (%s): a replay may "
+                        "still record %s %s",
+                        self.path,
+                        e,
+                        entry.kind,
+                        entry.op,
+                    )
+            raise
 
     def _write(self, fd: int, doc: dict[str, Any]) -> None:
         try:
@@ -412,30 +672,31 @@ class Spool:
             if os.fstat(fd).st_ino != _inode(path):
                 os.close(fd)  # deleted by a replayer as we opened it: try again
                 continue
+            # A file left by a dead process with our pid (pids are reused): its
+            # entries are ours to replay now (unless numbered so high that ours
+            # could not follow: then it is replayed as another process's file).
+            old = _parse(_read_all(fd), path)
+            if old.max_seq >= _ADOPT_BELOW:
+                os.close(fd)
+                continue
             break
         else:
             raise OSError(f"no spool file could be created in {self.directory}")
-        # A file left by a dead process with our pid (pids are reused): its
-        # entries are ours to replay now. Ours so far lived only in memory (the
-        # file could not be written before); they follow, renumbered.
-        old = _parse(_read_all(fd), path)
-        in_memory = sorted(self._pending.values(), key=lambda e: e.seq)
-        owners, self._owners = self._owners, {}
         self._pending = dict(old.entries)
+        self.due = self.due or bool(old.entries or old.bad or old.torn)
         self._next_seq = old.max_seq + 1
         self._fd, self.path = fd, path
+        self._quarantine_path = path.with_suffix(QUARANTINE_SUFFIX)
         self._torn_tail = _ends_torn(fd)
+        self._unreadable = old.bad
+        if old.torn:
+            # Ended by our next line: marked, so that it is never taken for a corrupt one.
+            self._torn_lines += 1
+            self._write(fd, {"skip": [old.torn]})
         if old.header is None:
             self._write(fd, self._header())
             with contextlib.suppress(OSError):
                 _fsync_dir(self.directory)
-        for entry in in_memory:
-            seq = self._next_seq
-            self._next_seq += 1
-            self._pending[seq] = attrs.evolve(entry, seq=seq)
-            if entry.seq in owners:
-                self._owners[seq] = owners[entry.seq]
-            self._write(fd, self._pending[seq].to_json())
         return fd
 
     def _header(self) -> dict[str, Any]:
@@ -449,19 +710,7 @@ class Spool:
             "created": time.time(),
         }
 
-    def _owner_gone(self, _: object) -> None:
-        # From the garbage collector, on any thread: only set a flag.
-        self.due = True
-
     # -- confirming ---
-
-    def confirm_settled(self, reservation_id: str) -> None:
-        """A live handle's own retry settled the reservation: its spooled settlements are moot."""
-        with self._lock:
-            seqs = [
-                s for s, e in self._pending.items() if e.kind == "settle" and e.op == reservation_id
-            ]
-        self._confirm(seqs)
 
     def _confirm(self, seqs: list[int]) -> None:
         if not seqs:
@@ -469,22 +718,28 @@ class Spool:
         with self._lock:
             for seq in seqs:
                 self._pending.pop(seq, None)
-                self._owners.pop(seq, None)
             if self._fd is None:
                 return
             try:
-                if not self._pending:
-                    # Everything confirmed: the file goes, unlinked while still locked.
-                    assert self.path is not None
-                    self.path.unlink(missing_ok=True)
-                    os.close(self._fd)
-                    self._fd = self.path = None
-                else:
-                    _write_line(self._fd, {"done": seqs}, newline_first=self._torn_tail)
-                    self._torn_tail = False
+                if not self._close_if_done():
+                    for chunk in _chunks(seqs):
+                        self._write(self._fd, {"done": chunk})
             except OSError as e:
                 # At worst replayed again later, which charges nothing twice.
                 log.warning("Could not confirm replayed entries in the spool: %s", e)
+
+    def _close_if_done(self) -> bool:
+        """
+        Under self._lock: if nothing in the file waits any more (no entry to
+        replay, no line to quarantine), it goes, unlinked while still locked.
+        """
+        if self._pending or self._unreadable or self._fd is None:
+            return False
+        assert self.path is not None
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = self.path = None
+        return True
 
     # -- replaying ---
 
@@ -508,28 +763,48 @@ class Spool:
                 self.due = True
                 self.not_before = time.monotonic() + 1.0
 
-    def replay(self, apply: Apply, defer: Callable[[Any], bool] | None = None) -> ReplaySummary:
-        """
-        Replay this process's pending entries, in order.
-
-        An entry whose owner is alive and *defer*(owner) is true is left for
-        later (the owner may still settle it itself).
-        """
+    def replay(self, apply: Apply) -> ReplaySummary:
+        """Replay this process's pending entries, in order."""
         with self._replay_lock:
+            quarantine = self._quarantine()
+            summary = self._quarantine_unreadable(quarantine)
             with self._lock:
                 entries = sorted(self._pending.values(), key=lambda e: e.seq)
-                owners = dict(self._owners)
-            todo, deferred = [], 0
-            for entry in entries:
-                ref = owners.get(entry.seq)
-                owner = ref() if ref is not None else None
-                if defer is not None and owner is not None and defer(owner):
-                    deferred += 1
-                else:
-                    todo.append(entry)
-            summary = _replay_entries(todo, apply, self._confirm)
-            summary.remaining += deferred
+            summary.merge(_replay_entries(entries, apply, self._confirm, quarantine.entry))
+            if quarantine.used:
+                summary.quarantine_files.append(str(quarantine.path))
             return summary
+
+    def _quarantine(self) -> _Quarantine:
+        with self._lock:
+            path = self._quarantine_path or self.directory / (
+                f"{self.store_id}-{os.getpid()}{QUARANTINE_SUFFIX}"
+            )
+            return _Quarantine(path, self.path, self.label)
+
+    def _quarantine_unreadable(self, quarantine: _Quarantine) -> ReplaySummary:
+        """Quarantine the lines of an adopted file that are no entry, then mark them skipped."""
+        with self._lock:
+            bad = list(self._unreadable)
+            summary = ReplaySummary(torn_lines=self._torn_lines)
+            self._torn_lines = 0
+        if not bad:
+            return summary
+        if not quarantine.lines(bad):
+            summary.remaining += len(bad)  # still in the spool file: tried again next time
+            return summary
+        summary.quarantined += len(bad)
+        lines = {b.line for b in bad}
+        with self._lock:
+            self._unreadable = [b for b in self._unreadable if b.line not in lines]
+            try:
+                if not self._close_if_done() and self._fd is not None:
+                    for chunk in _chunks(sorted(lines)):
+                        self._write(self._fd, {"skip": chunk})
+            except OSError as e:
+                # Kept in the quarantine file already; at worst kept there twice.
+                log.warning("Could not mark quarantined lines in the spool: %s", e)
+        return summary
 
     def has_other_files(self) -> bool:
         """Whether the directory holds spool files of other processes for this store."""
@@ -603,20 +878,49 @@ def replay_directory(
 
 def _replay_file(fd: int, path: Path, apply: Apply) -> ReplaySummary:
     contents = _parse(_read_all(fd), path)
+    header = contents.header or {}
+    store = header.get("store")
+    quarantine = _Quarantine(
+        path.with_suffix(QUARANTINE_SUFFIX), path, store if isinstance(store, str) else "unknown"
+    )
     entries = sorted(contents.entries.values(), key=lambda e: e.seq)
-    left = {e.seq for e in entries}
+    left = {e.seq for e in entries}  # neither replayed nor quarantined yet
     # A torn last line may lack its newline: the next line must not continue it.
     torn_tail = [_ends_torn(fd)]
 
+    def write(doc: dict[str, Any]) -> None:
+        try:
+            _write_line(fd, doc, newline_first=torn_tail[0])
+            torn_tail[0] = False
+        except OSError as e:
+            # At worst replayed (which charges nothing twice) or quarantined again.
+            log.warning("Could not update spool file %s: %s", path, e)
+
     def confirm(seqs: list[int]) -> None:
         left.difference_update(seqs)
-        _write_line(fd, {"done": seqs}, newline_first=torn_tail[0])
-        torn_tail[0] = False
+        write({"done": seqs})
 
-    summary = _replay_entries(entries, apply, confirm)
-    summary.files = 1
-    summary.torn_lines = contents.torn
-    if not left:
+    summary = ReplaySummary(files=1)
+    # First what needs no store: lines that are no entry go to quarantine, and
+    # they and a torn last line are marked, so no later replay looks at them again.
+    marks = []
+    if contents.torn:
+        summary.torn_lines = 1
+        marks.append(contents.torn)
+    kept_all = True
+    if contents.bad:
+        if quarantine.lines(contents.bad):
+            summary.quarantined += len(contents.bad)
+            marks += [b.line for b in contents.bad]
+        else:
+            summary.remaining += len(contents.bad)
+            kept_all = False
+    for chunk in _chunks(marks):
+        write({"skip": chunk})
+    summary.merge(_replay_entries(entries, apply, confirm, quarantine.entry))
+    if quarantine.used:
+        summary.quarantine_files.append(str(quarantine.path))
+    if not left and kept_all:
         path.unlink(missing_ok=True)  # still locked: nobody else is reading it
     return summary
 
@@ -629,9 +933,9 @@ def _ends_torn(fd: int) -> bool:
 def _label_of(path: Path) -> str:
     try:
         with open(path, "rb") as fh:
-            header = json.loads(fh.readline())
+            header = _load(fh.readline(MAX_LINE_BYTES + 1))
         return str(header["store"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, *_UNREADABLE):
         return "unknown store"
 
 

@@ -28,10 +28,11 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.connection import parse_url
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 
 from ._config import BudgetConfig
+from ._connection import CONNECTION_CLASSES
 from .exceptions import BudgetUnavailableError, ConfigError
 
 log = logging.getLogger("coreason_budget")
@@ -80,12 +81,19 @@ def open_store(config: BudgetConfig) -> Store:
     scheme, _, rest = url.partition("://")
     if scheme in _CLUSTER_SCHEMES:
         return _open_cluster(f"{_CLUSTER_SCHEMES[scheme]}://{rest}", config)
-    pool = redis.BlockingConnectionPool.from_url(url, **_pool_kwargs(config))
+    pool = redis.BlockingConnectionPool.from_url(url, **_pool_kwargs(config, scheme))
     return Store(redis.Redis(connection_pool=pool))
 
 
-def _pool_kwargs(config: BudgetConfig) -> dict[str, Any]:
+def _pool_kwargs(config: BudgetConfig, scheme: str = "redis") -> dict[str, Any]:
+    """
+    What every pool of every store is made with; *scheme* (``redis``, ``rediss``,
+    ``unix``) picks the connection class, which ``from_url`` would otherwise pick
+    itself: ours bound a whole call, drop a connection whose handshake is not
+    Redis's, and refuse a store that may evict (see ``_connection``).
+    """
     return {
+        "connection_class": CONNECTION_CLASSES[scheme],
         "max_connections": config.pool_size,
         "timeout": config.pool_timeout,
         "socket_connect_timeout": config.connect_timeout,
@@ -106,6 +114,11 @@ def _open_cluster(url: str, config: BudgetConfig) -> Store:
     node that failed last), MOVED/ASK redirections within its own small bound,
     and nothing else: a call on a dead or stalled shard fails about as fast as
     on a single Redis.
+
+    The client does not require every slot to be covered: a dead shard must
+    fail closed only the prefixes on it, and the rest keep routing (whether
+    the servers keep serving them is their ``cluster-require-full-coverage``,
+    which ClusterClient checks).
     """
     try:
         options = parse_url(url)  # type: ignore[no-untyped-call]
@@ -113,17 +126,21 @@ def _open_cluster(url: str, config: BudgetConfig) -> Store:
         raise ConfigError(f"bad Redis Cluster URL {url!r}: {e}") from None
     if options.get("db", 0) != 0:
         raise ConfigError(f"a Redis Cluster has only database 0, got {url!r}")
-    kwargs = _pool_kwargs(config)
+    kwargs = _pool_kwargs(config, url.partition("://")[0])
     # RedisCluster takes the retry itself (it refuses one in the node kwargs and
     # gives every node connection none): it only reads the count, retrying at once.
     retry = kwargs.pop("retry")
     kwargs["connection_pool_class"] = redis.BlockingConnectionPool
 
+    # redis-py's default (True) refuses to build, or rebuild after a node
+    # failure, a slot map with a hole in it: one lost shard would stop them all.
+    kwargs["require_full_coverage"] = False
+
     def connect() -> RedisCluster:
         return _RedisCluster(url=url, retry=retry, **kwargs)
 
     # Typed as the client the ledger takes: it offers the calls the ledger makes.
-    return Store(cast(redis.Redis, ClusterClient(connect)))
+    return Store(cast(redis.Redis, ClusterClient(connect, seed=url)))
 
 
 class ClusterError(redis.RedisError):
@@ -134,12 +151,90 @@ class ClusterError(redis.RedisError):
     """
 
 
+#: The shortest time between two slot-map refreshes for slots the map has no node for.
+_SLOT_REFRESH_INTERVAL = 1.0
+
+
 class _RedisCluster(RedisCluster):
+    """
+    A RedisCluster whose own errors are RedisErrors, and that looks again for
+    a slot its map has no node for.
+
+    A call for such a slot (its master gone and its slots unassigned) fails
+    closed at once, without a round trip. redis-py refreshes its slot map only
+    after errors a node sends, which such a call never meets, so the slot
+    would stay unknown after its master came back: refresh it here, at most
+    every ``_SLOT_REFRESH_INTERVAL`` seconds.
+    """
+
+    _slots_refreshed_at = -_SLOT_REFRESH_INTERVAL
+
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+            try:
+                return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+            except SlotNotCoveredError:
+                # Nothing was sent, so trying again after a refresh is safe.
+                if not self._refresh_slots():
+                    raise
+                return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
         except RedisClusterException as e:
             raise ClusterError(f"Redis Cluster: {e}") from e
+
+    def _refresh_slots(self) -> bool:
+        """Ask the cluster for its slot map again, unless that was just done."""
+        now = time.monotonic()
+        if now - self._slots_refreshed_at < _SLOT_REFRESH_INTERVAL:
+            return False
+        self._slots_refreshed_at = now
+        # Bounded by the node timeouts; a failure leaves the map as it was.
+        try:
+            self.nodes_manager.initialize()
+        except (RedisClusterException, redis.RedisError):
+            return False
+        return True
+
+
+#: Seed URLs whose masters were asked for cluster-require-full-coverage: once a process.
+_coverage_checked: set[str] = set()
+_coverage_lock = threading.Lock()
+
+
+def _warn_if_full_coverage_required(client: RedisCluster, seed: str) -> None:
+    """
+    Warn once if a master runs with ``cluster-require-full-coverage yes``.
+
+    That is Redis's default, and under it every node refuses every key once
+    any master is marked failed: a dead shard stops every prefix. The library
+    cannot change that, and does not touch the servers' configuration; it only
+    says so. CONFIG is often disabled on managed services: then it says nothing.
+    """
+    with _coverage_lock:
+        if seed in _coverage_checked:
+            return
+        _coverage_checked.add(seed)
+    requiring = []
+    for node in client.get_primaries():  # type: ignore[no-untyped-call]
+        if node.redis_connection is None:
+            continue
+        try:
+            reply = node.redis_connection.config_get("cluster-require-full-coverage")
+        except redis.ResponseError:  # unknown, renamed or not permitted
+            log.debug("cannot read cluster-require-full-coverage from %s", node.name)
+            return
+        except redis.RedisError:  # unreachable now: its own calls fail closed
+            continue
+        if str(reply.get("cluster-require-full-coverage", "")).lower() == "yes":
+            requiring.append(node.name)
+    if requiring:
+        log.warning(
+            "Redis Cluster nodes %s run with cluster-require-full-coverage yes (Redis's "
+            "default): once any master is down longer than cluster-node-timeout, every "
+            "node refuses every key, so a dead shard fails closed every key prefix, not "
+            "only those on it. Set cluster-require-full-coverage no on every node, and "
+            "give each master a replica so that Redis fails over.",
+            ", ".join(sorted(requiring)),
+        )
 
 
 class ClusterClient:
@@ -149,14 +244,17 @@ class ClusterClient:
     RedisCluster reads the slot map from the cluster as it is constructed; a
     worker may start before its store, so that waits for the first call, and a
     call that cannot reach the cluster fails closed (and the next one tries
-    again). Anything not defined here is the RedisCluster's own.
+    again). The first connection to *seed* in a process also checks the
+    masters' cluster-require-full-coverage. Anything not defined here is the
+    RedisCluster's own.
     """
 
     #: One pool per node, not one per client; asking must not connect.
     connection_pool = None
 
-    def __init__(self, connect: Callable[[], RedisCluster]) -> None:
+    def __init__(self, connect: Callable[[], RedisCluster], seed: str = "") -> None:
         self._connect = connect
+        self._seed = seed
         self._client: RedisCluster | None = None
         self._lock = threading.Lock()
 
@@ -168,9 +266,11 @@ class ClusterClient:
                 client = self._client
                 if client is None:
                     try:
-                        client = self._client = self._connect()
+                        client = self._connect()
                     except RedisClusterException as e:
                         raise ClusterError(f"Redis Cluster: {e}") from e
+                    _warn_if_full_coverage_required(client, self._seed)
+                    self._client = client
         return client
 
     def __getattr__(self, name: str) -> Any:
@@ -313,11 +413,9 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
             server.connection_pool.disconnect()
 
     atexit.register(shutdown)
-    kwargs = _pool_kwargs(config)
+    kwargs = _pool_kwargs(config, "unix")
     kwargs["path"] = server.socket_file
-    pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
-        connection_class=redis.UnixDomainSocketConnection, **kwargs
-    )
+    pool = redis.BlockingConnectionPool(**kwargs)  # type: ignore[no-untyped-call]
 
     def on_close() -> None:
         atexit.unregister(shutdown)

@@ -1,9 +1,11 @@
 """
 ``coreason-budget``: the command line for operators (argparse only, no extra dependencies).
 
-Exit codes are the contract for scripts: 0 done (or allowed), 1 refused by a
-budget, 2 bad input or configuration, 3 the store could not be asked (fail
-closed: treat it as refused). Known errors are one line on stderr, never a
+Exit codes are the contract for scripts: 0 done (or allowed; for ``spend``
+also "spooled": saved locally, recorded exactly once when the store is back,
+so never repeat it without its idempotency key), 1 refused by a budget, 2 bad
+input or configuration, 3 the store could not be asked (fail closed: treat it
+as refused; nothing was saved to be charged later). Known errors are one line on stderr, never a
 traceback. With ``--json`` (before or after the command) stdout carries exactly
 one JSON document, shaped like the HTTP API's answers, for errors too (argument
 errors aside: argparse reports those on stderr, exit 2).
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BudgetExceededError as e:
         return _fail(args, EXIT_REFUSED, "budget_exceeded", e, e.to_json())
     except BudgetUnavailableError as e:
-        return _fail(args, EXIT_UNAVAILABLE, "budget_unavailable", e)
+        return _fail(args, EXIT_UNAVAILABLE, "budget_unavailable", e, e.to_json())
     except (ConfigError, InvalidInputError, UnknownModelError) as e:
         return _fail(args, EXIT_USAGE, "invalid", e)
     except BudgetError as e:
@@ -83,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Daily LLM budgets per user, project and organisation, from the shell.",
-        epilog="Exit codes: 0 ok/allowed, 1 refused by a budget, 2 bad input or configuration, "
-        "3 budget store unavailable (fail closed). The store and limits come from "
+        epilog="Exit codes: 0 ok/allowed (or spend spooled: recorded once the store is back), "
+        "1 refused by a budget, 2 bad input or configuration, 3 budget store unavailable "
+        "(fail closed; nothing saved). The store and limits come from "
         f"{ENV_PREFIX}* variables (and .env) unless --redis-url is given.",
     )
     _common_options(parser, top=True)
@@ -373,16 +376,17 @@ def _check(args: argparse.Namespace) -> int:
 def _spend(args: argparse.Namespace) -> int:
     cost = _amount(args.cost, "COST")
     with _manager(args) as budget:
-        budget.record_spend(args.user, cost, args.project, args.model, args.idempotency_key)
+        receipt = budget.record_spend(
+            args.user, cost, args.project, args.model, args.idempotency_key
+        )
     if args.json:
         return _print_json(
             {
-                "status": "recorded",
+                **receipt.to_json(),
                 "user_id": args.user,
                 "project_id": args.project,
                 "model": args.model,
                 "cost_usd": float(cost),
-                "idempotency_key": args.idempotency_key,
             }
         )
     extra = "".join(
@@ -390,7 +394,18 @@ def _spend(args: argparse.Namespace) -> int:
         for name, value in (("project", args.project), ("model", args.model))
         if value is not None
     )
-    print(f"recorded {format_usd(to_nano(cost))} for user {args.user}{extra}")
+    what = f"{format_usd(to_nano(cost))} for user {args.user}{extra}"
+    key = receipt.idempotency_key
+    if receipt.status == "spooled":
+        print(
+            f"spooled {what}: the store is unreachable; saved locally and recorded exactly "
+            f"once when it is back (idempotency key {key}; retry only with "
+            f"--idempotency-key {key})"
+        )
+    elif receipt.status == "duplicate":
+        print(f"already recorded {what} (idempotency key {key}): nothing charged again")
+    else:
+        print(f"recorded {what} (idempotency key {key})")
     return EXIT_OK
 
 
@@ -422,7 +437,16 @@ def _replay_spool(args: argparse.Namespace) -> int:
         for other in summary.other_stores:
             print(f"left alone, for another store or prefix: {other}")
         if summary.torn_lines:
-            print(f"{summary.torn_lines} unreadable line(s) skipped (writes cut short by a crash)")
+            print(f"{summary.torn_lines} torn last line(s) skipped (writes cut short by a crash)")
+    if summary.quarantined:
+        # On stderr too with --json: a person must look at these, nothing will replay them.
+        unreadable = summary.quarantined - summary.rejected
+        print(
+            f"{PROG}: {summary.quarantined} line(s) quarantined ({summary.rejected} refused by "
+            f"the store, {unreadable} not a valid entry), never replayed, kept in: "
+            + ", ".join(summary.quarantine_files),
+            file=sys.stderr,
+        )
     if summary.error is not None:
         print(f"{PROG}: stopped: {summary.error}", file=sys.stderr)
         return EXIT_UNAVAILABLE

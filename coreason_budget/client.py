@@ -30,14 +30,16 @@ import threading
 import time
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from urllib.parse import quote, urlsplit
 
 import httpx
 
+from ._http_deadline import DeadlineTransport, attempt_deadline
 from ._manager import ScopeName
 from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, new_id, to_nano
 from ._pricing import _check_tokens
+from ._receipt import Kind, Receipt
 from ._reservation import OnError, SettlesOnExit
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
@@ -45,6 +47,7 @@ from .exceptions import (
     BudgetExceededError,
     BudgetUnavailableError,
     ConfigError,
+    IdempotencyConflictError,
     InvalidInputError,
     UnknownModelError,
     UnknownReservationError,
@@ -91,7 +94,8 @@ class BudgetClient:
         """
         *api_key* is sent as a bearer token; None only for a service run with
         ``--insecure-no-auth``. *transport* replaces httpx's network transport
-        (for tests, or a custom TLS setup).
+        (for tests, or a custom TLS setup); each attempt's *timeout* then bounds
+        only its individual reads and writes, as in httpx.
         """
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -111,14 +115,21 @@ class BudgetClient:
             )
         self.base_url = base_url.rstrip("/")
         self.retries = retries
+        self.timeout = float(timeout)
         headers = {"Accept": "application/json"}
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
+        if transport is None:
+            # httpx's timeouts bound each read, not a request: a peer trickling a byte at a
+            # time would hold the call for ever. This transport ends each attempt by its
+            # deadline (see _send), however slowly the peer answers.
+            transport = DeadlineTransport(self.base_url, limits)
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+            limits=limits,
             transport=transport,
             # A redirect would be somebody else's answer; never follow one with our key.
             follow_redirects=False,
@@ -142,20 +153,22 @@ class BudgetClient:
         project_id: str | None = None,
         model: str | None = None,
         idempotency_key: str | None = None,
-    ) -> None:
+    ) -> Receipt:
         """
         Record money already spent, in every scope, even past a limit.
 
         Without an *idempotency_key* one is generated per call, so the retry
-        of a request whose answer was lost records the spend once.
+        of a request whose answer was lost records the spend once. The receipt
+        says what the service did, as :meth:`BudgetManager.record_spend`'s does
+        ("spooled": the service saved it and records it once its store is back).
         """
         amount = to_nano(cost, "cost")
         body = _scope_body(user_id, project_id, model)
         body["cost"] = nano_to_usd(amount)
-        body["idempotency_key"] = (
-            new_id() if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
-        )
-        self._call("POST", "/spend", body, expect="recorded")
+        key = new_id() if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
+        body["idempotency_key"] = key
+        answer = self._call("POST", "/spend", body, ids={"idempotency_key": key})
+        return _answer_receipt("POST /spend", answer, "spend", key)
 
     def reserve(
         self,
@@ -181,18 +194,48 @@ class BudgetClient:
         body["estimate"] = nano_to_usd(amount)
         rid = new_id() if reservation_id is None else check_id(reservation_id, "reservation_id")
         body["reservation_id"] = rid
-        answer = self._call("POST", "/reservations", body)
-        if answer.get("reservation_id") != rid:
-            _unexpected("POST /reservations", answer)
-        return RemoteReservation(
-            self,
-            rid,
-            estimate_nano=_answer_nano(answer, "estimate_usd"),
-            state=_answer_str(answer, "state"),
-            user_id=user_id,
-            project_id=project_id,
-            model=model,
-            on_error=on_error,
+        try:
+            answer = self._call("POST", "/reservations", body, ids={"reservation_id": rid})
+            if answer.get("reservation_id") != rid:
+                _unexpected("POST /reservations", answer)
+            return RemoteReservation(
+                self,
+                rid,
+                estimate_nano=_answer_nano(answer, "estimate_usd"),
+                state=_answer_state(answer),
+                user_id=user_id,
+                project_id=project_id,
+                model=model,
+                on_error=on_error,
+                day=_answer_day(answer),
+            )
+        except BudgetUnavailableError as e:
+            self._undo_reserve(e, rid, _scope_body(user_id, project_id, model))
+            raise
+
+    def _undo_reserve(self, error: BudgetUnavailableError, rid: str, hold: dict[str, Any]) -> None:
+        """
+        A reserve whose answer was lost may have taken its hold, which nobody
+        would ever settle: release it by id, in the background (the caller's
+        error is not delayed), unless the request provably never left (a
+        refused connection).
+        """
+        if isinstance(error.__cause__, httpx.ConnectError):
+            return
+        path = f"{_reservation_path(rid)}/release"
+
+        def release() -> None:
+            try:
+                self._call("POST", path, hold)
+            except UnknownReservationError:
+                pass  # it never took a hold
+            except BudgetError as e:
+                log.warning("Could not release reservation %s (its reserve failed): %s", rid, e)
+
+        threading.Thread(target=release, name="coreason-budget-undo", daemon=True).start()
+        error.add_note(
+            f"Reservation {rid!r} is being released in case the service took it before failing; "
+            "reserving again needs a new reservation_id."
         )
 
     def reservation(self, reservation_id: str) -> RemoteReservation:
@@ -209,11 +252,12 @@ class BudgetClient:
             self,
             rid,
             estimate_nano=_answer_nano(answer, "estimate_usd"),
-            state=_answer_str(answer, "state"),
+            state=_answer_state(answer),
             user_id=_answer_str(answer, "user_id"),
             project_id=_answer_opt_str(answer, "project_id"),
             model=_answer_opt_str(answer, "model"),
             on_error="charge",
+            day=_answer_day(answer),
         )
 
     # -- reporting and administration -------------------------------------------
@@ -314,9 +358,14 @@ class BudgetClient:
         body: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
         expect: str | None = None,
+        ids: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """
         One request, retried on transport failures, as the decoded JSON object.
+
+        *ids*: the idempotency key or reservation id the request carries; a
+        BudgetUnavailableError names them, as the manager's does, so that the
+        caller's retry is safe.
 
         Every request the client sends may be repeated (reads, PUTs, and writes
         carrying an id), so retrying a request whose answer was lost is safe.
@@ -324,16 +373,23 @@ class BudgetClient:
         the service's answer (a proxy's page, say) is no "yes".
         """
         what = f"{method} {path}"
-        response = self._send(method, path, body, params, what)
         try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        if not response.is_success:
-            _raise_for(response.status_code, answer, response.text, what, self.base_url)
-        if not isinstance(answer, dict) or (expect is not None and answer.get("status") != expect):
-            _unexpected(what, answer if answer is not None else response.text)
-        return answer
+            response = self._send(method, path, body, params, what)
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = None
+            if not response.is_success:
+                _raise_for(response.status_code, answer, response.text, what, self.base_url)
+            if not isinstance(answer, dict) or (
+                expect is not None and answer.get("status") != expect
+            ):
+                _unexpected(what, answer if answer is not None else response.text)
+            return answer
+        except BudgetUnavailableError as e:
+            for name, value in (ids or {}).items():
+                setattr(e, name, value)
+            raise
 
     def _send(
         self,
@@ -346,7 +402,9 @@ class BudgetClient:
         attempt = 0
         while True:
             try:
-                return self._http.request(method, path, json=body, params=params)
+                # The whole attempt, body included (httpx reads it inside request()).
+                with attempt_deadline(self.timeout):
+                    return self._http.request(method, path, json=body, params=params)
             except httpx.TransportError as e:
                 if attempt >= self.retries:
                     raise BudgetUnavailableError(
@@ -388,6 +446,7 @@ class RemoteReservation(SettlesOnExit):
         project_id: str | None,
         model: str | None,
         on_error: OnError,
+        day: datetime.date,
     ) -> None:
         self._client = client
         self._lock = threading.Lock()
@@ -397,45 +456,72 @@ class RemoteReservation(SettlesOnExit):
         self.model = model
         self.on_error: OnError = on_error
         self.estimate_nano = estimate_nano
+        #: The (UTC) day the hold was taken on, which it settles on.
+        self.date = day
         #: "held", then "committed" or "released".
         self.state = state
+        #: What became of the settlement's money, once settled through this handle.
+        self.receipt: Receipt | None = None
 
     @property
     def estimate_usd(self) -> float:
         return nano_to_usd(self.estimate_nano)
 
-    def commit(self, actual_cost: float | Decimal) -> None:
+    def commit(self, actual_cost: float | Decimal) -> Receipt:
         """Settle the hold to *actual_cost* (recorded in full even past a limit). Once."""
         actual = to_nano(actual_cost, "actual_cost")
-        self._settle("commit", {"actual_cost": nano_to_usd(actual)})
+        return self._settle("commit", {"actual_cost": nano_to_usd(actual)})
 
-    def release(self) -> None:
+    def release(self) -> Receipt:
         """Give the whole hold back (the call was not made). A no-op once settled."""
-        self._settle("release", None)
+        return self._settle("release", {})
 
     def commit_usage(
-        self, *, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
-    ) -> None:
-        """Commit the price of the tokens used, as the service prices the reservation's model."""
+        self,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
+    ) -> Receipt:
+        """
+        Commit the price of the tokens used, as the service prices the reservation's model.
+
+        Cache reads and writes are counted within *input_tokens*, as in ``BudgetManager``.
+        """
         if self.model is None:
             raise InvalidInputError("commit_usage() needs a reservation made with model=...")
         # The pricing engine's own checks (importing it does not import litellm),
         # plus the service's bound on a count.
-        inp, out, cached = _check_tokens(input_tokens, output_tokens, cached_input_tokens)
+        inp, out, cached, creation = _check_tokens(
+            input_tokens, output_tokens, cached_input_tokens, cache_creation_input_tokens
+        )
         for what, value in (("input_tokens", inp), ("output_tokens", out)):
             if value > MAX_TOKENS:
                 raise InvalidInputError(f"{what} of {value} is above the maximum of {MAX_TOKENS:,}")
-        self._settle(
-            "commit",
-            {"input_tokens": inp, "output_tokens": out, "cached_input_tokens": cached},
-        )
+        body = {"input_tokens": inp, "output_tokens": out, "cached_input_tokens": cached}
+        if creation:
+            # Only when used: an older service refuses a field it does not know.
+            body["cache_creation_input_tokens"] = creation
+        return self._settle("commit", body)
 
-    def _settle(self, action: str, body: dict[str, Any] | None) -> None:
+    def _settle(self, action: Literal["commit", "release"], body: dict[str, Any]) -> Receipt:
         with self._lock:
-            if self.state != "held":
-                return
-            answer = self._client._call("POST", f"{_reservation_path(self.id)}/{action}", body)
-            self.state = _answer_str(answer, "status")
+            if self.receipt is not None:
+                return self.receipt
+            if self.state != "held":  # settled before this handle was made
+                self.receipt = Receipt("duplicate", action, self.id, 0)
+                return self.receipt
+            # The hold as this handle knows it: should the store have lost the
+            # record, the service still records the settlement once, on its day.
+            body = {**body, **_scope_body(self.user_id, self.project_id, self.model)}
+            body["day"] = self.date.isoformat()
+            path = f"{_reservation_path(self.id)}/{action}"
+            answer = self._client._call("POST", path, body, ids={"reservation_id": self.id})
+            receipt = _answer_receipt(f"POST {path}", answer, action, self.id)
+            self.state = _answer_state(answer)
+            self.receipt = receipt
+            return receipt
 
     def _settle_on_exit(self, release: bool) -> None:
         if release:
@@ -496,6 +582,36 @@ def _answer_str(answer: dict[str, Any], key: str) -> str:
     return value
 
 
+def _answer_state(answer: dict[str, Any]) -> str:
+    state = _answer_str(answer, "state")
+    if state not in ("held", "committed", "released"):
+        _unexpected("state", answer)
+    return state
+
+
+def _answer_day(answer: dict[str, Any]) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(_answer_str(answer, "day"))
+    except ValueError:
+        _unexpected("day", answer)
+
+
+def _answer_receipt(what: str, answer: dict[str, Any], kind: Kind, key: str) -> Receipt:
+    """The service's receipt for the write this client sent, or fail closed."""
+    status = answer.get("status")
+    if (
+        status not in ("recorded", "duplicate", "spooled", "expired")
+        or answer.get("kind") != kind
+        or answer.get("idempotency_key") != key
+    ):
+        _unexpected(what, answer)
+    try:
+        amount = _int(answer.get("amount_nano"))
+    except TypeError:
+        _unexpected(what, answer)
+    return Receipt(status, kind, key, amount)
+
+
 def _answer_opt_str(answer: dict[str, Any], key: str) -> str | None:
     value = answer.get(key)
     if value is not None and not isinstance(value, str):
@@ -550,6 +666,8 @@ def _raise_for(status: int, answer: object, text: str, what: str, base_url: str)
         raise named(detail)
     if status == 404 and what.split(" ", 1)[1].startswith("/reservations/"):
         raise UnknownReservationError(detail)
+    if status == 409:
+        raise IdempotencyConflictError(detail)
     if status in (401, 403):
         raise BudgetError(
             f"budget service at {base_url} refused the API key for {what} ({status}: {detail})"

@@ -13,6 +13,7 @@ __all__ = [
     "BudgetExceededError",
     "BudgetUnavailableError",
     "ConfigError",
+    "IdempotencyConflictError",
     "InvalidInputError",
     "UnknownModelError",
     "UnknownReservationError",
@@ -81,11 +82,51 @@ class BudgetUnavailableError(BudgetError):
 
     We fail closed: treat this exactly like "over budget" and do not make the
     call, because a guard that lets calls through when it is down guards nothing.
+
+    Nothing this error answers is charged later: a write that was saved to the
+    local spool returns a receipt saying "spooled" instead of raising this. When
+    the store may have taken a write whose reply was lost, the ids below make a
+    retry safe: pass them back and the write lands once.
+
+    *idempotency_key*: the spend's key (the one generated for it, if none was given).
+    *reservation_id*: the reservation the failed call was about. For a reserve
+    whose outcome is unknown, the library is undoing that hold (directly, or
+    through the spool); reserving again needs a new id.
     """
+
+    idempotency_key: str | None
+    reservation_id: str | None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        idempotency_key: str | None = None,
+        reservation_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.idempotency_key = idempotency_key
+        self.reservation_id = reservation_id
+
+    def to_json(self) -> dict[str, object]:
+        """The ids a retry needs, as the HTTP API and CLI report them (only those set)."""
+        ids = {"idempotency_key": self.idempotency_key, "reservation_id": self.reservation_id}
+        return {k: v for k, v in ids.items() if v is not None}
 
 
 class InvalidInputError(BudgetError, ValueError):
     """An argument is malformed (a negative or NaN cost, an empty id, ...); nothing was written."""
+
+
+class IdempotencyConflictError(InvalidInputError):
+    """
+    An idempotency key or reservation id was used before for a different write
+    (another user, other scopes or another amount); nothing was written.
+
+    Repeating a write with the same key and the same payload is a safe no-op;
+    the same key for something else is a bug in the caller that would otherwise
+    lose one of the two charges or settle someone else's hold.
+    """
 
 
 class ConfigError(BudgetError, ValueError):

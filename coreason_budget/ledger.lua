@@ -22,16 +22,20 @@
 --            n          the number of scopes (at most 4), then n default limits
 --                       (-1: tracked, never limited)
 -- ARGV[2 .. n+1]  the scopes' fields, narrowest first (ids may hold any character)
--- ARGV[n+2]       for reserve, commit and release: the same scopes as a reservation
---                 record keeps them, "<n> <len 1> .. <len n>\n" then the fields back
---                 to back (lengths in bytes)
+-- ARGV[n+2]       for every write: the same scopes as a record keeps them,
+--                 "<n> <len 1> .. <len n>\n" then the fields back to back (lengths
+--                 in bytes)
 --
 -- A reservation is a string, "<state> <day> <held> " then its scopes as ARGV[n+2]
 -- gives them. One SET NX both creates it with its expiry and refuses a second.
+-- A tombstone (a settlement whose reservation the store had lost) holds "-".
+-- An operation-id marker is "<amount> " then the scopes: what the id paid for,
+-- so that the id reused for another payment is refused, not taken for a retry.
 --
 -- Replies: the day the operation was booked on (an integer) when it did what
 -- was asked; otherwise a list whose first word says why (NO, DUP, DONE, GONE,
--- DAY), or usage's and report's values.
+-- DAY, CONFLICT: the id was used for another payload, BIG: a counter would
+-- pass what Redis can count), or usage's and report's values.
 --
 -- Amounts stay below 2^53 (the client bounds them), so Lua's doubles hold them exactly.
 
@@ -74,6 +78,24 @@ local function refusal(n, amount, spent, overrides, defaults_s)
         end
     end
     return nil
+end
+
+-- The index (from 1) of the first of fields[first .. last] that adding delta
+-- would take past what a Redis integer holds (2^63 - 1, with a margin far above
+-- the doubles' rounding here), or nil. Checked before the first write: a
+-- script's writes are not undone when a later one fails.
+local function overflow(counters, fields, first, last, delta, values)
+    if delta <= 0 then return nil end
+    -- unpack: Lua 5.1's (Redis), else 5.4's (fakeredis); a global, not an upvalue.
+    values = values or redis.call('HMGET', counters, (unpack or table.unpack)(fields, first, last))
+    for i = 1, last - first + 1 do
+        if tonumber(values[i] or '0') + delta > 9.2e18 then return i end
+    end
+    return nil
+end
+
+local function too_big(i)
+    return {'BIG', string.format('%d', i)}
 end
 
 -- Add delta to fields[first .. last]; true when that created a field. The day's
@@ -146,9 +168,13 @@ elseif op == 'spend' or op == 'replay' then
     -- Only a replay can name a day past retention: its counters are gone, so is the charge.
     local ttl = expiry(d, retention, now)
     if ttl <= 0 then return {'GONE', 'expired'} end
+    local big = overflow(counters, ARGV, 2, n + 1, amount)
+    if big then return too_big(big) end
     -- The marker outlives the charge it guards: a spool replayed days later
     -- (a crashed job's, picked up on its next run) must still find it.
-    if not redis.call('SET', record, '1', 'NX', 'PX', math.max(ttl, tonumber(op_ttl))) then
+    local paid = amount_s .. ' ' .. ARGV[n + 2]
+    if not redis.call('SET', record, paid, 'NX', 'PX', math.max(ttl, tonumber(op_ttl))) then
+        if redis.call('GET', record) ~= paid then return {'CONFLICT'} end
         return {'DUP'}
     end
     if charge(counters, ARGV, 2, n + 1, amount, amount_s) then
@@ -163,6 +189,8 @@ elseif op == 'reserve' then
     local prior = no and redis.call('GET', record)
     if no and not prior then return no end
     if not prior then
+        local big = overflow(counters, ARGV, 2, n + 1, amount, spent)
+        if big then return too_big(big) end
         local ttl = expiry(d, retention, now)
         local value = 'held ' .. day .. ' ' .. amount_s .. ' ' .. ARGV[n + 2]
         if redis.call('SET', record, value, 'NX', 'PX', ttl) then
@@ -173,7 +201,12 @@ elseif op == 'reserve' then
         end
         prior = redis.call('GET', record)
     end
-    return {'DUP', string.match(prior, '^(%a+) (%d+) (%d+)')}
+    -- The same id for another hold (other scopes, another estimate) is no retry.
+    local state, held_day, held, scopes = string.match(prior, '^(%a+) (%d+) (%S+) ()')
+    if string.sub(prior, scopes) ~= ARGV[n + 2] or (held ~= '-' and held ~= amount_s) then
+        return {'CONFLICT'}
+    end
+    return {'DUP', state, held_day, held}
 
 elseif op == 'commit' or op == 'release' then
     local state = op == 'commit' and 'committed' or 'released'
@@ -185,13 +218,18 @@ elseif op == 'commit' or op == 'release' then
         -- of this settle does not charge again.
         local ttl = expiry(d, retention, clock(stamp))
         if ttl <= 0 then return {'GONE', 'expired'} end
-        if op == 'commit' and charge(counters, ARGV, 2, n + 1, amount, amount_s) then
-            redis.call('PEXPIRE', counters, ttl)
+        if op == 'commit' then
+            local big = overflow(counters, ARGV, 2, n + 1, amount)
+            if big then return too_big(big) end
+            if charge(counters, ARGV, 2, n + 1, amount, amount_s) then
+                redis.call('PEXPIRE', counters, ttl)
+            end
         end
-        redis.call('SET', record, state .. ' ' .. day .. ' 0 0\n', 'PX', ttl)
+        -- The tombstone keeps the scopes, so the id still names whose it was.
+        redis.call('SET', record, state .. ' ' .. day .. ' - ' .. ARGV[n + 2], 'PX', ttl)
         return {'GONE', 'recorded'}
     end
-    local was, held_day, held, scopes = string.match(rec, '^(%a+) (%d+) (%d+) ()')
+    local was, held_day, held, scopes = string.match(rec, '^(%a+) (%d+) (%S+) ()')
     if was ~= 'held' then
         return {'DONE', was}
     end
@@ -201,6 +239,8 @@ elseif op == 'commit' or op == 'release' then
     local delta = amount - tonumber(held)
     local fresh
     if string.sub(rec, scopes) == ARGV[n + 2] then
+        local big = overflow(counters, ARGV, 2, n + 1, delta)
+        if big then return too_big(big) end
         fresh = charge(counters, ARGV, 2, n + 1, delta)  -- the usual case: no cutting up
     else
         -- Settled naming other scopes than it holds (never by this library's
@@ -212,6 +252,8 @@ elseif op == 'commit' or op == 'release' then
             fields[#fields + 1] = string.sub(rec, at, after - 1)
             at = after
         end
+        local big = overflow(counters, fields, 1, #fields, delta)
+        if big then return too_big(big) end
         fresh = charge(counters, fields, 1, #fields, delta)
     end
     if fresh then  -- a refund never creates a field; a charge above the hold may

@@ -11,6 +11,7 @@ must treat it as "no"), 422 bad input, 404 unknown reservation, 401/403 auth.
 # No "from __future__ import annotations": FastAPI resolves the handlers' annotations at
 # runtime, and some refer to names local to create_app().
 
+import datetime
 import hmac
 import logging
 import os
@@ -33,11 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ._config import ENV_PREFIX, BudgetConfig
 from ._manager import BudgetManager
 from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_USD
+from ._receipt import Receipt
+from ._reservation import Reservation
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
     BudgetUnavailableError,
     ConfigError,
+    IdempotencyConflictError,
     InvalidInputError,
     UnknownModelError,
     UnknownReservationError,
@@ -107,6 +111,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or unknown API key",
         403: "this API key may not do that (limits need an admin key)",
         404: "no such reservation (never made, or expired)",
+        409: "this idempotency key or reservation id was used for a different charge; "
+        "nothing was written",
         422: "bad input; nothing was changed",
         429: "over budget; nothing was charged",
         503: "the budget store is unavailable: fail closed, treat as refused",
@@ -147,13 +153,27 @@ class ReserveBody(_Body):
     reservation_id: Id | None = None
 
 
-class CommitBody(_Body):
+class HoldBody(_Body):
+    """
+    The hold as the client knows it (from its reserve answer): optional, and
+    only read when the store has lost the reservation's record (restarted
+    empty), so that its settlement is still recorded once, on its day.
+    """
+
+    user_id: Id | None = None
+    project_id: Id | None = None
+    model: Id | None = None
+    day: datetime.date | None = None
+
+
+class CommitBody(HoldBody):
     """Either ``actual_cost``, or token counts priced with the reservation's model."""
 
     actual_cost: Usd | None = None
     input_tokens: Tokens | None = None
     output_tokens: Tokens | None = None
     cached_input_tokens: Tokens = 0
+    cache_creation_input_tokens: Tokens = 0
 
 
 class LimitBody(_Body):
@@ -275,14 +295,20 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
     def _budget_error(_: Request, e: BudgetError) -> JSONResponse:
         if isinstance(e, BudgetExceededError):
             return JSONResponse({"detail": str(e), **e.to_json()}, status_code=429)
-        status = 422
+        status, extra = 422, {}
         if isinstance(e, BudgetUnavailableError):
-            status = 503
+            # Nothing was saved to be charged later; the ids make the client's retry safe.
+            status, extra = 503, e.to_json()
         elif isinstance(e, UnknownReservationError):
             status = 404
+        elif isinstance(e, IdempotencyConflictError):
+            status = 409
         elif not isinstance(e, InvalidInputError | UnknownModelError):
             status = 500
-        return JSONResponse({"detail": str(e), "error": type(e).__name__}, status_code=status)
+        detail = "\n".join([str(e), *getattr(e, "__notes__", [])])
+        return JSONResponse(
+            {"detail": detail, "error": type(e).__name__, **extra}, status_code=status
+        )
 
     @app.get(
         "/health",
@@ -305,17 +331,22 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         metrics.decided("allowed", "all", body.estimated_cost)
         return {"status": "allowed"}
 
-    @app.post("/spend", dependencies=user, responses=_GUARDED)
-    def spend(body: SpendBody) -> dict[str, str]:
-        """Record money already spent; once per idempotency_key."""
+    @app.post("/spend", dependencies=user, responses=_GUARDED | _errors(409) | _SPOOLED)
+    def spend(body: SpendBody) -> JSONResponse:
+        """
+        Record money already spent; once per idempotency_key. 200 "recorded" or
+        "duplicate"; 202 "spooled": the store is unreachable, the service saved
+        the spend and records it exactly once when it is back.
+        """
         with metrics.store("spend"):
-            manager.record_spend(
+            receipt = manager.record_spend(
                 body.user_id, body.cost, body.project_id, body.model, body.idempotency_key
             )
-        metrics.decided("recorded", "all", body.cost)
-        return {"status": "recorded"}
+        if receipt.status == "recorded":
+            metrics.decided("recorded", "all", body.cost)
+        return _receipt(receipt)
 
-    @app.post("/reservations", dependencies=user, responses=_GUARDED | _errors(429))
+    @app.post("/reservations", dependencies=user, responses=_GUARDED | _errors(409, 429))
     def reserve(body: ReserveBody) -> dict[str, Any]:
         """Hold the estimate in every scope (429 if it does not fit)."""
         with metrics.store("reserve"):
@@ -327,7 +358,12 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
                 reservation_id=body.reservation_id,
             )
         metrics.decided("allowed", "all", r.estimate_usd)
-        return {"reservation_id": r.id, "state": r.state, "estimate_usd": r.estimate_usd}
+        return {
+            "reservation_id": r.id,
+            "state": r.state,
+            "estimate_usd": r.estimate_usd,
+            "day": r.date.isoformat(),
+        }
 
     @app.get(
         "/reservations/{reservation_id:path}",
@@ -344,43 +380,59 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             "user_id": r.user_id,
             "project_id": r.project_id,
             "model": r.model,
+            "day": r.date.isoformat(),
         }
+
+    def _held(reservation_id: str, body: HoldBody) -> Reservation:
+        """The reservation, or (its record lost) the hold as the client describes it."""
+        return manager.reservation(
+            reservation_id,
+            user_id=body.user_id,
+            project_id=body.project_id,
+            model=body.model,
+            date=body.day,
+        )
 
     @app.post(
         "/reservations/{reservation_id:path}/commit",
         dependencies=user,
-        responses=_GUARDED | _errors(404),
+        responses=_GUARDED | _errors(404) | _SPOOLED,
     )
-    def commit(reservation_id: Id, body: CommitBody) -> dict[str, str]:
-        """Settle to the actual cost (or priced token usage). Repeats are no-ops."""
+    def commit(reservation_id: Id, body: CommitBody) -> JSONResponse:
+        """
+        Settle to the actual cost (or priced token usage). Repeats are no-ops
+        ("duplicate"); 202 "spooled" when the store is unreachable (recorded once
+        it is back). ``state`` is the reservation's state after it.
+        """
         tokens = body.input_tokens is not None or body.output_tokens is not None
         if (body.actual_cost is None) == (not tokens):
             raise InvalidInputError("send either actual_cost or input_tokens and output_tokens")
         with metrics.store("commit"):
-            r = manager.reservation(reservation_id)
+            r = _held(reservation_id, body)
             if body.actual_cost is not None:
-                r.commit(body.actual_cost)
+                receipt = r.commit(body.actual_cost)
             else:
-                r.commit_usage(
+                receipt = r.commit_usage(
                     input_tokens=body.input_tokens or 0,
                     output_tokens=body.output_tokens or 0,
                     cached_input_tokens=body.cached_input_tokens,
+                    cache_creation_input_tokens=body.cache_creation_input_tokens,
                 )
-        if r.state == "committed" and body.actual_cost is not None:
-            metrics.decided("recorded", "all", body.actual_cost)
-        return {"status": r.state}
+        if receipt.status == "recorded":
+            metrics.decided("recorded", "all", receipt.amount_usd)
+        return _receipt(receipt, r.state)
 
     @app.post(
         "/reservations/{reservation_id:path}/release",
         dependencies=user,
-        responses=_GUARDED | _errors(404),
+        responses=_GUARDED | _errors(404) | _SPOOLED,
     )
-    def release(reservation_id: Id) -> dict[str, str]:
+    def release(reservation_id: Id, body: HoldBody | None = None) -> JSONResponse:
         """Give the hold back. Repeats (and release after commit) are no-ops."""
         with metrics.store("release"):
-            r = manager.reservation(reservation_id)
-            r.release()
-        return {"status": r.state}
+            r = _held(reservation_id, body or HoldBody())
+            receipt = r.release()
+        return _receipt(receipt, r.state)
 
     @app.get("/usage/{user_id}", dependencies=user, responses=_GUARDED)
     def usage(user_id: Id, project_id: Id | None = None) -> dict[str, Any]:
@@ -408,6 +460,23 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _receipt(receipt: Receipt, state: str | None = None) -> JSONResponse:
+    """A write's answer: 202 when it was only saved (spooled), 200 when the store has it."""
+    doc = receipt.to_json()
+    if state is not None:
+        doc["state"] = state
+    return JSONResponse(doc, status_code=202 if receipt.spooled else 200)
+
+
+_SPOOLED: dict[int | str, dict[str, Any]] = {
+    202: {
+        "description": "the store is unreachable: saved by the service (status "
+        '"spooled") and recorded exactly once when the store is back; a retry must '
+        "reuse the idempotency key"
+    }
+}
 
 
 class _HTTPError(Exception):

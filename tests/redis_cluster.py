@@ -7,6 +7,11 @@ the nodes itself (CLUSTER ADDSLOTS, SET-CONFIG-EPOCH, MEET), so neither
 redis-cli nor redis-trib is needed. No replicas: failover is Redis's business,
 the library only has to route, retry and fail closed.
 
+The nodes run with ``cluster-require-full-coverage no``, the setting the README
+asks operators for (a dead master stops only its own slots); pass
+``require_full_coverage=True`` for Redis's default, under which every node
+refuses every key once any master has been marked failed.
+
 ``python -m tests.redis_cluster --measure`` starts a cluster and measures
 reserve+commit throughput on one prefix (one shard) against three prefixes on
 three shards.
@@ -64,8 +69,18 @@ def slot_ranges(masters: int) -> list[tuple[int, int]]:
 class RedisClusterServers:
     """N masters on free loopback ports, slots split evenly, no persistence."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        *,
+        require_full_coverage: bool = False,
+        node_timeout_ms: int = 2000,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.masters = masters
+        self.require_full_coverage = require_full_coverage
+        self.node_timeout_ms = node_timeout_ms
+        self.extra_args = list(extra_args)
         self.dir = tempfile.mkdtemp(prefix="cb-cluster-")
         self.ports: list[int] = []
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -110,11 +125,14 @@ class RedisClusterServers:
                 "--bind", "127.0.0.1",
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"{self.dir}/nodes-{node_port}.conf",
-                "--cluster-node-timeout", "2000",
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--cluster-require-full-coverage",
+                "yes" if self.require_full_coverage else "no",
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", self.dir,
                 "--daemonize", "no",
+                *self.extra_args,
             ]  # fmt: skip
             proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             client = redis.Redis(port=node_port, socket_connect_timeout=0.2)
@@ -158,6 +176,56 @@ class RedisClusterServers:
 
     def resume(self, index: int) -> None:
         self.procs[index].send_signal(signal.SIGCONT)
+
+    def wait_failed(self, index: int, timeout: float = 30.0) -> float:
+        """
+        Wait until every other master flags master *index* ``fail`` (not just
+        ``fail?``): past cluster-node-timeout, once a majority agreed. Returns
+        the seconds waited.
+        """
+        start = time.monotonic()
+        others = [p for i, p in enumerate(self.ports) if i != index]
+        target = f":{self.ports[index]}@"
+        while True:
+            flagged = 0
+            for port in others:
+                client = redis.Redis(port=port, decode_responses=True, socket_timeout=10)
+                try:
+                    nodes: str = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+                finally:
+                    client.close()
+                for line in nodes.splitlines():
+                    fields = line.split()
+                    if target in fields[1] and "fail" in fields[2].split(","):
+                        flagged += 1
+            if flagged == len(others):
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise RuntimeError(f"master {self.ports[index]} was not marked failed")
+            time.sleep(0.05)
+
+    def cluster_state(self, index: int) -> str:
+        """``ok`` or ``fail``, as master *index* sees the cluster."""
+        client = self.clients()[index]
+        try:
+            info: str = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+        return dict(line.split(":", 1) for line in info.split() if ":" in line)["cluster_state"]
+
+    def unassign_slots_of(self, index: int) -> None:
+        """
+        On every other master, forget who owns master *index*'s slots (CLUSTER
+        DELSLOTS): the slot map the cluster reports then has a hole. A master
+        that comes back claims its slots again.
+        """
+        low, high = slot_ranges(self.masters)[index]
+        for i, client in enumerate(self.clients()):
+            try:
+                if i != index:
+                    client.execute_command("CLUSTER", "DELSLOTS", *range(low, high + 1))  # type: ignore[no-untyped-call]
+            finally:
+                client.close()
 
     def wait_ready(self, deadline: float) -> None:
         clients = self.clients()
@@ -225,8 +293,9 @@ def prefixes_on_distinct_masters(servers: RedisClusterServers, base: str = "tena
 
 
 @contextlib.contextmanager
-def running_cluster(masters: int = 3) -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(masters)
+def running_cluster(masters: int = 3, **options: Any) -> Iterator[RedisClusterServers]:
+    """A started cluster, stopped on exit; *options* as RedisClusterServers takes them."""
+    servers = RedisClusterServers(masters, **options)
     servers.start()
     try:
         yield servers

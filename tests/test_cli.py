@@ -25,7 +25,7 @@ from coreason_budget import UnknownModelError, _pricing
 from coreason_budget._demo import DemoResult
 from coreason_budget.cli import _ProgressBar, format_demo, main, table, usd
 
-from .redis_server import free_port
+from .redis_server import RedisServer, free_port
 
 NANO = 1_000_000_000
 
@@ -88,11 +88,14 @@ class TestSpendAndUsage:
     ) -> None:
         """A retried spend with the same key is recorded once."""
         argv = ("--redis-url", redis_url, "spend", "carol", "0.25", "--idempotency-key", "inv-7")
-        for _ in range(3):
+        for status in ("recorded", "duplicate", "duplicate"):
             code, doc = run_json(capsys, *argv)
             assert code == 0
             assert doc == {
-                "status": "recorded",
+                "status": status,
+                "kind": "spend",
+                "amount_usd": 0.25 if status == "recorded" else 0.0,
+                "amount_nano": NANO // 4 if status == "recorded" else 0,
                 "user_id": "carol",
                 "project_id": None,
                 "model": None,
@@ -336,7 +339,7 @@ class TestErrors:
     def test_store_down_exits_3(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Fail closed: an unreachable store is exit 3, promptly, without a traceback."""
         dead = f"redis://127.0.0.1:{free_port()}"
-        for argv in (["usage", "a"], ["check", "a", "1"], ["spend", "a", "1"], ["report"]):
+        for argv in (["usage", "a"], ["check", "a", "1"], ["report"]):
             start = time.monotonic()
             code, out, err = run(capsys, *argv, "--redis-url", dead)
             assert code == 3, argv
@@ -344,6 +347,42 @@ class TestErrors:
             assert err.startswith("coreason-budget: budget store unavailable")
             assert "Traceback" not in err
             assert time.monotonic() - start < 5
+
+    def test_spend_with_the_store_down_is_spooled_and_charged_once(
+        self, capsys: pytest.CaptureFixture[str], own_redis: RedisServer
+    ) -> None:
+        """
+        "Saved" is exit 0 and names the key; the natural retry with it, and the
+        replay, charge the spend once (it was exit 3 and charged twice).
+        """
+        url = own_redis.url
+        own_redis.kill()
+        code, doc = run_json(capsys, "--redis-url", url, "spend", "alice", "0.05")
+        assert code == 0
+        assert doc["status"] == "spooled"
+        key = doc["idempotency_key"]
+        code, out, _ = run(
+            capsys, "--redis-url", url, "spend", "alice", "0.05", "--idempotency-key", key
+        )
+        assert code == 0
+        assert out.startswith("spooled $0.05 for user alice")
+        assert key in out
+        own_redis.start()
+        assert run(capsys, "--redis-url", url, "replay-spool")[0] == 0
+        _, doc = run_json(capsys, "--redis-url", url, "usage", "alice")
+        assert doc["user"]["spent_nano"] == 50_000_000
+
+    def test_spend_without_a_spool_exits_3_naming_the_key(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Nothing saved: exit 3, and the key that makes a retry safe."""
+        monkeypatch.setenv("COREASON_BUDGET_SPOOL_DIR", "off")
+        dead = f"redis://127.0.0.1:{free_port()}"
+        code, out, err = run(capsys, "--json", "spend", "a", "1", "--redis-url", dead)
+        assert code == 3
+        assert json.loads(out)["error"] == "budget_unavailable"
+        assert json.loads(out)["idempotency_key"]
+        assert err.startswith("coreason-budget: budget store unavailable")
 
     def test_store_down_json(self, capsys: pytest.CaptureFixture[str]) -> None:
         code, out, err = run(

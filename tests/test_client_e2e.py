@@ -9,6 +9,7 @@ threads, and through a store outage.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -302,21 +303,26 @@ class TestAgainstTheService:
                 own_redis.kill()
                 raise KeyError("the caller's own error")
 
-        with BudgetClient(live(redis_url=own_redis.url).url, USER_KEY, retries=0) as c:
+        url = live(redis_url=own_redis.url, spool_dir="off").url
+        with BudgetClient(url, USER_KEY, retries=0) as c:
             with pytest.raises(KeyError, match="the caller's own error"):
                 failing_call(c)
             assert "Could not settle reservation" in caplog.text
             [r] = handles
             assert r.state == "held"
-            with pytest.raises(BudgetUnavailableError):
+            with pytest.raises(BudgetUnavailableError) as down:
                 r.commit(0.5)
+            assert down.value.reservation_id == r.id
             assert r.state == "held"
             own_redis.start()  # empty: the store had no persistence
-            # The service settles by id only, so a hold whose record was lost is
-            # unknown to it (the manager, which knows the scopes, would record it).
-            with pytest.raises(UnknownReservationError):
-                r.commit(0.5)
-            assert r.state == "held"
+            # The hold's record was lost; the handle tells the service whose
+            # and which day it was, so the actual cost is recorded once.
+            assert r.commit(0.5).status == "recorded"
+            assert r.state == "committed"
+            assert c.usage("u")["user"].spent_nano == NANO // 2
+            assert c.reservation(r.id).state == "committed"
+            assert c.reservation(r.id).commit(0.5).status == "duplicate"
+            assert c.usage("u")["user"].spent_nano == NANO // 2
 
     def test_report(self, client: BudgetClient) -> None:
         client.record_spend("a", 1, project_id="p", model="house-llm")
@@ -355,19 +361,47 @@ class TestAgainstTheService:
             c.check_availability("u", 1)
 
     def test_store_down_is_unavailable(self, live: LiveFactory, own_redis: RedisServer) -> None:
-        with BudgetClient(live(redis_url=own_redis.url).url, USER_KEY) as c:
+        with BudgetClient(live(redis_url=own_redis.url, spool_dir="off").url, USER_KEY) as c:
             c.ping()
             own_redis.kill()
             for call in (
                 lambda: c.ping(),
                 lambda: c.check_availability("u", 1),
-                lambda: c.record_spend("u", 1),
                 lambda: c.reserve("u", 1),
                 lambda: c.usage("u"),
                 lambda: c.report(),
             ):
                 with pytest.raises(BudgetUnavailableError):
                     call()
+            # Nothing saved: the error names the key that makes the retry safe.
+            with pytest.raises(BudgetUnavailableError) as info:
+                c.record_spend("u", 1, idempotency_key="k")
+            assert info.value.idempotency_key == "k"
+
+    def test_a_spend_the_service_spooled_is_charged_once(
+        self, live: LiveFactory, own_redis: RedisServer
+    ) -> None:
+        """
+        With the store down the service saves the spend: the client says
+        "spooled" with the key, and the natural retry with it charges once
+        (it raised BudgetUnavailableError, and the retry charged twice).
+        """
+        with BudgetClient(live(redis_url=own_redis.url).url, USER_KEY) as c:
+            c.ping()
+            own_redis.kill()
+            receipt = c.record_spend("alice", 0.05)
+            assert receipt.status == "spooled"
+            again = c.record_spend("alice", 0.05, idempotency_key=receipt.idempotency_key)
+            assert again.status == "spooled"
+            own_redis.start()
+            c.ping()  # a call that reaches the store starts the service's replay
+            deadline = time.monotonic() + 10
+            while c.usage("alice")["user"].spent_nano == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.usage("alice")["user"].spent_nano == 50_000_000
+            key = receipt.idempotency_key
+            assert c.record_spend("alice", 0.05, idempotency_key=key).status == "duplicate"
+            assert c.usage("alice")["user"].spent_nano == 50_000_000
 
     def test_threads_share_one_client(self, client: BudgetClient) -> None:
         errors: list[BaseException] = []
@@ -446,7 +480,7 @@ class TestValidatedBeforeSending:
         with unreachable() as c:
             r = RemoteReservation(
                 c, "r", estimate_nano=1, state="held", user_id="u", project_id=None,
-                model="house-llm", on_error="charge",
+                model="house-llm", on_error="charge", day=datetime.date(2026, 1, 1),
             )  # fmt: skip
             with pytest.raises(InvalidInputError, match=message):
                 r.commit_usage(**kwargs)
@@ -490,6 +524,20 @@ def scripted(
     return client, sent
 
 
+DAY = "2026-11-29"
+
+
+def spend_receipt(key: str, status: str = "recorded") -> dict[str, Any]:
+    """The service's answer to a $1 POST /spend."""
+    return {
+        "status": status,
+        "kind": "spend",
+        "idempotency_key": key,
+        "amount_usd": 1.0,
+        "amount_nano": NANO,
+    }
+
+
 def body_of(request: httpx.Request) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(request.content)
     return result
@@ -504,7 +552,8 @@ class TestTransport:
                 raise httpx.ReadTimeout("lost", request=request)
             rid = body_of(request)["reservation_id"]
             return httpx.Response(
-                200, json={"reservation_id": rid, "state": "held", "estimate_usd": 0.5}
+                200,
+                json={"reservation_id": rid, "state": "held", "estimate_usd": 0.5, "day": DAY},
             )
 
         client, sent = scripted(respond)
@@ -518,7 +567,8 @@ class TestTransport:
         def respond(request: httpx.Request) -> httpx.Response:
             if len(sent) < 2:
                 raise httpx.ConnectError("refused", request=request)
-            return httpx.Response(200, json={"status": "recorded"})
+            key = body_of(request)["idempotency_key"]
+            return httpx.Response(200, json=spend_receipt(key))
 
         client, sent = scripted(respond)
         client.record_spend("u", 1)
@@ -587,7 +637,8 @@ class TestTransport:
             if request.url.path == "/reservations":
                 rid = body_of(request)["reservation_id"]
                 return httpx.Response(
-                    200, json={"reservation_id": rid, "state": "held", "estimate_usd": 1.0}
+                    200,
+                    json={"reservation_id": rid, "state": "held", "estimate_usd": 1.0, "day": DAY},
                 )
             return httpx.Response(422, json={"detail": "No price", "error": "UnknownModelError"})
 
@@ -799,15 +850,16 @@ class TestDeployedService:
             for call in (
                 client.ping,
                 lambda: client.check_availability("u", 0.01),
-                lambda: client.record_spend("u", 0.01),
                 lambda: client.reserve("u", 0.01),
-                lambda: held.commit(0.5),
                 lambda: client.usage("u"),
             ):
                 with pytest.raises(BudgetUnavailableError):
                     call()
+            # Writes the service saved to its spool: "spooled", charged once it is back.
+            assert client.record_spend("u", 0.01).status == "spooled"
+            assert held.commit(0.5).status == "spooled"
             assert time.monotonic() - start < 10
-            assert held.state == "held"
+            assert held.state == "committed"
 
             own_redis.start()  # empty: the store had no persistence
             deadline = time.monotonic() + 10
@@ -821,12 +873,11 @@ class TestDeployedService:
             client.check_availability("u", 0.01)
             with client.reserve("u", 0.5) as r:
                 r.commit(0.25)
-            with pytest.raises(UnknownReservationError):
-                held.commit(0.5)  # its record was lost with the store
-            # The $0.01 spend refused during the outage was spooled by the service, and is
-            # replayed in the background once the store is back: nothing recorded is lost.
+            # The $0.01 spend and the $0.50 commit saved during the outage are replayed
+            # in the background once the store is back (the commit records its cost
+            # although the store lost the hold): nothing recorded is lost.
             deadline = time.monotonic() + 10
-            while client.usage("u")["user"].spent_nano != 260_000_000:
+            while client.usage("u")["user"].spent_nano != 760_000_000:
                 assert time.monotonic() < deadline, client.usage("u")
                 time.sleep(0.05)
 

@@ -11,6 +11,7 @@ failing closed when a shard dies or stalls, closing every node's pool.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -25,7 +26,9 @@ from coreason_budget import (
     BudgetConfig,
     BudgetExceededError,
     BudgetManager,
+    BudgetUnavailableError,
     ConfigError,
+    _store,
 )
 
 from . import test_concurrency, test_fail_closed, test_manager
@@ -382,7 +385,10 @@ class TestShardFailures:
         """On a private cluster: kill the prefix's master, then bring it back empty."""
         with running_cluster() as servers:
             prefixes = prefixes_on_distinct_masters(servers)
-            a = BudgetManager(BudgetConfig(redis_url=servers.url, key_prefix=prefixes[0], **FAST))
+            config = BudgetConfig(
+                redis_url=servers.url, key_prefix=prefixes[0], spool_dir="off", **FAST
+            )
+            a = BudgetManager(config)  # (the spool: tests/test_spool.py)
             held = a.reserve("alice", 2.0, reservation_id="before-crash")
             servers.kill(0)
             try:
@@ -399,3 +405,176 @@ class TestShardFailures:
                 assert a.usage("alice")["user"].spent_nano - before == 1_500_000_000
             finally:
                 a.close()
+
+
+def serves_exactly(manager: BudgetManager, user: str) -> None:
+    """reserve, commit, record_spend and check_availability for a new *user*, to the nano-dollar."""
+    manager.reserve(user, 1.0, project_id="p").commit(0.25)
+    manager.record_spend(user, 0.5, project_id="p")
+    manager.check_availability(user, 1.25, project_id="p")  # a $2 limit, $0.75 spent
+    with pytest.raises(BudgetExceededError):
+        manager.check_availability(user, 1.26, project_id="p")
+    assert manager.usage(user, "p")["user"].spent_nano == 750_000_000
+
+
+def coverage_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "cluster-require-full-coverage" in r.getMessage()]
+
+
+def open_managers(url: str, prefixes: list[str]) -> dict[str, BudgetManager]:
+    """A manager per prefix, with the FAST timeouts and a $2 daily limit a user."""
+    return {
+        p: BudgetManager(
+            BudgetConfig(redis_url=url, key_prefix=p, daily_user_limit_usd=2.0, **FAST)
+        )
+        for p in prefixes
+    }
+
+
+class TestDeadShard:
+    """
+    A master down past cluster-node-timeout: which prefixes fail closed, how fast, and healing.
+
+    Private clusters (a 1 s node timeout): the dead master's prefix fails
+    closed at once. With ``cluster-require-full-coverage no`` the other
+    prefixes never notice; with Redis's default (``yes``) every node refuses
+    every key once the master is marked failed, so every prefix fails closed
+    (within the timeouts, not a hang) until it is back, and the library warns.
+    """
+
+    @pytest.mark.slow
+    @pytest.mark.timeout(120)
+    def test_only_the_dead_shards_prefix_fails_closed(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``no``: the healthy shards serve throughout, even with a hole in the slot map."""
+        caplog.set_level(logging.WARNING, logger="coreason_budget")
+        with running_cluster(node_timeout_ms=1000) as servers:
+            prefixes = prefixes_on_distinct_masters(servers)
+            dead, healthy = prefixes[0], prefixes[1:]
+            managers = open_managers(servers.url, prefixes)
+            fresh: dict[str, BudgetManager] = {}
+            try:
+                for manager in managers.values():
+                    serves_exactly(manager, "before")
+                servers.kill(0)
+                servers.wait_failed(0)
+                assert [servers.cluster_state(i) for i in (1, 2)] == ["ok", "ok"]
+                for operation in OPERATIONS.values():
+                    assert_unavailable(managers[dead], operation)
+                for p in healthy:
+                    serves_exactly(managers[p], "marked-failed")
+
+                # An operator gives the shard up: its slots are unassigned. A client
+                # that needs every slot covered (redis-py's default) would not
+                # start; ours routes the rest and fails the hole closed, at once.
+                servers.unassign_slots_of(0)
+                fresh = open_managers(f"redis+cluster://127.0.0.1:{servers.ports[1]}", prefixes)
+                for p in healthy:
+                    serves_exactly(fresh[p], "hole-fresh")
+                    serves_exactly(managers[p], "hole")
+                for m in (managers[dead], fresh[dead]):
+                    with pytest.raises(BudgetUnavailableError, match="not covered"):
+                        m.reserve("alice", 1.0)
+                    for operation in OPERATIONS.values():
+                        assert assert_unavailable(m, operation) < 0.5
+
+                # Back, empty, claiming its slots: every client finds it on its next call.
+                servers.restart(0)
+                for m in (managers[dead], fresh[dead]):
+                    serves_exactly(m, f"back-{id(m)}")
+                for p in healthy:
+                    assert managers[p].usage("before", "p")["user"].spent_nano == 750_000_000
+            finally:
+                for m in (*managers.values(), *fresh.values()):
+                    m.close()
+        assert coverage_warnings(caplog) == []
+
+    @pytest.mark.slow
+    @pytest.mark.timeout(120)
+    def test_with_redis_default_every_prefix_fails_closed_until_it_is_back(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``yes``: past the node timeout every prefix fails closed, quickly; one warning."""
+        caplog.set_level(logging.WARNING, logger="coreason_budget")
+        with running_cluster(node_timeout_ms=1000, require_full_coverage=True) as servers:
+            prefixes = prefixes_on_distinct_masters(servers)
+            dead, healthy = prefixes[0], prefixes[1:]
+            managers = open_managers(servers.url, prefixes)
+            again = open_managers(servers.url, healthy)  # the same cluster: no second warning
+            try:
+                for manager in managers.values():
+                    serves_exactly(manager, "before")
+                for manager in again.values():
+                    serves_exactly(manager, "before-again")
+                [warning] = coverage_warnings(caplog)
+                message = warning.getMessage()
+                assert "every key prefix" in message
+                assert "cluster-require-full-coverage no" in message
+                assert "replica" in message
+
+                servers.kill(0)
+                # Until the cluster marks it failed, only its own prefix notices.
+                assert_unavailable(managers[dead], OPERATIONS["reserve"])
+                serves_exactly(managers[healthy[0]], "not-yet-failed")
+                servers.wait_failed(0)
+                deadline = time.monotonic() + 10
+                while {servers.cluster_state(i) for i in (1, 2)} != {"fail"}:
+                    assert time.monotonic() < deadline, "the cluster never went down"
+                    time.sleep(0.05)
+                for operation in OPERATIONS.values():
+                    assert_unavailable(managers[dead], operation)
+                for p in healthy:
+                    for name in ("reserve", "check_availability"):
+                        with pytest.raises(BudgetUnavailableError, match="cluster is down"):
+                            OPERATIONS[name](managers[p])
+                    for name in ("reserve", "record_spend", "check_availability"):
+                        assert_unavailable(managers[p], OPERATIONS[name])  # not a hang
+
+                servers.restart(0)  # returns once every node says the cluster is ok
+                for p in healthy:
+                    serves_exactly(managers[p], "back")
+                    assert managers[p].usage("before", "p")["user"].spent_nano == 750_000_000
+                serves_exactly(managers[dead], "back")
+                managers[dead].close()  # a reconnection does not warn again
+                serves_exactly(managers[dead], "reconnected")
+            finally:
+                for m in (*managers.values(), *again.values()):
+                    m.close()
+        assert len(coverage_warnings(caplog)) == 1
+
+
+class TestCoverageCheck:
+    """On its first connection the library reads the masters' cluster-require-full-coverage."""
+
+    def test_no_warning_when_full_coverage_is_not_required(
+        self,
+        make_manager: ManagerFactory,
+        redis_url: str,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The suite's cluster runs with ``no``: checked, and nothing to say."""
+        checked: set[str] = set()
+        monkeypatch.setattr(_store, "_coverage_checked", checked)
+        caplog.set_level(logging.DEBUG, logger="coreason_budget")
+        make_manager().ping()
+        assert checked == {redis_url.replace("redis+cluster://", "redis://")}
+        assert coverage_warnings(caplog) == []
+
+    @pytest.mark.timeout(60)
+    def test_config_disabled_is_skipped(self, caplog: pytest.LogCaptureFixture) -> None:
+        """CONFIG renamed away, as on managed services: no warning, no error, calls work."""
+        caplog.set_level(logging.WARNING, logger="coreason_budget")
+        with running_cluster(
+            require_full_coverage=True, extra_args=["--rename-command", "CONFIG", ""]
+        ) as servers:
+            client = servers.clients()[0]
+            with pytest.raises(redis.ResponseError, match="unknown command"):
+                client.config_get("cluster-require-full-coverage")
+            client.close()
+            with BudgetManager(BudgetConfig(redis_url=servers.url, **FAST)) as manager:
+                manager.record_spend("alice", 1.0)
+                assert manager.usage("alice")["user"].spent_usd == 1.0
+            assert servers.url.replace("+cluster", "") in _store._coverage_checked
+        assert coverage_warnings(caplog) == []

@@ -26,6 +26,7 @@ from coreason_budget import (
     BudgetExceededError,
     BudgetManager,
     BudgetUnavailableError,
+    Receipt,
 )
 
 from .conftest import ManagerFactory
@@ -61,14 +62,25 @@ def hang_bound(config: BudgetConfig) -> float:
 
 
 def assert_unavailable(manager: BudgetManager, operation: Operation) -> float:
-    """Run *operation*, expect BudgetUnavailableError within the bound; return the time taken."""
+    """
+    Run *operation*, expect BudgetUnavailableError within the bound; return the time taken.
+
+    A spend the store could not take may instead answer a receipt saying
+    "spooled" (saved, recorded once the store is back): never "recorded".
+    """
     start = time.monotonic()
-    with pytest.raises(BudgetUnavailableError) as info:
-        operation(manager)
+    error: BudgetUnavailableError | None = None
+    try:
+        result = operation(manager)
+    except BudgetUnavailableError as e:
+        error = e
     elapsed = time.monotonic() - start
-    assert isinstance(info.value, BudgetError)
-    assert not isinstance(info.value, BudgetExceededError)
-    assert "unavailable" in str(info.value)
+    if error is not None:
+        assert not isinstance(error, BudgetExceededError)
+        assert "unavailable" in str(error)
+    else:
+        assert isinstance(result, Receipt), result
+        assert result.status == "spooled", result
     bound = hang_bound(manager.config)
     assert elapsed < bound, f"took {elapsed:.2f}s, bound {bound:.2f}s"
     return elapsed
@@ -218,7 +230,7 @@ class TestStoreDiesAndComesBack:
     def test_kill_then_restart(
         self, own_redis: RedisServer, managers: Callable[..., BudgetManager]
     ) -> None:
-        manager = managers(own_redis.url)
+        manager = managers(own_redis.url, spool_dir="off")  # the spool: tests/test_spool.py
         manager.record_spend("alice", 1.0)
         held = manager.reserve("alice", 2.0, reservation_id="before-crash")
         assert manager.usage("alice")["user"].spent_usd == 3.0
@@ -249,7 +261,7 @@ class TestStoreDiesAndComesBack:
         managers: Callable[..., BudgetManager],
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        manager = managers(own_redis.url)
+        manager = managers(own_redis.url, spool_dir="off")
         r = manager.reserve("alice", 1.0)
 
         def fail_inside() -> None:
@@ -292,10 +304,38 @@ class TestStoreDiesAndComesBack:
         assert usage.limit_usd == 5.0
 
 
-class TestMalformedReply:
-    """A reply the ledger script never sends is an unavailable store, never a success."""
+#: Replies the script never sends: wrong types, wrong words, right words in the wrong
+#: shape, and integers that are not the day the call named (a proxy's ":0", ":1").
+MALFORMED: list[object] = [
+    "OK",
+    [],
+    ["WHAT"],
+    ["DONE", "held"],
+    0,
+    1,
+    -1,
+    ["NO"],
+    ["NO", "x", "0", "5"],
+    ["DUP", "held"],
+    ["OK", "1"],
+    ["DAY"],
+    ["BIG"],
+    b"1",
+    None,
+]
 
-    @pytest.mark.parametrize("reply", ["OK", [], ["WHAT"], ["DONE", "held"]])
+
+class TestMalformedReply:
+    """
+    A reply the ledger script never sends is an unavailable store, never a
+    success and never a stray exception (no spool here, so writes raise too).
+    """
+
+    @pytest.fixture
+    def budget(self, make_manager: ManagerFactory) -> BudgetManager:
+        return make_manager(daily_user_limit_usd=1.0, spool_dir="off")
+
+    @pytest.mark.parametrize("reply", MALFORMED, ids=repr)
     @pytest.mark.parametrize("name", SCRIPTED)
     def test_operation(
         self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, name: str, reply: object
@@ -304,7 +344,7 @@ class TestMalformedReply:
         with pytest.raises(BudgetUnavailableError, match="malformed reply"):
             SCRIPTED[name](budget)
 
-    @pytest.mark.parametrize("reply", ["OK", [], ["WHAT"], ["NO", "1", "0", "5"]])
+    @pytest.mark.parametrize("reply", [*MALFORMED, ["NO", "1", "0", "5"]], ids=repr)
     def test_settle(
         self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, reply: object
     ) -> None:
@@ -312,6 +352,33 @@ class TestMalformedReply:
         monkeypatch.setattr(budget._ledger, "_script", lambda keys, args: reply)
         with pytest.raises(BudgetUnavailableError, match="malformed reply"):
             held.commit(0.5)
+        assert held.state == "held"
+
+    @pytest.mark.parametrize("reply", [0, 1, 20000])
+    def test_an_integer_that_is_not_the_day_lets_nothing_through(
+        self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, reply: int
+    ) -> None:
+        """A server answering ":0" to EVALSHA must not pass $5 on a $1 limit."""
+        monkeypatch.setattr(budget._ledger, "_script", lambda keys, args: reply)
+        with pytest.raises(BudgetUnavailableError):
+            budget.check_availability("alice", 5.0)
+        with pytest.raises(BudgetUnavailableError):
+            budget.reserve("alice", 5.0)
+        with pytest.raises(BudgetUnavailableError):
+            budget.record_spend("alice", 5.0)
+
+    def test_an_integer_reply_spools_the_spend(
+        self, make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch, redis_client: Any
+    ) -> None:
+        """With a spool, the spend answered by an impostor's ":0" is saved, not taken as done."""
+        budget = make_manager()
+        real = budget._ledger._script
+        monkeypatch.setattr(budget._ledger, "_script", lambda keys, args: 0)
+        receipt = budget.record_spend("alice", 5.0, idempotency_key="k")
+        assert receipt.status == "spooled"
+        monkeypatch.setattr(budget._ledger, "_script", real)
+        assert budget.replay_spool().recorded == 1
+        assert budget.usage("alice")["user"].spent_nano == 5_000_000_000
 
 
 class TestRetrySafety:

@@ -453,6 +453,58 @@ def litellm_standard_rates(litellm: Any, monkeypatch: pytest.MonkeyPatch) -> Any
     return litellm
 
 
+def walk_table(
+    litellm: Any,
+    engine: PricingEngine,
+    input_tokens: int,
+    output_tokens: int,
+    cached: int,
+    cache_writes: int = 0,
+) -> None:
+    """Price one usage with every chat model of the table, by us and by litellm.cost_per_token."""
+    model_cost = litellm.model_cost
+    table = engine._load_table()
+    usage = {
+        "prompt_tokens": input_tokens,
+        "completion_tokens": output_tokens,
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": cache_writes,
+    }
+    failures = []
+    compared = 0
+    for key, entry in model_cost.items():
+        if not isinstance(entry, dict) or entry.get("mode") != "chat":
+            continue
+        if table.price(key) is None:
+            continue  # no per-token price: see test_table_entries_without_token_prices...
+        provider = entry.get("litellm_provider")
+        kwargs: dict[str, Any] = {}
+        if provider == "github_copilot":
+            # Inferring this provider from the name makes litellm log in to GitHub.
+            kwargs["custom_llm_provider"] = provider
+        try:
+            prompt_cost, completion_cost = litellm.cost_per_token(model=key, **usage, **kwargs)
+        except Exception:
+            # litellm cannot infer the provider of some keys from the name alone: tell it,
+            # unless it would then price a different entry ("<provider>/<key>").
+            if f"{provider}/{key}" in model_cost:
+                continue
+            prompt_cost, completion_cost = litellm.cost_per_token(
+                model=key, **usage, custom_llm_provider=provider
+            )
+        ours = engine.calculate_nano(key, input_tokens, output_tokens, cached, cache_writes)
+        # litellm's components are floats: each carries a relative error of a few 1e-16,
+        # far below a nano-dollar for any cost here, yet enough to cross a nano boundary
+        # (0.015000000000000001 rounds up to 15_000_001 nano). Both sides are rounded up
+        # the same way, so they may differ by that one crossing, never more.
+        theirs = ceil_nano(d(prompt_cost) + d(completion_cost))
+        if abs(ours - theirs) > 1:
+            failures.append((key, ours, theirs, prompt_cost, completion_cost))
+        compared += 1
+    assert not failures, f"{len(failures)} disagreements, first: {failures[:5]}"
+    assert compared > 2000  # the walk really covered the table
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydantic, on litellm's provider modules
 class TestAgreementWithLitellm:
     """Every chat model in litellm's table, priced by us and by litellm.cost_per_token."""
@@ -461,53 +513,7 @@ class TestAgreementWithLitellm:
     def test_whole_table(
         self, litellm_standard_rates: Any, engine: PricingEngine, tokens: tuple[int, int, int]
     ) -> None:
-        litellm = litellm_standard_rates
-        model_cost = litellm.model_cost
-        table = engine._load_table()
-        input_tokens, output_tokens, cached = tokens
-        failures = []
-        compared = 0
-        for key, entry in model_cost.items():
-            if not isinstance(entry, dict) or entry.get("mode") != "chat":
-                continue
-            if table.price(key) is None:
-                continue  # no per-token price: see test_table_entries_without_token_prices...
-            provider = entry.get("litellm_provider")
-            kwargs: dict[str, Any] = {}
-            if provider == "github_copilot":
-                # Inferring this provider from the name makes litellm log in to GitHub.
-                kwargs["custom_llm_provider"] = provider
-            try:
-                prompt_cost, completion_cost = litellm.cost_per_token(
-                    model=key,
-                    prompt_tokens=input_tokens,
-                    completion_tokens=output_tokens,
-                    cache_read_input_tokens=cached,
-                    **kwargs,
-                )
-            except Exception:
-                # litellm cannot infer the provider of some keys from the name alone: tell it,
-                # unless it would then price a different entry ("<provider>/<key>").
-                if f"{provider}/{key}" in model_cost:
-                    continue
-                prompt_cost, completion_cost = litellm.cost_per_token(
-                    model=key,
-                    prompt_tokens=input_tokens,
-                    completion_tokens=output_tokens,
-                    cache_read_input_tokens=cached,
-                    custom_llm_provider=provider,
-                )
-            ours = engine.calculate_nano(key, input_tokens, output_tokens, cached)
-            # litellm's components are floats: each carries a relative error of a few 1e-16,
-            # far below a nano-dollar for any cost here, yet enough to cross a nano boundary
-            # (0.015000000000000001 rounds up to 15_000_001 nano). Both sides are rounded up
-            # the same way, so they may differ by that one crossing, never more.
-            theirs = ceil_nano(d(prompt_cost) + d(completion_cost))
-            if abs(ours - theirs) > 1:
-                failures.append((key, ours, theirs, prompt_cost, completion_cost))
-            compared += 1
-        assert not failures, f"{len(failures)} disagreements, first: {failures[:5]}"
-        assert compared > 2000  # the walk really covered the table
+        walk_table(litellm_standard_rates, engine, *tokens)
 
     def test_agreement_is_exact_where_floats_are(
         self, litellm_standard_rates: Any, engine: PricingEngine
@@ -847,6 +853,360 @@ class TestSilence:
         out, err = capfd.readouterr()
         assert out == ""
         assert err == ""
+
+
+#: Anthropic's ``usage`` of a call that wrote a 10,000-token prompt prefix to the cache
+#: and read a 3,000-token one: ``input_tokens`` excludes both.
+ANTHROPIC_USAGE = {
+    "input_tokens": 200,
+    "cache_creation_input_tokens": 10_000,
+    "cache_read_input_tokens": 3_000,
+    "output_tokens": 500,
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydantic, on litellm's provider modules
+class TestCacheWrites:
+    """
+    Prompt-cache writes (``cache_creation_input_tokens``) at the cache-write price.
+
+    Like cache reads they are counted within ``input_tokens``, which is how
+    ``litellm.cost_per_token`` reads ``prompt_tokens``; priced exactly, overridable,
+    and carried by ``commit_usage`` through the HTTP service.
+    """
+
+    def test_claude_cache_writes_are_priced_from_the_table(
+        self, litellm: Any, engine: PricingEngine
+    ) -> None:
+        """200 plain, 10,000 written and 3,000 read input tokens, 500 out: at the table's rates."""
+        entry = litellm.model_cost["claude-sonnet-4-5"]
+        assert d(entry["cache_creation_input_token_cost"]) > d(entry["input_cost_per_token"])
+        expected = (
+            200 * d(entry["input_cost_per_token"])
+            + 10_000 * d(entry["cache_creation_input_token_cost"])
+            + 3_000 * d(entry["cache_read_input_token_cost"])
+            + 500 * d(entry["output_cost_per_token"])
+        )
+        for model in ("claude-sonnet-4-5", "anthropic/claude-sonnet-4-5"):
+            got = engine.calculate(
+                model,
+                input_tokens=13_200,
+                output_tokens=500,
+                cached_input_tokens=3_000,
+                cache_creation_input_tokens=10_000,
+            )
+            assert got == expected
+        # Before this, the writes were billed as plain input: under-charged.
+        assert engine.calculate("claude-sonnet-4-5", 13_200, 500, 3_000) < expected
+
+    def test_exactly_as_litellm_cost_per_token(
+        self, litellm_standard_rates: Any, engine: PricingEngine
+    ) -> None:
+        """Rounded to the nearest nano (float noise cannot reach 0.5 nano) the two are identical."""
+        litellm = litellm_standard_rates
+        models = ["claude-sonnet-4-5", "claude-haiku-4-5", "anthropic/claude-sonnet-4-5", "gpt-4o"]
+        usages = [(13_200, 500, 3_000, 10_000), (10_000, 0, 0, 10_000), (250_000, 1000, 0, 249_000)]
+        for model in models:
+            for inp, out, read, write in usages:
+                p, c = litellm.cost_per_token(
+                    model=model,
+                    prompt_tokens=inp,
+                    completion_tokens=out,
+                    cache_read_input_tokens=read,
+                    cache_creation_input_tokens=write,
+                )
+                nearest = ((d(p) + d(c)) * NANO).to_integral_value(rounding=ROUND_HALF_EVEN)
+                assert engine.calculate_nano(model, inp, out, read, write) == nearest, model
+
+    def test_anthropic_usage_is_counted_as_litellm_counts_it(
+        self, litellm_standard_rates: Any, engine: PricingEngine
+    ) -> None:
+        """
+        Anthropic's ``input_tokens`` excludes cache reads and writes; litellm's own
+        translation of that usage adds both back into ``prompt_tokens``, and
+        ``completion_cost`` of the result is what we charge for the same sum.
+        """
+        litellm = litellm_standard_rates
+        from litellm.llms.anthropic.chat.transformation import AnthropicConfig
+
+        usage = AnthropicConfig().calculate_usage(ANTHROPIC_USAGE, None)
+        u = ANTHROPIC_USAGE
+        total_input = u["input_tokens"] + u["cache_read_input_tokens"]
+        total_input += u["cache_creation_input_tokens"]
+        assert usage.prompt_tokens == total_input
+        response = litellm.ModelResponse(model="claude-sonnet-4-5", usage=usage)
+        theirs = litellm.completion_cost(
+            completion_response=response, model="anthropic/claude-sonnet-4-5"
+        )
+        ours = engine.calculate_nano(
+            "anthropic/claude-sonnet-4-5",
+            input_tokens=total_input,
+            output_tokens=u["output_tokens"],
+            cached_input_tokens=u["cache_read_input_tokens"],
+            cache_creation_input_tokens=u["cache_creation_input_tokens"],
+        )
+        assert ours == (d(theirs) * NANO).to_integral_value(rounding=ROUND_HALF_EVEN)
+
+    @pytest.mark.parametrize(
+        "tokens", [(1000, 100, 400, 200), (250_000, 1000, 1000, 50_000)], ids=str
+    )
+    def test_whole_table_with_cache_writes(
+        self,
+        litellm_standard_rates: Any,
+        engine: PricingEngine,
+        tokens: tuple[int, int, int, int],
+    ) -> None:
+        """Every chat model, below and above the long-context thresholds, agrees with litellm."""
+        walk_table(litellm_standard_rates, engine, *tokens)
+
+    def test_model_without_a_cache_write_price_bills_writes_as_input(
+        self, litellm: Any, engine: PricingEngine
+    ) -> None:
+        """As litellm does: a table entry with no ``cache_creation_input_token_cost``."""
+        assert "cache_creation_input_token_cost" not in litellm.model_cost["gpt-4o"]
+        assert engine.calculate_nano("gpt-4o", 1000, 10, 0, 1000) == engine.calculate_nano(
+            "gpt-4o", 1000, 10
+        )
+
+    def test_table_rules_for_cache_writes(self) -> None:
+        """Long-context tiers: a tier's own write price, else the one below, else its input."""
+        engine = synthetic_engine(
+            {
+                "own": {
+                    "input_cost_per_token": 1e-06,
+                    "output_cost_per_token": 2e-06,
+                    "cache_creation_input_token_cost": 1.25e-06,
+                    "input_cost_per_token_above_200k_tokens": 2e-06,
+                    "cache_creation_input_token_cost_above_200k_tokens": 2.5e-06,
+                },
+                "kept": {
+                    "input_cost_per_token": 1e-06,
+                    "output_cost_per_token": 2e-06,
+                    "cache_creation_input_token_cost": 1.25e-06,
+                    "input_cost_per_token_above_200k_tokens": 2e-06,
+                },
+                "none": {
+                    "input_cost_per_token": 1e-06,
+                    "output_cost_per_token": 2e-06,
+                    "input_cost_per_token_above_200k_tokens": 2e-06,
+                },
+                "ranged": {
+                    "output_cost_per_token": 0.0,
+                    "tiered_pricing": [
+                        {"range": [0, 1000], "input_cost_per_token": 1e-06,
+                         "cache_creation_input_token_cost": 3e-06},
+                        {"range": [1000, 10**6], "input_cost_per_token": 2e-06},
+                    ],
+                },
+            }
+        )  # fmt: skip
+        # 1000 nano a token of input below the threshold, 2000 above; writes in between.
+        assert engine.calculate_nano("own", 10, 0, 0, 10) == 12_500
+        assert engine.calculate_nano("own", 200_001, 0, 0, 200_000) == 2000 + 200_000 * 2500
+        assert engine.calculate_nano("kept", 200_001, 0, 0, 200_000) == 2000 + 200_000 * 1250
+        assert engine.calculate_nano("none", 10, 0, 0, 10) == 10_000
+        assert engine.calculate_nano("none", 200_001, 0, 0, 200_000) == 200_001 * 2000
+        assert engine.calculate_nano("ranged", 10, 0, 0, 10) == 30_000
+        assert engine.calculate_nano("ranged", 2000, 0, 0, 1000) == 2000 * 2000
+
+    def test_set_price_takes_a_cache_write_price(self) -> None:
+        engine = PricingEngine()
+        engine.set_price("a", input_per_mtok=3, output_per_mtok=15)
+        engine.set_price(
+            "b",
+            input_per_mtok=3,
+            output_per_mtok=15,
+            cached_input_per_mtok=Decimal("0.3"),
+            cache_creation_input_per_mtok=Decimal("3.75"),
+        )
+        # Without one, writes cost what input costs.
+        assert engine.calculate_nano("a", 10**6, 0, 0, 10**6) == 3 * 10**9
+        assert engine.calculate_nano("b", 10**6, 0, 0, 10**6) == 3_750_000_000
+        # 1 plain + 2 read + 3 written tokens of 6: 3 + 0.6 + 11.25 micro-dollars.
+        assert engine.calculate("b", 6, 0, 2, 3) == Decimal("0.000014850")
+
+    @pytest.mark.parametrize(
+        "bad", [-1, float("nan"), float("inf"), Decimal("-0.01"), True, "1", 10**7]
+    )
+    def test_set_price_rejects_a_bad_cache_write_price(self, bad: Any) -> None:
+        with pytest.raises(InvalidInputError, match="cache_creation_input_per_mtok"):
+            PricingEngine().set_price(
+                "m", input_per_mtok=1, output_per_mtok=1, cache_creation_input_per_mtok=bad
+            )
+
+    def test_overrides_file_takes_a_cache_write_price(self, tmp_path: Path) -> None:
+        toml = tmp_path / "prices.toml"
+        toml.write_text(
+            textwrap.dedent(
+                """
+                ["anthropic/claude-sonnet-4-5"]
+                input_per_mtok = 3
+                output_per_mtok = 15
+                cached_input_per_mtok = 0.3
+                cache_creation_input_per_mtok = 3.75
+                """
+            )
+        )
+        js = tmp_path / "prices.json"
+        js.write_text(
+            '{"m": {"input_per_mtok": 1, "output_per_mtok": 1,'
+            ' "cache_creation_input_per_mtok": 1.25}}'
+        )
+        engine = PricingEngine(toml)
+        assert engine.calculate("anthropic/claude-sonnet-4-5", 10**6, 0, 0, 10**6) == Decimal(
+            "3.75"
+        )
+        assert PricingEngine(js).calculate("m", 10**6, 0, 0, 10**6) == Decimal("1.25")
+
+    @pytest.mark.parametrize(
+        ("content", "match"),
+        [
+            ('{"m": {"input_per_mtok": 1, "output_per_mtok": 1, '
+             '"cache_creation_input_per_mtok": -1}}', "cache_creation_input_per_mtok.*negative"),
+            ('{"m": {"input_per_mtok": 1, "output_per_mtok": 1, '
+             '"cache_creation_input_per_mtok": null}}', "cache_creation_input_per_mtok"),
+            ('{"m": {"input_per_mtok": 1, "output_per_mtok": 1, "cache_write_per_mtok": 1}}',
+             "unknown field.*cache_write_per_mtok.*expected.*cache_creation_input_per_mtok"),
+        ],
+    )  # fmt: skip
+    def test_overrides_file_rejects_a_bad_cache_write_price(
+        self, tmp_path: Path, content: str, match: str
+    ) -> None:
+        path = tmp_path / "p.json"
+        path.write_text(content)
+        with pytest.raises(ConfigError, match=match):
+            PricingEngine(path)
+
+    @pytest.mark.parametrize(
+        ("args", "match"),
+        [
+            ((10, 0, 0, -1), "cache_creation_input_tokens must not be negative"),
+            ((10, 0, 0, 1.0), "cache_creation_input_tokens must be an int"),
+            ((10, 0, 0, True), "cache_creation_input_tokens must be an int"),
+            ((10, 0, 0, "1"), "cache_creation_input_tokens must be an int"),
+            ((10, 0, 0, None), "cache_creation_input_tokens must be an int"),
+            ((10, 0, 0, 11), r"cache_creation_input_tokens \(0 \+ 11\) cannot exceed"),
+            ((10, 0, 6, 5), r"\(6 \+ 5\) cannot exceed input_tokens \(10\).*Anthropic"),
+        ],
+    )
+    def test_bad_cache_write_counts_are_refused(self, args: tuple[Any, ...], match: str) -> None:
+        engine = PricingEngine()
+        engine.set_price("m", input_per_mtok=1, output_per_mtok=1)
+        with pytest.raises(InvalidInputError, match=match):
+            engine.calculate_nano("m", *args)
+        with pytest.raises(InvalidInputError, match=match):
+            engine.calculate("m", *args)
+
+    def test_int_subclass_counts_are_accepted(self) -> None:
+        class Count(int):
+            pass
+
+        engine = PricingEngine()
+        engine.set_price("m", input_per_mtok=1, output_per_mtok=1, cache_creation_input_per_mtok=2)
+        assert engine.calculate_nano("m", Count(10), 0, 0, Count(10)) == 20_000
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.decimals(min_value=0, max_value=1000, places=6),
+        st.none() | st.decimals(min_value=0, max_value=1000, places=6),
+        st.integers(min_value=0, max_value=10**9),
+        st.data(),
+    )
+    def test_matches_exact_decimal_formula(
+        self, input_price: Decimal, write_price: Decimal | None, inp: int, data: st.DataObject
+    ) -> None:
+        """Any prices and counts: the exact decimal sum, rounded up to the nano once."""
+        read = data.draw(st.integers(min_value=0, max_value=inp))
+        write = data.draw(st.integers(min_value=0, max_value=inp - read))
+        engine = PricingEngine()
+        engine.set_price(
+            "m",
+            input_per_mtok=input_price,
+            output_per_mtok=1,
+            cached_input_per_mtok=Decimal("0.1"),
+            cache_creation_input_per_mtok=write_price,
+        )
+        per_write = input_price if write_price is None else write_price
+        exact = (inp - read - write) * input_price + read * Decimal("0.1") + write * per_write
+        assert engine.calculate_nano("m", inp, 0, read, write) == ceil_nano(exact / 10**6)
+
+    def test_commit_usage_through_the_http_service(self, make_manager: Any) -> None:
+        """The service's commit takes ``cache_creation_input_tokens`` and charges the writes."""
+        testclient = pytest.importorskip("fastapi.testclient")
+        from coreason_budget.server import ServerSettings, create_app
+
+        manager = make_manager(daily_user_limit_usd=10.0)
+        manager.pricing.set_price(
+            "claude-house",
+            input_per_mtok=3,
+            output_per_mtok=15,
+            cached_input_per_mtok=Decimal("0.3"),
+            cache_creation_input_per_mtok=Decimal("3.75"),
+        )
+        app = create_app(manager, ServerSettings(api_keys=frozenset({"k"})))
+        with testclient.TestClient(app, headers={"Authorization": "Bearer k"}) as api:
+            r = api.post(
+                "/reservations", json={"user_id": "u", "estimate": 1, "model": "claude-house"}
+            )
+            assert r.status_code == 200, r.text
+            rid = r.json()["reservation_id"]
+            # More writes than plain input is refused, and keeps the hold.
+            r = api.post(
+                f"/reservations/{rid}/commit",
+                json={"input_tokens": 10, "output_tokens": 0, "cache_creation_input_tokens": 11},
+            )
+            assert r.status_code == 422, r.text
+            assert "cache_creation_input_tokens" in r.json()["detail"]
+            r = api.post(
+                f"/reservations/{rid}/commit",
+                json={
+                    "input_tokens": 13_200,
+                    "output_tokens": 500,
+                    "cached_input_tokens": 3_000,
+                    "cache_creation_input_tokens": 10_000,
+                },
+            )
+            assert r.status_code == 200, r.text
+            assert r.json() == {"status": "committed"}
+            spent = api.get("/usage/u").json()["user"]["spent_nano"]
+        # 200 * 3 + 3000 * 0.3 + 10000 * 3.75 + 500 * 15 micro-dollars.
+        assert (
+            spent
+            == 46_500_000
+            == manager.pricing.calculate_nano("claude-house", 13_200, 500, 3_000, 10_000)
+        )
+
+    def test_remote_commit_usage_sends_cache_writes(self) -> None:
+        """BudgetClient checks the counts as the engine does and sends writes only when used."""
+        httpx = pytest.importorskip("httpx")
+        from coreason_budget.client import BudgetClient
+
+        sent: list[dict[str, Any]] = []
+
+        def handler(request: Any) -> Any:
+            if request.url.path == "/reservations":
+                body = json.loads(request.content)
+                answer = {"reservation_id": body["reservation_id"], "state": "held",
+                          "estimate_usd": body["estimate"]}  # fmt: skip
+                return httpx.Response(200, json=answer)
+            sent.append(json.loads(request.content))
+            return httpx.Response(200, json={"status": "committed"})
+
+        with BudgetClient("http://budget", "k", transport=httpx.MockTransport(handler)) as client:
+            r = client.reserve("u", 1, model="claude-sonnet-4-5")
+            with pytest.raises(InvalidInputError, match="cannot exceed input_tokens"):
+                r.commit_usage(input_tokens=10, output_tokens=0, cache_creation_input_tokens=11)
+            with pytest.raises(InvalidInputError, match="cache_creation_input_tokens"):
+                r.commit_usage(input_tokens=10, output_tokens=0, cache_creation_input_tokens=-1)
+            assert sent == []
+            r.commit_usage(input_tokens=100, output_tokens=5, cache_creation_input_tokens=60)
+            r2 = client.reserve("u", 1, model="gpt-4o")
+            r2.commit_usage(input_tokens=100, output_tokens=5)
+        assert sent == [
+            {"input_tokens": 100, "output_tokens": 5, "cached_input_tokens": 0,
+             "cache_creation_input_tokens": 60},
+            {"input_tokens": 100, "output_tokens": 5, "cached_input_tokens": 0},
+        ]  # fmt: skip
 
 
 # -- properties -----------------------------------------------------------------------------------

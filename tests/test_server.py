@@ -8,8 +8,10 @@ that a refused request changes nothing in the store.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -147,7 +149,15 @@ class TestSpend:
         body = {"user_id": "u", "cost": 0.25, "project_id": "p", "model": "gpt-4"}
         r = api.post("/spend", json=body)
         assert r.status_code == 200
-        assert r.json() == {"status": "recorded"}
+        key = r.json()["idempotency_key"]
+        assert re.fullmatch(r"[0-9a-f]{32}", key)
+        assert r.json() == {
+            "status": "recorded",
+            "kind": "spend",
+            "idempotency_key": key,
+            "amount_usd": 0.25,
+            "amount_nano": NANO // 4,
+        }
         assert spent(api, "u", "p") == {
             "user": NANO // 4,
             "project": NANO // 4,
@@ -158,9 +168,23 @@ class TestSpend:
 
     def test_idempotency_key_records_once(self, api: TestClient) -> None:
         body = {"user_id": "u", "cost": 1.5, "idempotency_key": "op-1"}
+        statuses = []
         for _ in range(3):
-            assert api.post("/spend", json=body).status_code == 200
+            r = api.post("/spend", json=body)
+            assert r.status_code == 200
+            statuses.append(r.json()["status"])
+        assert statuses == ["recorded", "duplicate", "duplicate"]
         assert spent(api, "u")["user"] == 1_500_000_000
+
+    def test_a_key_reused_for_another_spend_is_409(
+        self, api: TestClient, redis_client: redis.Redis
+    ) -> None:
+        api.post("/spend", json={"user_id": "alice", "cost": 5, "idempotency_key": "invoice-1"})
+        before = snapshot(redis_client)
+        r = api.post("/spend", json={"user_id": "bob", "cost": 7, "idempotency_key": "invoice-1"})
+        assert r.status_code == 409
+        assert r.json()["error"] == "IdempotencyConflictError"
+        assert snapshot(redis_client) == before
 
     def test_past_the_limit_is_still_recorded(self, api: TestClient) -> None:
         assert api.post("/spend", json={"user_id": "u", "cost": 12}).status_code == 200
@@ -181,28 +205,38 @@ class TestReservations:
         assert spent(api, "u", "p")["user"] == 2 * NANO
         r = api.post(f"/reservations/{rid}/commit", json={"actual_cost": 0.5})
         assert r.status_code == 200
-        assert r.json() == {"status": "committed"}
+        assert r.json() == {
+            "status": "recorded",
+            "state": "committed",
+            "kind": "commit",
+            "idempotency_key": rid,
+            "amount_usd": 0.5,
+            "amount_nano": NANO // 2,
+        }
         assert spent(api, "u", "p") == {
             "user": NANO // 2,
             "project": NANO // 2,
             "global": NANO // 2,
         }
         # Settling again, either way, changes nothing.
-        assert api.post(f"/reservations/{rid}/commit", json={"actual_cost": 9}).json() == {
-            "status": "committed"
-        }
-        assert api.post(f"/reservations/{rid}/release").json() == {"status": "committed"}
+        again = api.post(f"/reservations/{rid}/commit", json={"actual_cost": 9}).json()
+        assert (again["status"], again["state"], again["amount_nano"]) == (
+            "duplicate",
+            "committed",
+            0,
+        )
+        again = api.post(f"/reservations/{rid}/release").json()
+        assert (again["status"], again["state"]) == ("duplicate", "committed")
         assert spent(api, "u")["user"] == NANO // 2
 
     def test_release_gives_the_hold_back(self, api: TestClient) -> None:
         rid = reserve(api, user_id="u", estimate=3)
         r = api.post(f"/reservations/{rid}/release")
         assert r.status_code == 200
-        assert r.json() == {"status": "released"}
+        assert (r.json()["status"], r.json()["state"]) == ("recorded", "released")
         assert spent(api, "u")["user"] == 0
-        assert api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1}).json() == {
-            "status": "released"
-        }
+        again = api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1}).json()
+        assert (again["status"], again["state"]) == ("duplicate", "released")
 
     def test_over_budget_is_429_and_holds_nothing(
         self, api: TestClient, redis_client: redis.Redis
@@ -227,6 +261,7 @@ class TestReservations:
                 "reservation_id": "req-42",
                 "state": "held",
                 "estimate_usd": 4.0,
+                "day": datetime.datetime.now(datetime.UTC).date().isoformat(),
             }
         )
         assert spent(api, "u")["user"] == 4 * NANO
@@ -246,10 +281,37 @@ class TestReservations:
             "user_id": "u",
             "project_id": "p",
             "model": "gpt-4",
+            "day": datetime.datetime.now(datetime.UTC).date().isoformat(),
         }
         rid = reserve(api, user_id="u2", estimate=1)
         assert api.get(f"/reservations/{rid}").json()["project_id"] is None
         assert api.get(f"/reservations/{rid}").json()["model"] is None
+
+    def test_commit_after_the_store_lost_the_record_records_once(
+        self, api: TestClient, redis_client: redis.Redis
+    ) -> None:
+        """The store restarted empty: the hold the client describes is still settled, once."""
+        r = api.post("/reservations", json={"user_id": "u", "estimate": 2, "project_id": "p"})
+        rid, day = r.json()["reservation_id"], r.json()["day"]
+        redis_client.flushall()
+        assert api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1}).status_code == 404
+        hold = {"user_id": "u", "project_id": "p", "day": day}
+        r = api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1.5, **hold})
+        assert r.status_code == 200, r.text
+        assert (r.json()["status"], r.json()["state"]) == ("recorded", "committed")
+        assert spent(api, "u", "p") == {
+            "user": 1_500_000_000,
+            "project": 1_500_000_000,
+            "global": 1_500_000_000,
+        }
+        # The tombstone answers like a reservation (it was a 500), and settles nothing again.
+        found = api.get(f"/reservations/{rid}")
+        assert found.status_code == 200, found.text
+        assert (found.json()["state"], found.json()["user_id"]) == ("committed", "u")
+        again = api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1.5, **hold})
+        assert (again.status_code, again.json()["status"]) == (200, "duplicate")
+        assert api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1}).status_code == 200
+        assert spent(api, "u")["user"] == 1_500_000_000
 
     def test_ids_with_url_special_characters(self, api: TestClient) -> None:
         # (Not "%41": Starlette's TestClient decodes paths twice; the e2e tests cover it.)
@@ -269,8 +331,9 @@ class TestReservations:
             f"/reservations/{rid}/commit", json={"input_tokens": 1000, "output_tokens": 500}
         )
         assert r.status_code == 200, r.text
-        assert r.json() == {"status": "committed"}
+        assert (r.json()["status"], r.json()["state"]) == ("recorded", "committed")
         expected = budget.pricing.calculate_nano("gpt-4", 1000, 500, 0)
+        assert r.json()["amount_nano"] == expected
         assert expected > 0
         assert spent(api, "u")["user"] == expected
 
@@ -636,11 +699,37 @@ class TestStoreDown:
         path: str,
         body: dict[str, Any] | None,
     ) -> None:
-        api = serve(redis_url=own_redis.url)
+        api = serve(redis_url=own_redis.url, spool_dir="off")
         own_redis.kill()
         r = api.request(method, path, json=body, headers=ADMIN)
         assert r.status_code == 503, r.text
         assert r.json()["detail"]
+        if path == "/spend":  # nothing saved: the key is what makes a retry safe
+            assert r.json()["idempotency_key"]
+
+    def test_a_spend_the_service_spooled_is_202_and_charged_once(
+        self, serve: Serve, own_redis: RedisServer
+    ) -> None:
+        """202 "spooled" names the key; the natural retry with it charges nothing twice."""
+        api = serve(redis_url=own_redis.url)
+        own_redis.kill()
+        body = {"user_id": "alice", "cost": 0.05}
+        r = api.post("/spend", json=body)
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "spooled"
+        key = r.json()["idempotency_key"]
+        again = api.post("/spend", json={**body, "idempotency_key": key})
+        assert (again.status_code, again.json()["status"]) == (202, "spooled")
+        own_redis.start()
+        assert api.get("/health").status_code == 200
+        for _ in range(100):
+            if spent(api, "alice")["user"] == 50_000_000:
+                break
+            time.sleep(0.05)
+        assert spent(api, "alice")["user"] == 50_000_000
+        again = api.post("/spend", json={**body, "idempotency_key": key})
+        assert (again.status_code, again.json()["status"]) == (200, "duplicate")
+        assert spent(api, "alice")["user"] == 50_000_000
 
 
 def metric(api: TestClient, name: str, **labels: str) -> float:

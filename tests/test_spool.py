@@ -7,7 +7,7 @@ new process after a crash, or by ``coreason-budget replay-spool``).
 from __future__ import annotations
 
 import datetime
-import gc
+import errno
 import json
 import os
 import random
@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
 
-from coreason_budget import BudgetConfig, BudgetManager, BudgetUnavailableError, ConfigError
+from coreason_budget import BudgetConfig, BudgetManager, BudgetUnavailableError, ConfigError, _spool
 from coreason_budget._spool import store_identity
 from coreason_budget.cli import main
 
@@ -70,9 +70,10 @@ class TestThroughAnOutage:
     ) -> None:
         """
         1,000 reservations committed from 8 threads while the store goes away
-        and comes back: whatever failed was spooled, replayed (in the
-        background as soon as the store answered, the rest on request), and
-        the ledger ends at the exact sum of the actuals, to the nano-dollar.
+        and comes back: every commit it could not take answered "spooled" and
+        was replayed (in the background as soon as the store answered, the
+        rest on request), and the ledger ends at the exact sum of the actuals,
+        to the nano-dollar.
         """
         n, threads_n = 1000, 8
         manager = managers(proxy.url, pool_size=8, **FAST, **BIG)
@@ -86,21 +87,21 @@ class TestThroughAnOutage:
         assert day_counters(redis_client)["g"] == n * NANO
 
         lock = threading.Lock()
-        processed, failed = [0], [0]
+        processed = [0]
+        statuses: dict[str, int] = {}
         unexpected: list[BaseException] = []
 
         def commit_all(start: int) -> None:
             for i in range(start, n, threads_n):
                 with lock:
-                    r = handles.pop(i)  # dropped after the attempt, as a request handler would
+                    r = handles.pop(i)
                 try:
-                    r.commit(Decimal(actuals[i]) / NANO)
-                except BudgetUnavailableError:
-                    with lock:
-                        failed[0] += 1
-                except BaseException as e:
+                    status = r.commit(Decimal(actuals[i]) / NANO).status
+                except BaseException as e:  # with a spool, an outage is no error
                     unexpected.append(e)
-                del r
+                else:
+                    with lock:
+                        statuses[status] = statuses.get(status, 0) + 1
                 with lock:
                     processed[0] += 1
                 time.sleep(0.001)
@@ -115,9 +116,9 @@ class TestThroughAnOutage:
         for t in threads:
             t.join(timeout=60)
         assert not unexpected, unexpected
-        assert 300 <= failed[0] < n, failed[0]
+        assert set(statuses) == {"recorded", "spooled"}, statuses
+        assert 300 <= statuses["spooled"] < n, statuses
 
-        gc.collect()
         summary = manager.replay_spool()  # what the background replay has not done yet
         assert summary.error is None
         assert summary.remaining == 0
@@ -135,7 +136,7 @@ class TestThroughAnOutage:
         assert manager.replay_spool().replayed == 0
         again = manager.reservation("r0")
         assert again.state == "committed"
-        again.commit(0.99)
+        assert again.commit(0.99).status == "duplicate"
         assert day_counters(redis_client) == totals
 
 
@@ -149,15 +150,12 @@ m = BudgetManager(BudgetConfig(redis_url=url, spool_dir=spool, connect_timeout=0
 r = m.reserve("alice", 2.0, reservation_id="r-crash")
 print("reserved", flush=True)
 sys.stdin.readline()  # the test takes the store away
-for call in (lambda: m.record_spend("alice", 1.25, idempotency_key="k-crash"),
-             lambda: r.commit(0.5)):
-    try:
-        call()
-    except BudgetUnavailableError:
-        pass
-    else:
-        sys.exit("the store should have been unreachable")
-print("spooled", flush=True)
+try:
+    spend = m.record_spend("alice", 1.25, idempotency_key="k-crash")
+    commit = r.commit(0.5)
+except BudgetUnavailableError as e:
+    sys.exit(f"not spooled: {e}")
+print(spend.status, commit.status, flush=True)
 sys.stdin.readline()
 os._exit(0)  # a crash: no close(), no atexit, no flush of anything
 """
@@ -180,7 +178,7 @@ class Child:
         proxy.refuse()
         self.stdin.write("\n")
         self.stdin.flush()
-        assert self.stdout.readline().strip() == "spooled"
+        assert self.stdout.readline().strip() == "spooled spooled"
         proxy.pass_through()
 
     def crash(self) -> None:
@@ -244,8 +242,8 @@ class TestCrash:
     ) -> None:
         url = f"redis://127.0.0.1:{free_port()}"
         config = BudgetConfig(redis_url=url, spool_dir=str(spool_dir), **FAST)
-        with BudgetManager(config) as manager, pytest.raises(BudgetUnavailableError):
-            manager.record_spend("alice", 1.0)
+        with BudgetManager(config) as manager:
+            assert manager.record_spend("alice", 1.0).status == "spooled"
         # The manager's file is still locked by this process: copy it as a dead process's.
         (own,) = spool_files(spool_dir)
         (spool_dir / own.name.replace(".spool", "0.spool")).write_bytes(own.read_bytes())
@@ -273,7 +271,7 @@ class TestFiles:
     def today(client: redis.Redis) -> int:
         return int(client.time()[0]) // 86400
 
-    def test_torn_last_line_and_corrupt_lines_are_skipped(
+    def test_torn_last_line_is_skipped_and_corrupt_lines_quarantined(
         self,
         redis_url: str,
         redis_client: redis.Redis,
@@ -290,7 +288,8 @@ class TestFiles:
         torn = self.spend(5, "e", 7, day, ["u:alice", "g"]).encode()[:-9]
         self.write_spool(spool_dir, redis_url, lines, tail=torn)
         summary = managers(redis_url).replay_spool()
-        assert (summary.recorded, summary.torn_lines, summary.remaining) == (2, 3, 0)
+        assert (summary.recorded, summary.torn_lines, summary.remaining) == (2, 1, 0)
+        assert summary.quarantined == 2  # kept beside the spool: see TestQuarantine
         assert day_counters(redis_client) == {"u:alice": 130, "g": 130}
         assert not spool_files(spool_dir)
 
@@ -348,14 +347,13 @@ class TestFiles:
         dead.rename(path)
         manager = managers(proxy.url, **FAST)
         proxy.refuse()
-        with pytest.raises(BudgetUnavailableError):
-            manager.record_spend("alice", 1e-7)
+        assert manager.record_spend("alice", 1e-7).status == "spooled"
         proxy.pass_through()
         assert manager.replay_spool().recorded == 2
         assert day_counters(redis_client) == {"g": 140, "u:alice": 100}
         assert not spool_files(spool_dir)
 
-    def test_an_unwritable_spool_keeps_charges_in_memory(
+    def test_an_unwritable_spool_keeps_nothing(
         self,
         proxy: TcpProxy,
         managers: Callable[..., BudgetManager],
@@ -363,17 +361,76 @@ class TestFiles:
         tmp_path: Path,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
+        """
+        The spool directory cannot be made (a file stands where it should be):
+        the spend is not spooled, so the answer is BudgetUnavailableError naming
+        the key, and nothing is charged behind the caller's back when the store
+        is back. Only the caller's retry with that key charges it, once.
+        """
         blocker = tmp_path / "a-file"
         blocker.write_text("not a directory")
         manager = managers(proxy.url, spool_dir=str(blocker / "spool"), **FAST)
         proxy.refuse()
         with pytest.raises(BudgetUnavailableError) as info:
             manager.record_spend("alice", 1.0)
+        key = info.value.idempotency_key
+        assert key
         assert "could not write it to the local spool" in "".join(info.value.__notes__)
-        assert any("kept in memory only" in r.getMessage() for r in caplog.records)
+        assert any("is not kept" in r.getMessage() for r in caplog.records)
         proxy.pass_through()
-        manager.usage("alice")
-        wait_for(lambda: day_counters(redis_client).get("u:alice") == NANO)
+        manager.usage("alice")  # a call that reaches the store: any replay would start now
+        summary = manager.replay_spool()
+        assert (summary.replayed, summary.remaining, summary.error) == (0, 0, None)
+        time.sleep(0.3)
+        assert day_counters(redis_client) == {}
+        assert manager.record_spend("alice", 1.0, idempotency_key=key).status == "recorded"
+        assert manager.record_spend("alice", 1.0, idempotency_key=key).status == "duplicate"
+        assert day_counters(redis_client) == {"u:alice": NANO, "g": NANO}
+
+    def test_a_failed_spool_write_leaves_no_entry(
+        self,
+        proxy: TcpProxy,
+        managers: Callable[..., BudgetManager],
+        redis_client: redis.Redis,
+        spool_dir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """
+        The entry's line was written but could not be made durable (fsync
+        failed): the caller is told nothing was kept, so the line is undone,
+        and neither this process nor a replayer after a crash ever charges it.
+        """
+        manager = managers(proxy.url, **FAST)
+        proxy.refuse()
+        assert manager.record_spend("bob", 0.5, idempotency_key="kept").status == "spooled"
+        write_line = _spool._write_line
+
+        def write_then_fail(fd: int, doc: dict[str, Any], *, newline_first: bool = False) -> None:
+            write_line(fd, doc, newline_first=newline_first)
+            if doc.get("op") == "lost":
+                raise OSError(errno.EIO, "fsync failed")
+
+        monkeypatch.setattr(_spool, "_write_line", write_then_fail)
+        with pytest.raises(BudgetUnavailableError) as info:
+            manager.record_spend("alice", 1.0, idempotency_key="lost")
+        assert info.value.idempotency_key == "lost"
+        monkeypatch.undo()
+        assert manager.record_spend("carol", 0.25, idempotency_key="after").status == "spooled"
+        (path,) = spool_files(spool_dir)
+        assert b"lost" not in path.read_bytes()
+        # As a replayer would find it after a crash: only the two spooled spends.
+        copy = path.with_name(path.name.replace(".spool", "0.spool"))
+        copy.write_bytes(path.read_bytes())
+        proxy.pass_through()
+        summary = manager.replay_spool()
+        assert (summary.recorded, summary.duplicates, summary.remaining) == (2, 2, 0)
+        assert summary.error is None
+        assert day_counters(redis_client) == {
+            "u:bob": NANO // 2,
+            "u:carol": NANO // 4,
+            "g": 3 * NANO // 4,
+        }
+        assert not spool_files(spool_dir)
 
 
 class TestDays:
@@ -392,10 +449,8 @@ class TestDays:
         manager = managers(proxy.url, clock=lambda: now[0], **FAST)
         held = manager.reserve("alice", 2.0, reservation_id="r1")
         proxy.refuse()
-        with pytest.raises(BudgetUnavailableError):
-            manager.record_spend("alice", 1.0)
-        with pytest.raises(BudgetUnavailableError):
-            held.commit(0.25)
+        assert manager.record_spend("alice", 1.0).status == "spooled"
+        assert held.commit(0.25).status == "spooled"
         proxy.pass_through()
         now[0] += 86400  # the next day
         summary = manager.replay_spool()
@@ -417,8 +472,7 @@ class TestDays:
         now = [self.NOON]
         manager = managers(proxy.url, clock=lambda: now[0], retention_seconds=3600, **FAST)
         proxy.refuse()
-        with pytest.raises(BudgetUnavailableError):
-            manager.record_spend("alice", 1.0)
+        assert manager.record_spend("alice", 1.0).status == "spooled"
         proxy.pass_through()
         now[0] += 2 * 86400
         summary = manager.replay_spool()
@@ -436,8 +490,7 @@ class TestDays:
         now = [self.NOON + 86400]
         manager = managers(proxy.url, clock=lambda: now[0], **FAST)
         proxy.refuse()
-        with pytest.raises(BudgetUnavailableError):
-            manager.record_spend("alice", 1.0)
+        assert manager.record_spend("alice", 1.0).status == "spooled"
         proxy.pass_through()
         now[0] = self.NOON
         assert manager.replay_spool().recorded == 1
@@ -461,8 +514,7 @@ class TestLateReplay:
         manager = managers(proxy.url, idempotency_ttl_seconds=1, **FAST)
         manager.usage("warm-up")
         proxy.drop_replies(100)
-        with pytest.raises(BudgetUnavailableError):
-            manager.record_spend("alice", 1.0)
+        assert manager.record_spend("alice", 1.0).status == "spooled"
         assert proxy.dropped >= 1
         proxy.pass_through()
         time.sleep(1.5)  # the idempotency TTL is over
@@ -472,9 +524,9 @@ class TestLateReplay:
 
 
 class TestHandles:
-    """A spooled settlement of a handle its holder still has waits for them to retry."""
+    """A commit spooled through a handle settles it: once, whatever is retried."""
 
-    def test_a_held_handle_retry_wins_over_the_spool(
+    def test_a_spooled_commit_answers_spooled_again_and_charges_nothing_more(
         self,
         proxy: TcpProxy,
         managers: Callable[..., BudgetManager],
@@ -484,51 +536,66 @@ class TestHandles:
         manager = managers(proxy.url, **FAST)
         held = manager.reserve("alice", 2.0)
         proxy.refuse()
-        with pytest.raises(BudgetUnavailableError) as info:
-            held.commit(1.5)
-        assert "saved to the local spool" in "".join(getattr(info.value, "__notes__", []))
+        receipt = held.commit(1.5)
+        assert (receipt.status, receipt.idempotency_key) == ("spooled", held.id)
+        assert receipt.amount_nano == 1_500_000_000
+        assert (held.state, held.receipt) == ("committed", receipt)
+        # The holder's retries, with another figure or none: the same answer, nothing done.
+        assert held.commit(1.75) is receipt
+        assert held.release() is receipt
         proxy.pass_through()
-        manager.usage("alice")  # the automatic replay runs, and leaves the handle's commit
-        time.sleep(0.3)
-        assert day_counters(redis_client)["u:alice"] == 2 * NANO
-        held.commit(1.75)  # the holder's own retry, with a better figure
-        assert day_counters(redis_client)["u:alice"] == 1_750_000_000
+        assert held.commit(1.75) is receipt  # the store is back: still nothing sent
+        assert day_counters(redis_client)["u:alice"] == 2 * NANO  # the hold, as it was
+        assert len(spool_files(spool_dir)) == 1
+        summary = manager.replay_spool()
+        assert (summary.recorded, summary.remaining) == (1, 0)
+        assert day_counters(redis_client)["u:alice"] == 1_500_000_000  # the spooled figure
+        assert held.commit(1.75) is receipt
+        assert day_counters(redis_client)["u:alice"] == 1_500_000_000
         assert not spool_files(spool_dir)
 
-    def test_a_dropped_handle_is_replayed(
+    def test_the_spool_replays_a_spooled_commit_exactly_once(
         self,
         proxy: TcpProxy,
         managers: Callable[..., BudgetManager],
         redis_client: redis.Redis,
+        spool_dir: Path,
     ) -> None:
         manager = managers(proxy.url, **FAST)
         held = manager.reserve("alice", 2.0)
         proxy.refuse()
-        with pytest.raises(BudgetUnavailableError):
-            held.commit(1.5)
+        assert held.commit(1.5).status == "spooled"
         proxy.pass_through()
-        del held
-        gc.collect()
-        manager.usage("alice")
+        manager.usage("alice")  # a call that reaches the store starts the automatic replay
         wait_for(lambda: day_counters(redis_client)["u:alice"] == 1_500_000_000)
+        wait_for(lambda: not spool_files(spool_dir))
+        assert manager.replay_spool().replayed == 0
+        again = manager.reservation(held.id)
+        assert again.state == "committed"
+        assert again.commit(1.75).status == "duplicate"
+        assert day_counters(redis_client) == {"u:alice": 1_500_000_000, "g": 1_500_000_000}
 
-    def test_with_block_exit_is_spooled_and_replayed(
+    def test_with_block_exit_is_spooled_and_replayed_once(
         self,
         proxy: TcpProxy,
         managers: Callable[..., BudgetManager],
         redis_client: redis.Redis,
+        spool_dir: Path,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         manager = managers(proxy.url, **FAST)
         with manager.reserve("alice", 2.0) as r:
             proxy.refuse()
-        assert r.state == "held"  # the exit only logs, as before
-        assert any("Could not settle" in rec.getMessage() for rec in caplog.records)
+        assert r.state == "committed"  # settled: spooled, nothing to log
+        assert r.receipt is not None
+        assert (r.receipt.status, r.receipt.amount_nano) == ("spooled", 2 * NANO)
+        assert not any("Could not settle" in rec.getMessage() for rec in caplog.records)
         proxy.pass_through()
-        manager.usage("alice")  # r is still referenced, but nobody will retry an exit
-        wait_for(lambda: manager.replay_spool().remaining == 0)
-        assert day_counters(redis_client)["u:alice"] == 2 * NANO  # the estimate, committed
-        assert manager.reservation(r.id).state == "committed"
+        manager.usage("alice")
+        wait_for(lambda: not spool_files(spool_dir))
+        assert manager.reservation(r.id).state == "committed"  # the estimate, committed
+        assert manager.replay_spool().replayed == 0
+        assert day_counters(redis_client) == {"u:alice": 2 * NANO, "g": 2 * NANO}
 
 
 class TestConfig:
@@ -566,3 +633,342 @@ class TestConfig:
         assert identity[0] == "redis://u@h:1/2 prefix=coreason_budget"
         assert identity == store_identity(BudgetConfig(redis_url="redis://u:other@h:1/2"))
         assert identity != store_identity(BudgetConfig(redis_url="redis://h:1/2", key_prefix="x"))
+
+
+# -- quarantine: entries that can never be replayed are kept aside, the rest replay ------------
+
+
+def dead_spool(spool_dir: Path, url: str, lines: list[str], tail: bytes = b"") -> Path:
+    """A spool file for the store at *url* as a dead process (pid 999999999) would have left it."""
+    label, store_id = store_identity(BudgetConfig(redis_url=url))  # type: ignore[misc]
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    path = spool_dir / f"{store_id}-999999999.spool"
+    header = json.dumps({"spool": "coreason-budget", "v": 1, "store": label})
+    path.write_bytes(("\n".join([header, *lines]) + "\n").encode() + tail)
+    return path
+
+
+def spend_line(seq: int, op: str, amount: int, day: int, fields: list[str] | None = None) -> str:
+    fields = ["u:alice", "g"] if fields is None else fields
+    doc = {"seq": seq, "kind": "spend", "op": op, "day": day, "fields": fields, "amount": amount}
+    return json.dumps(doc)
+
+
+def server_day(client: redis.Redis) -> int:
+    return int(client.time()[0]) // 86400
+
+
+def quarantine_files(spool_dir: Path) -> list[Path]:
+    return sorted(spool_dir.glob("*.quarantine")) if spool_dir.exists() else []
+
+
+def quarantined(spool_dir: Path) -> list[dict[str, Any]]:
+    """Every record of every quarantine file in the directory."""
+    return [
+        json.loads(line)
+        for path in quarantine_files(spool_dir)
+        for line in path.read_text().splitlines()
+    ]
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+class TestQuarantine:
+    """
+    A spooled line that can never be replayed (out of range, unreadable, or
+    refused by the store) is quarantined: kept in a ``.quarantine`` file beside
+    the spool, reported and logged; every other entry is still replayed.
+    """
+
+    GOOD = 1_000  # each good spend, in nano-dollars
+
+    # Each is written as seq 2, between two good spends (seq 1 and 3).
+    BAD: ClassVar[dict[str, Callable[[int], str]]] = {
+        "day 1e10": lambda day: spend_line(2, "bad", 5, 10**10),
+        "day 1e10 as a float": lambda day: spend_line(2, "bad", 5, 0).replace(
+            '"day": 0', '"day": 1e10'
+        ),
+        "day -800000": lambda day: spend_line(2, "bad", 5, -800_000),
+        "amount 1e20": lambda day: spend_line(2, "bad", 10**20, day),
+        "amount above the largest charge": lambda day: spend_line(2, "bad", 10**15 + 1, day),
+        "negative amount": lambda day: spend_line(2, "bad", -5, day),
+        "nested 100,000 deep": lambda day: nested(100_000),
+        "nested 20,000 deep (short)": lambda day: '{"a":' * 20_000 + "1" + "}" * 20_000,
+        "bogus field": lambda day: spend_line(2, "bad", 5, day, ["x:alice", "g"]),
+        "five fields": lambda day: spend_line(2, "bad", 5, day, ["u:a", "p:b", "g", "m:c", "u:d"]),
+        "field twice": lambda day: spend_line(2, "bad", 5, day, ["g", "g"]),
+        "id too long": lambda day: spend_line(2, "x" * 257, 5, day),
+        "seq 2**63": lambda day: spend_line(2**63, "bad", 5, day),
+        "absurdly long line": lambda day: spend_line(2, "bad", 5, day) + " " * 1_000_000,
+        "done of infinity": lambda day: '{"done": [Infinity]}',
+        "not an object": lambda day: "[1, 2, 3]",
+        "seq taken by another entry": lambda day: spend_line(1, "other", 5, day),
+    }
+
+    @pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
+    def test_a_bad_line_is_quarantined_and_the_rest_replay(
+        self,
+        bad: str,
+        redis_url: str,
+        redis_client: redis.Redis,
+        managers: Callable[..., BudgetManager],
+        spool_dir: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """
+        Valid JSON with out-of-range values, a line nested 100,000 deep, a bogus
+        field: replay_spool() returns normally, the good spends on both sides are
+        recorded exactly, the bad line is kept (raw) in the quarantine file and
+        logged at ERROR, and a second replay does nothing more.
+        """
+        day = server_day(redis_client)
+        line = self.BAD[bad](day)
+        path = dead_spool(
+            spool_dir,
+            redis_url,
+            [spend_line(1, "good1", self.GOOD, day), line, spend_line(3, "good3", self.GOOD, day)],
+        )
+        manager = managers(redis_url)
+        summary = manager.replay_spool()
+        assert summary.error is None
+        assert (summary.recorded, summary.quarantined, summary.remaining) == (2, 1, 0)
+        assert summary.torn_lines == 0
+        assert manager.usage("alice")["user"].spent_nano == 2 * self.GOOD
+        assert day_counters(redis_client) == {"u:alice": 2 * self.GOOD, "g": 2 * self.GOOD}
+        (qfile,) = quarantine_files(spool_dir)
+        assert summary.quarantine_files == [str(qfile)]
+        assert qfile.name == path.name.replace(".spool", ".quarantine")
+        (record,) = quarantined(spool_dir)
+        assert record["raw"] == line  # kept byte for byte
+        assert record["line"] == 3
+        assert record["spool"] == str(path)
+        assert record["reason"]
+        assert any(r.levelname == "ERROR" and "uarantine" in r.getMessage() for r in caplog.records)
+        assert not spool_files(spool_dir)  # everything replayed or kept aside
+
+        again = manager.replay_spool()
+        assert (again.replayed, again.quarantined, again.remaining) == (0, 0, 0)
+        assert len(quarantined(spool_dir)) == 1
+        assert day_counters(redis_client) == {"u:alice": 2 * self.GOOD, "g": 2 * self.GOOD}
+
+    def test_a_settlement_the_store_refuses_is_quarantined(
+        self,
+        redis_url: str,
+        redis_client: redis.Redis,
+        managers: Callable[..., BudgetManager],
+        spool_dir: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """
+        A settlement naming a reservation of another day ("belongs to day"): the
+        store refuses it every time, so it used to block every later entry. Now it
+        is quarantined with the store's words, and the entries after it replay.
+        """
+        day = server_day(redis_client)
+        manager = managers(redis_url)
+        held = manager.reserve("alice", 2.0, reservation_id="r1")
+        settle = {"seq": 2, "kind": "settle", "op": "r1", "day": held.day - 1}
+        settle.update({"fields": ["u:alice", "g"], "amount": NANO // 2, "state": "committed"})
+        lines = [
+            spend_line(1, "good1", self.GOOD, day),
+            json.dumps(settle),
+            spend_line(3, "good3", self.GOOD, day),
+        ]
+        dead_spool(spool_dir, redis_url, lines)
+        summary = manager.replay_spool()
+        assert summary.error is None
+        assert (summary.recorded, summary.rejected, summary.quarantined) == (2, 1, 1)
+        assert summary.remaining == 0
+        expected = 2 * NANO + 2 * self.GOOD  # the hold, never settled, and the two spends
+        assert day_counters(redis_client) == {"u:alice": expected, "g": expected}
+        assert manager.usage("alice")["user"].spent_nano == expected
+        (record,) = quarantined(spool_dir)
+        assert record["entry"] == settle
+        assert "belongs to day" in record["reason"]
+        assert any(
+            r.levelname == "ERROR" and "belongs to day" in r.getMessage() for r in caplog.records
+        )
+        assert not spool_files(spool_dir)
+        assert manager.reservation("r1").state == "held"
+
+        again = manager.replay_spool()
+        assert (again.replayed, again.quarantined) == (0, 0)
+        assert len(quarantined(spool_dir)) == 1
+        assert day_counters(redis_client) == {"u:alice": expected, "g": expected}
+
+    def test_a_spend_whose_key_names_another_charge_is_quarantined(
+        self,
+        redis_url: str,
+        redis_client: redis.Redis,
+        managers: Callable[..., BudgetManager],
+        spool_dir: Path,
+    ) -> None:
+        """The same idempotency key as a recorded spend of another amount: refused, kept aside."""
+        day = server_day(redis_client)
+        manager = managers(redis_url)
+        manager.record_spend("alice", 1.0, idempotency_key="k1")
+        lines = [
+            spend_line(1, "k1", 5, day),  # same key, another amount
+            spend_line(2, "good2", self.GOOD, day),
+        ]
+        dead_spool(spool_dir, redis_url, lines)
+        summary = manager.replay_spool()
+        assert summary.error is None
+        assert (summary.recorded, summary.rejected, summary.quarantined) == (1, 1, 1)
+        assert day_counters(redis_client) == {"u:alice": NANO + self.GOOD, "g": NANO + self.GOOD}
+        (record,) = quarantined(spool_dir)
+        assert record["entry"]["op"] == "k1"
+        assert manager.replay_spool().replayed == 0
+
+
+class TestQuarantineAcrossReplays:
+    """Quarantine and torn lines when a replay stops part-way (the store went away)."""
+
+    def test_an_unavailable_store_still_stops_the_replay(
+        self,
+        proxy: TcpProxy,
+        redis_client: redis.Redis,
+        managers: Callable[..., BudgetManager],
+        spool_dir: Path,
+    ) -> None:
+        """
+        Unreadable lines are quarantined at once (that needs no store), but the
+        entries wait: the first replay, with the store down, stops with the rest
+        spooled; the next one records them, and quarantines nothing twice.
+        """
+        day = server_day(redis_client)
+        lines = [
+            spend_line(1, "good1", 10, day),
+            spend_line(2, "bad", 5, 10**10),
+            spend_line(3, "good3", 20, day),
+        ]
+        torn = spend_line(4, "torn", 7, day).encode()[:-9]
+        path = dead_spool(spool_dir, proxy.url, lines, tail=torn)
+        manager = managers(proxy.url, **FAST)
+        proxy.refuse()
+        first = manager.replay_spool()
+        proxy.pass_through()
+        assert first.error is not None
+        assert (first.replayed, first.remaining, first.quarantined, first.torn_lines) == (
+            0,
+            2,
+            1,
+            1,
+        )
+        assert spool_files(spool_dir) == [path]
+        assert len(quarantined(spool_dir)) == 1
+
+        second = manager.replay_spool()
+        assert second.error is None
+        # The torn last line was counted once; once written after, it is no quarantine case.
+        assert (second.recorded, second.quarantined, second.torn_lines) == (2, 0, 0)
+        assert day_counters(redis_client) == {"u:alice": 30, "g": 30}
+        assert len(quarantined(spool_dir)) == 1
+        assert not spool_files(spool_dir)
+
+    def test_a_torn_line_in_the_middle_is_quarantined(
+        self,
+        redis_url: str,
+        redis_client: redis.Redis,
+        managers: Callable[..., BudgetManager],
+        spool_dir: Path,
+    ) -> None:
+        """Only a torn *last* line is a crash's normal trace; one followed by more is kept."""
+        day = server_day(redis_client)
+        cut = '{"seq": 2, "kind": "spend", "op": "b", "day"'
+        lines = [spend_line(1, "a", 10, day), cut, spend_line(3, "c", 20, day)]
+        dead_spool(spool_dir, redis_url, lines)
+        summary = managers(redis_url).replay_spool()
+        assert (summary.recorded, summary.quarantined, summary.torn_lines) == (2, 1, 0)
+        assert [r["raw"] for r in quarantined(spool_dir)] == [cut]
+
+    def test_bad_lines_of_an_adopted_namesake_are_quarantined(
+        self,
+        proxy: TcpProxy,
+        managers: Callable[..., BudgetManager],
+        redis_client: redis.Redis,
+        spool_dir: Path,
+    ) -> None:
+        """A dead process's file with our pid becomes ours; its bad lines are quarantined."""
+        day = server_day(redis_client)
+        lines = [spend_line(7, "old", 40, day, ["g"]), spend_line(8, "bad", 5, -800_000)]
+        dead = dead_spool(spool_dir, proxy.url, lines)
+        path = dead.with_name(dead.name.replace("999999999", str(os.getpid())))
+        dead.rename(path)
+        manager = managers(proxy.url, **FAST)
+        proxy.refuse()
+        receipt = manager.record_spend("alice", 1e-7)
+        assert receipt.status == "spooled"  # the file is adopted
+        proxy.pass_through()
+        # The automatic replay may have started: what it did is not in this summary.
+        summary = manager.replay_spool()
+        assert summary.error is None
+        wait_for(lambda: not spool_files(spool_dir))
+        assert day_counters(redis_client) == {"g": 140, "u:alice": 100}
+        (record,) = quarantined(spool_dir)
+        assert record["raw"] == lines[1]
+        assert record["line"] == 3
+        assert quarantine_files(spool_dir) == [path.with_suffix(".quarantine")]
+        assert manager.replay_spool().quarantined == 0
+        assert len(quarantined(spool_dir)) == 1
+
+    def test_a_line_that_cannot_be_quarantined_stays_in_the_spool(
+        self,
+        redis_url: str,
+        redis_client: redis.Redis,
+        managers: Callable[..., BudgetManager],
+        spool_dir: Path,
+    ) -> None:
+        """
+        When the quarantine file cannot be written, the bad line and the refused
+        entry stay in the spool file (never dropped), the rest still replays, and
+        a later replay quarantines them.
+        """
+        day = server_day(redis_client)
+        manager = managers(redis_url)
+        manager.reserve("alice", 2.0, reservation_id="r1")
+        settle = {"seq": 3, "kind": "settle", "op": "r1", "day": day - 1, "fields": ["g"]}
+        refused = json.dumps({**settle, "amount": 0, "state": "released"})
+        lines = [spend_line(1, "good", 10, day), nested(50), refused]
+        path = dead_spool(spool_dir, redis_url, lines)
+        blocker = path.with_suffix(".quarantine")
+        blocker.mkdir()  # not a file: cannot be appended to
+        first = manager.replay_spool()
+        assert (first.recorded, first.quarantined, first.remaining, first.rejected) == (1, 0, 2, 0)
+        assert first.error is None
+        assert spool_files(spool_dir) == [path]
+        blocker.rmdir()
+        second = manager.replay_spool()
+        assert (second.recorded, second.quarantined, second.rejected) == (0, 2, 1)
+        assert [r.get("raw", r.get("entry")) for r in quarantined(spool_dir)] == [
+            nested(50),
+            json.loads(refused),
+        ]
+        assert not spool_files(spool_dir)
+        assert day_counters(redis_client) == {"u:alice": 2 * NANO + 10, "g": 2 * NANO + 10}
+
+    def test_cli_reports_the_quarantine(
+        self,
+        redis_url: str,
+        redis_client: redis.Redis,
+        spool_dir: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``replay-spool`` says how many lines were quarantined and where they are kept."""
+        day = server_day(redis_client)
+        lines = [spend_line(1, "good", 10, day), nested(100_000), spend_line(3, "bad", 10**20, day)]
+        dead_spool(spool_dir, redis_url, lines)
+        args = ["replay-spool", "--spool-dir", str(spool_dir), "--redis-url", redis_url]
+        assert main([*args, "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        (qfile,) = quarantine_files(spool_dir)
+        assert (doc["recorded"], doc["quarantined"]) == (1, 2)
+        assert doc["quarantine_files"] == [str(qfile)]
+        dead_spool(spool_dir, redis_url, [spend_line(1, "bogus", 1, day, ["q"])])
+        assert main(args) == 0
+        out, err = capsys.readouterr()
+        assert "1 line(s) quarantined" in out + err
+        assert str(qfile) in out + err
+        assert len(quarantined(spool_dir)) == 3

@@ -33,6 +33,7 @@ from coreason_budget import (
     BudgetConfig,
     BudgetExceededError,
     BudgetManager,
+    IdempotencyConflictError,
     Reservation,
     ScopeUsage,
 )
@@ -90,7 +91,8 @@ class Ledger:
     spent: dict[Field, int] = field(default_factory=dict)
     overrides: dict[Field, int] = field(default_factory=dict)
     reservations: dict[str, ModelReservation] = field(default_factory=dict)
-    operations: set[str] = field(default_factory=set)
+    #: idempotency key -> what it paid for: (scopes, amount)
+    operations: dict[str, tuple[tuple[Field, ...], int]] = field(default_factory=dict)
 
     def limit(self, f: Field) -> int:
         if f[0] == "model":
@@ -235,11 +237,19 @@ class BudgetMachine(RuleBasedStateMachine):
         return handles_of(self.do_reserve(user, self.project(pidx), model, estimate, on_error, rid))
 
     @rule(
-        target=handles, h=handles, estimate=amounts, on_error=st.sampled_from(["charge", "release"])
+        target=handles,
+        h=handles,
+        estimate=st.none() | amounts,
+        on_error=st.sampled_from(["charge", "release"]),
     )
     def reserve_again(self, h: Handle, estimate: Any, on_error: str) -> Any:
-        """The same reservation id again (a client retry): the existing hold comes back."""
+        """
+        The same reservation id again: a client retry (the same estimate, None
+        here) gets the existing hold back; another estimate is refused.
+        """
         res = h.res
+        if estimate is None:
+            estimate = Decimal(res.estimate_nano) / NANO
         return handles_of(
             self.do_reserve(res.user_id, res.project_id, res.model, estimate, on_error, h.rid)
         )
@@ -279,14 +289,19 @@ class BudgetMachine(RuleBasedStateMachine):
         fields = self.ledger.fields(user, project, model)
         prior = self.ledger.reservations.get(rid) if rid is not None else None
         expected = None if prior is not None else self.ledger.refusal(fields, amount)
+        conflict = prior is not None and (prior.held, prior.fields) != (amount, tuple(fields))
         try:
             res = self.m.reserve(
                 user, estimate, project, model, on_error=on_error, reservation_id=rid
             )
+        except IdempotencyConflictError:
+            assert conflict, "refused the retry of a reservation"
+            return None
         except BudgetExceededError as e:
             assert expected is not None, "refused a reservation that fits"
             check_refusal(e, expected, amount)
             return None
+        assert not conflict, "took a reservation id reused for another hold"
         assert expected is None, f"granted a reservation that does not fit: {expected}"
         if prior is not None:
             # Reserving an existing id returns that hold, as it stands now.
@@ -343,13 +358,24 @@ class BudgetMachine(RuleBasedStateMachine):
     def record_spend(
         self, user: str, pidx: int, model: str | None, cost: Any, key: str | None
     ) -> None:
+        """
+        The same key again records nothing: the same spend is a duplicate, and
+        another one (other scopes or amount) is refused.
+        """
         project = self.project(pidx)
-        self.m.record_spend(user, cost, project, model, idempotency_key=key)
+        fields = tuple(self.ledger.fields(user, project, model))
+        paid = self.ledger.operations.get(key) if key is not None else None
+        if paid is not None and paid != (fields, nano(cost)):
+            with pytest.raises(IdempotencyConflictError):
+                self.m.record_spend(user, cost, project, model, idempotency_key=key)
+            return
+        receipt = self.m.record_spend(user, cost, project, model, idempotency_key=key)
+        assert receipt.status == ("recorded" if paid is None else "duplicate")
+        if paid is not None:
+            return
         if key is not None:
-            if key in self.ledger.operations:
-                return
-            self.ledger.operations.add(key)
-        self.ledger.charge(self.ledger.fields(user, project, model), nano(cost))
+            self.ledger.operations[key] = (fields, nano(cost))
+        self.ledger.charge(list(fields), nano(cost))
 
     @rule(user=st.sampled_from(USERS), pidx=st.integers(0, 2), estimate=amounts)
     def check(self, user: str, pidx: int, estimate: Any) -> None:

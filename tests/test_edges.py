@@ -1,0 +1,255 @@
+"""
+The ledger's promises at its edges, against a real redis-server: ids reused for
+another payment, counters at Redis's integer limit, holds whose record or reply
+was lost, and amounts that are numbers of other types.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from decimal import Decimal
+
+import pytest
+import redis
+
+from coreason_budget import (
+    BudgetManager,
+    BudgetUnavailableError,
+    IdempotencyConflictError,
+    InvalidInputError,
+    Receipt,
+)
+
+from .conftest import ManagerFactory
+from .tcp_proxy import TcpProxy
+from .test_faults import FAST, counters
+
+NANO = 1_000_000_000
+
+
+def snapshot(client: redis.Redis) -> dict[str, object]:
+    """Every key and its value: a refused write must leave this unchanged."""
+    out: dict[str, object] = {}
+    for key in client.scan_iter("*"):
+        kind = client.type(key)
+        out[key] = client.hgetall(key) if kind == "hash" else client.get(key)
+    return out
+
+
+class TestIdReuse:
+    """An id names one payment: the same payload again is a no-op, another one is refused."""
+
+    def test_a_spend_key_reused_for_another_user_is_refused(
+        self, budget: BudgetManager, redis_client: redis.Redis
+    ) -> None:
+        """bob's spend under alice's key was acknowledged and recorded as $0."""
+        first = budget.record_spend("alice", 5.0, idempotency_key="invoice-1")
+        assert first == Receipt("recorded", "spend", "invoice-1", 5 * NANO)
+        before = snapshot(redis_client)
+        with pytest.raises(IdempotencyConflictError, match="invoice-1"):
+            budget.record_spend("bob", 7.0, idempotency_key="invoice-1")
+        assert snapshot(redis_client) == before
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"cost": 5.01},
+            {"project_id": "p"},
+            {"model": "gpt-4o"},
+            {"user_id": "Alice"},
+        ],
+    )
+    def test_any_other_payload_is_refused(
+        self, budget: BudgetManager, redis_client: redis.Redis, change: dict[str, object]
+    ) -> None:
+        call: dict[str, object] = {"user_id": "alice", "cost": 5.0, "idempotency_key": "k"}
+        budget.record_spend(**call)  # type: ignore[arg-type]
+        before = snapshot(redis_client)
+        with pytest.raises(IdempotencyConflictError):
+            budget.record_spend(**{**call, **change})  # type: ignore[arg-type]
+        assert snapshot(redis_client) == before
+
+    def test_the_same_payload_is_a_duplicate(self, budget: BudgetManager) -> None:
+        budget.record_spend("alice", 5.0, "p", "gpt-4o", idempotency_key="k")
+        again = budget.record_spend("alice", Decimal("5.000"), "p", "gpt-4o", idempotency_key="k")
+        assert again == Receipt("duplicate", "spend", "k", 0)
+        assert budget.usage("alice", "p")["user"].spent_nano == 5 * NANO
+
+    def test_a_reservation_id_reused_for_another_user_is_refused(
+        self, budget: BudgetManager, redis_client: redis.Redis
+    ) -> None:
+        """bob's reserve under alice's id returned a handle whose commit charged alice."""
+        alice = budget.reserve("alice", 5.0, reservation_id="r1")
+        before = snapshot(redis_client)
+        with pytest.raises(IdempotencyConflictError, match="r1"):
+            budget.reserve("bob", 5.0, reservation_id="r1")
+        with pytest.raises(IdempotencyConflictError):
+            budget.reserve("alice", 4.0, reservation_id="r1")
+        with pytest.raises(IdempotencyConflictError):
+            budget.reserve("alice", 5.0, project_id="p", reservation_id="r1")
+        assert snapshot(redis_client) == before
+        again = budget.reserve("alice", 5.0, reservation_id="r1")
+        assert (again.state, again.estimate_nano) == ("held", 5 * NANO)
+        alice.commit(1.0)
+        assert budget.usage("bob")["user"].spent_nano == 0
+        assert budget.usage("alice")["user"].spent_nano == NANO
+
+    def test_a_conflict_is_not_spooled(self, budget: BudgetManager, spool_dir: object) -> None:
+        """The store answered: refusing is its answer, nothing waits to be charged later."""
+        budget.record_spend("alice", 1.0, idempotency_key="k")
+        with pytest.raises(IdempotencyConflictError):
+            budget.record_spend("alice", 2.0, idempotency_key="k")
+        assert budget.replay_spool().replayed == 0
+
+
+class TestCounterOverflow:
+    """A counter near 2^63 refuses before the first write, never half an operation."""
+
+    def near_the_top(self, budget: BudgetManager, redis_client: redis.Redis, field: str) -> None:
+        key = budget._ledger.day_key(budget._ledger.today())
+        redis_client.hset(key, field, str(2**63 - 10))
+
+    @pytest.mark.parametrize("field", ["g", "u:alice", "p:p", "m:gpt-4o"])
+    def test_spend(self, budget: BudgetManager, redis_client: redis.Redis, field: str) -> None:
+        self.near_the_top(budget, redis_client, field)
+        before = snapshot(redis_client)
+        with pytest.raises(InvalidInputError, match="largest amount"):
+            budget.record_spend("alice", 1.0, "p", "gpt-4o", idempotency_key="k")
+        assert snapshot(redis_client) == before  # no marker, no counter
+        assert budget.replay_spool().replayed == 0  # and nothing spooled
+
+    def test_commit_above_the_hold(self, budget: BudgetManager, redis_client: redis.Redis) -> None:
+        held = budget.reserve("alice", 1.0)
+        self.near_the_top(budget, redis_client, "g")
+        before = snapshot(redis_client)
+        with pytest.raises(InvalidInputError, match="largest amount"):
+            held.commit(2.0)
+        assert snapshot(redis_client) == before
+        assert held.state == "held"
+        held.commit(0.5)  # a refund still settles it
+        assert held.state == "committed"
+
+    def test_reserve(self, make_manager: ManagerFactory, redis_client: redis.Redis) -> None:
+        """The model counter has no limit to refuse first."""
+        budget = make_manager()
+        self.near_the_top(budget, redis_client, "m:gpt-4o")
+        before = snapshot(redis_client)
+        with pytest.raises(InvalidInputError, match="model gpt-4o"):
+            budget.reserve("alice", 1.0, model="gpt-4o")
+        assert snapshot(redis_client) == before
+
+
+class TestLostRecord:
+    """A reservation whose record the store lost (restarted empty) is still settled once."""
+
+    def test_commit_records_once_and_the_id_still_answers(
+        self, budget: BudgetManager, redis_client: redis.Redis
+    ) -> None:
+        held = budget.reserve("alice", 2.0, project_id="p", model="gpt-4o", reservation_id="r1")
+        redis_client.flushall()
+        assert held.commit(1.5).status == "recorded"
+        assert budget.usage("alice", "p")["project"].spent_nano == 1_500_000_000
+        found = budget.reservation("r1")  # was KeyError('u') from the tombstone
+        assert (found.state, found.user_id, found.project_id, found.model) == (
+            "committed",
+            "alice",
+            "p",
+            "gpt-4o",
+        )
+        assert found.commit(1.5).status == "duplicate"
+        assert budget.reserve("alice", 2.0, "p", "gpt-4o", reservation_id="r1").state == (
+            "committed"
+        )
+        assert budget.usage("alice", "p")["project"].spent_nano == 1_500_000_000
+
+    def test_a_handle_from_what_the_caller_knows(
+        self, budget: BudgetManager, redis_client: redis.Redis
+    ) -> None:
+        """Another worker (the HTTP service) settles a lost hold from its user and day."""
+        held = budget.reserve("alice", 2.0, project_id="p", reservation_id="r1")
+        redis_client.flushall()
+        with pytest.raises(Exception, match="no reservation"):
+            budget.reservation("r1")
+        again = budget.reservation("r1", user_id="alice", project_id="p", date=held.date)
+        assert again.commit(1.25).status == "recorded"
+        assert again.commit(1.25).status == "recorded"  # the handle's own receipt, once
+        assert budget.reservation("r1", user_id="alice", date=held.date).state == "committed"
+        assert budget.usage("alice", "p")["user"].spent_nano == 1_250_000_000
+
+
+class TestReserveWhoseRepliesAreLost:
+    """A hold the library cannot confirm is undone; the error names its id."""
+
+    def test_spooled_release_undoes_the_hold(
+        self, proxy: TcpProxy, managers: Callable[..., BudgetManager], redis_client: redis.Redis
+    ) -> None:
+        manager = managers(proxy.url, **{**FAST, "retries": 0})
+        manager.usage("alice")  # connect
+        proxy.drop_replies(1)
+        with pytest.raises(BudgetUnavailableError) as info:
+            manager.reserve("alice", 2.0, reservation_id="r1")
+        assert info.value.reservation_id == "r1"
+        assert "r1" in "".join(getattr(info.value, "__notes__", []))
+        assert counters(redis_client)["u:alice"] == 2 * NANO  # the server took the hold
+        summary = manager.replay_spool()
+        assert summary.recorded == 1
+        assert counters(redis_client)["u:alice"] == 0
+        assert manager.reservation("r1").state == "released"
+
+    def test_without_a_spool_it_is_released_directly(
+        self, proxy: TcpProxy, managers: Callable[..., BudgetManager], redis_client: redis.Redis
+    ) -> None:
+        manager = managers(proxy.url, **{**FAST, "retries": 0}, spool_dir="off")
+        manager.usage("alice")
+        proxy.drop_replies(1)
+        with pytest.raises(BudgetUnavailableError) as info:
+            manager.reserve("alice", 2.0, reservation_id="r1")
+        assert info.value.reservation_id == "r1"
+        assert counters(redis_client)["u:alice"] == 0
+        assert manager.reservation("r1").state == "released"
+
+    def test_a_reserve_that_never_landed_cannot_land_later(
+        self, proxy: TcpProxy, managers: Callable[..., BudgetManager]
+    ) -> None:
+        """The release leaves a tombstone: the same id arriving afterwards holds nothing."""
+        manager = managers(proxy.url, **FAST)
+        proxy.refuse()
+        with pytest.raises(BudgetUnavailableError) as info:
+            manager.reserve("alice", 2.0, reservation_id="r1")
+        assert info.value.reservation_id == "r1"
+        proxy.pass_through()
+        assert manager.replay_spool().recorded == 1
+        late = manager.reserve("alice", 2.0, reservation_id="r1")
+        assert late.state == "released"
+        assert manager.usage("alice")["user"].spent_nano == 0
+
+
+class TestAmountTypes:
+    """Float and int subclasses (numpy's, enums) are their plain value; never a stray error."""
+
+    def test_numpy(self, budget: BudgetManager) -> None:
+        numpy = pytest.importorskip("numpy")
+        assert budget.record_spend("alice", numpy.float64(0.05)).amount_nano == 50_000_000
+        assert budget.record_spend("alice", numpy.int64(2)).amount_nano == 2 * NANO
+        budget.check_availability("alice", numpy.float64(0.05))
+        with budget.reserve("alice", numpy.float64(0.5)) as r:
+            r.commit(numpy.float64(0.25))
+        assert budget.usage("alice")["user"].spent_nano == 2_300_000_000
+        with pytest.raises(InvalidInputError):
+            budget.record_spend("alice", numpy.float64("nan"))
+        with pytest.raises(InvalidInputError):
+            budget.record_spend("alice", numpy.float32(0.05))  # not exactly 0.05: refused
+
+    def test_subclasses(self, budget: BudgetManager) -> None:
+        class Price(float):
+            def __repr__(self) -> str:
+                return f"Price({float(self)})"
+
+        class Cents(enum.IntEnum):
+            ONE = 1
+
+        assert budget.record_spend("alice", Price(0.05)).amount_nano == 50_000_000
+        assert budget.record_spend("alice", Cents.ONE).amount_nano == NANO
+        with pytest.raises(InvalidInputError):
+            budget.record_spend("alice", Price(-1.0))
