@@ -370,6 +370,8 @@ class Ledger:
 _NO_SCOPES = Scopes.of([])
 #: The settled state a reservation ends in -> the script operation that settles it.
 _SETTLE_OPS = {"committed": "commit", "released": "release"}
+
+
 def _shapes(*shapes: tuple[str, int]) -> Callable[[list[Any]], bool]:
     """A test that a list reply is one the script sends: its first word, its length."""
     lengths = dict(shapes)

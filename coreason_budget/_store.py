@@ -126,7 +126,12 @@ def _open_cluster(url: str, config: BudgetConfig) -> Store:
         raise ConfigError(f"bad Redis Cluster URL {url!r}: {e}") from None
     if options.get("db", 0) != 0:
         raise ConfigError(f"a Redis Cluster has only database 0, got {url!r}")
-    kwargs = _pool_kwargs(config, url.partition("://")[0])
+    scheme, _, rest = url.partition("://")
+    kwargs = _pool_kwargs(config, scheme)
+    # RedisCluster parses the URL again and, for rediss://, would swap our TLS
+    # connection class for redis-py's own: it gets the redis:// spelling, and
+    # the class in kwargs carries the TLS.
+    url = "redis://" + rest
     # RedisCluster takes the retry itself (it refuses one in the node kwargs and
     # gives every node connection none): it only reads the count, retrying at once.
     retry = kwargs.pop("retry")

@@ -580,6 +580,46 @@ class TestTransport:
         client.record_spend("u", 1, idempotency_key="mine")
         assert body_of(sent[-1])["idempotency_key"] == "mine"
 
+    def test_a_reserve_whose_answers_are_lost_is_released(self) -> None:
+        """The service may hold it: the client releases that id, and the error names it."""
+
+        def respond(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/reservations":
+                raise httpx.ReadTimeout("lost", request=request)
+            body = body_of(request)
+            assert body["user_id"] == "u"
+            return httpx.Response(
+                200,
+                json={
+                    "status": "recorded",
+                    "kind": "release",
+                    "idempotency_key": "r1",
+                    "amount_usd": 0.0,
+                    "amount_nano": 0,
+                    "state": "released",
+                },
+            )
+
+        client, sent = scripted(respond, retries=1)
+        with pytest.raises(BudgetUnavailableError) as info:
+            client.reserve("u", 1, reservation_id="r1")
+        assert info.value.reservation_id == "r1"
+        deadline = time.monotonic() + 5
+        while not any(r.url.path == "/reservations/r1/release" for r in sent):
+            assert time.monotonic() < deadline, "the hold was never released"
+            time.sleep(0.01)
+
+    def test_a_reserve_that_never_left_is_not_released(self) -> None:
+        def respond(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("refused", request=request)
+
+        client, sent = scripted(respond, retries=0)
+        with pytest.raises(BudgetUnavailableError) as info:
+            client.reserve("u", 1, reservation_id="r1")
+        assert info.value.reservation_id == "r1"
+        time.sleep(0.1)
+        assert [r.url.path for r in sent] == ["/reservations"]
+
     def test_retries_are_bounded(self) -> None:
         def respond(request: httpx.Request) -> httpx.Response:
             raise httpx.ConnectError("refused", request=request)

@@ -31,7 +31,7 @@ from coreason_budget import (
     _store,
 )
 
-from . import test_concurrency, test_fail_closed, test_manager
+from . import test_concurrency, test_edges, test_fail_closed, test_manager
 from .conftest import ManagerFactory
 from .redis_cluster import RedisClusterServers, prefixes_on_distinct_masters, running_cluster
 from .redis_server import free_port
@@ -117,6 +117,18 @@ class TestRetrySafety(test_fail_closed.TestRetrySafety):
 
 
 class TestVanishedReservation(test_fail_closed.TestVanishedReservation):
+    pass
+
+
+class TestIdReuse(test_edges.TestIdReuse):
+    pass
+
+
+class TestCounterOverflow(test_edges.TestCounterOverflow):
+    pass
+
+
+class TestLostRecord(test_edges.TestLostRecord):
     pass
 
 

@@ -1131,8 +1131,14 @@ class TestCacheWrites:
         assert engine.calculate_nano("m", inp, 0, read, write) == ceil_nano(exact / 10**6)
 
     def test_commit_usage_through_the_http_service(self, make_manager: Any) -> None:
-        """The service's commit takes ``cache_creation_input_tokens`` and charges the writes."""
+        """
+        RemoteReservation.commit_usage sends the writes (only when there are some), and
+        the service's commit prices them; more writes than input is refused at both ends.
+        """
         testclient = pytest.importorskip("fastapi.testclient")
+        import httpx
+
+        from coreason_budget.client import BudgetClient
         from coreason_budget.server import ServerSettings, create_app
 
         manager = make_manager(daily_user_limit_usd=10.0)
@@ -1144,67 +1150,57 @@ class TestCacheWrites:
             cache_creation_input_per_mtok=Decimal("3.75"),
         )
         app = create_app(manager, ServerSettings(api_keys=frozenset({"k"})))
-        with testclient.TestClient(app, headers={"Authorization": "Bearer k"}) as api:
-            r = api.post(
-                "/reservations", json={"user_id": "u", "estimate": 1, "model": "claude-house"}
-            )
-            assert r.status_code == 200, r.text
-            rid = r.json()["reservation_id"]
-            # More writes than plain input is refused, and keeps the hold.
-            r = api.post(
-                f"/reservations/{rid}/commit",
-                json={"input_tokens": 10, "output_tokens": 0, "cache_creation_input_tokens": 11},
-            )
-            assert r.status_code == 422, r.text
-            assert "cache_creation_input_tokens" in r.json()["detail"]
-            r = api.post(
-                f"/reservations/{rid}/commit",
-                json={
-                    "input_tokens": 13_200,
-                    "output_tokens": 500,
-                    "cached_input_tokens": 3_000,
-                    "cache_creation_input_tokens": 10_000,
-                },
-            )
-            assert r.status_code == 200, r.text
-            assert r.json() == {"status": "committed"}
-            spent = api.get("/usage/u").json()["user"]["spent_nano"]
-        # 200 * 3 + 3000 * 0.3 + 10000 * 3.75 + 500 * 15 micro-dollars.
-        assert (
-            spent
-            == 46_500_000
-            == manager.pricing.calculate_nano("claude-house", 13_200, 500, 3_000, 10_000)
-        )
-
-    def test_remote_commit_usage_sends_cache_writes(self) -> None:
-        """BudgetClient checks the counts as the engine does and sends writes only when used."""
-        httpx = pytest.importorskip("httpx")
-        from coreason_budget.client import BudgetClient
-
         sent: list[dict[str, Any]] = []
+        with testclient.TestClient(app) as api:
 
-        def handler(request: Any) -> Any:
-            if request.url.path == "/reservations":
-                body = json.loads(request.content)
-                answer = {"reservation_id": body["reservation_id"], "state": "held",
-                          "estimate_usd": body["estimate"]}  # fmt: skip
-                return httpx.Response(200, json=answer)
-            sent.append(json.loads(request.content))
-            return httpx.Response(200, json={"status": "committed"})
+            def forward(request: httpx.Request) -> httpx.Response:
+                """The client's requests, answered by the app in process."""
+                if request.url.path.endswith("/commit"):
+                    sent.append(json.loads(request.content))
+                r = api.request(
+                    request.method,
+                    request.url.raw_path.decode(),
+                    content=request.content,
+                    headers=dict(request.headers),
+                )
+                return httpx.Response(r.status_code, headers=r.headers, content=r.content)
 
-        with BudgetClient("http://budget", "k", transport=httpx.MockTransport(handler)) as client:
-            r = client.reserve("u", 1, model="claude-sonnet-4-5")
-            with pytest.raises(InvalidInputError, match="cannot exceed input_tokens"):
-                r.commit_usage(input_tokens=10, output_tokens=0, cache_creation_input_tokens=11)
-            with pytest.raises(InvalidInputError, match="cache_creation_input_tokens"):
-                r.commit_usage(input_tokens=10, output_tokens=0, cache_creation_input_tokens=-1)
-            assert sent == []
-            r.commit_usage(input_tokens=100, output_tokens=5, cache_creation_input_tokens=60)
-            r2 = client.reserve("u", 1, model="gpt-4o")
-            r2.commit_usage(input_tokens=100, output_tokens=5)
-        assert sent == [
-            {"input_tokens": 100, "output_tokens": 5, "cached_input_tokens": 0,
-             "cache_creation_input_tokens": 60},
+            with BudgetClient(
+                "http://budget", "k", transport=httpx.MockTransport(forward)
+            ) as client:
+                r = client.reserve("u", 1, model="claude-house")
+                with pytest.raises(InvalidInputError, match="cannot exceed input_tokens"):
+                    r.commit_usage(input_tokens=10, output_tokens=0, cache_creation_input_tokens=11)
+                assert sent == []
+                # The service checks too: a raw request with more writes than input.
+                raw = api.post(
+                    f"/reservations/{r.id}/commit",
+                    headers={"Authorization": "Bearer k"},
+                    json={
+                        "input_tokens": 10,
+                        "output_tokens": 0,
+                        "cache_creation_input_tokens": 11,
+                    },
+                )
+                assert raw.status_code == 422, raw.text
+                assert "cache_creation_input_tokens" in raw.json()["detail"]
+                r.commit_usage(
+                    input_tokens=13_200,
+                    output_tokens=500,
+                    cached_input_tokens=3_000,
+                    cache_creation_input_tokens=10_000,
+                )
+                assert r.state == "committed"
+                # 200 * 3 + 3000 * 0.3 + 10000 * 3.75 + 500 * 15 micro-dollars.
+                assert client.usage("u")["user"].spent_nano == 46_500_000
+                plain = client.reserve("u", 1, model="claude-house")
+                plain.commit_usage(input_tokens=100, output_tokens=5)
+        assert manager.pricing.calculate_nano("claude-house", 13_200, 500, 3_000, 10_000) == (
+            46_500_000
+        )
+        assert [{k: b[k] for k in b if k.endswith("_tokens")} for b in sent] == [
+            {"input_tokens": 13_200, "output_tokens": 500, "cached_input_tokens": 3_000,
+             "cache_creation_input_tokens": 10_000},
             {"input_tokens": 100, "output_tokens": 5, "cached_input_tokens": 0},
         ]  # fmt: skip
 

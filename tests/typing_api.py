@@ -8,13 +8,16 @@ stops type-checking in CI.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import assert_type
+from typing import Literal, assert_type
 
 from coreason_budget import (
     BudgetConfig,
     BudgetError,
     BudgetExceededError,
     BudgetManager,
+    BudgetUnavailableError,
+    IdempotencyConflictError,
+    Receipt,
     Reservation,
     ScopeUsage,
 )
@@ -25,7 +28,8 @@ def guarded_call(budget: BudgetManager, prompt: str) -> str | None:
         with budget.reserve("user_123", 0.05, project_id="proj", model="gpt-4") as r:
             assert_type(r, Reservation)
             answer = prompt.upper()
-            r.commit(Decimal("0.031"))
+            receipt = r.commit(Decimal("0.031"))
+            assert_type(receipt.status, Literal["recorded", "duplicate", "spooled", "expired"])
             return answer
     except BudgetExceededError as e:
         assert_type(e.scope, str)
@@ -38,7 +42,16 @@ def guarded_call(budget: BudgetManager, prompt: str) -> str | None:
 
 def admin(budget: BudgetManager) -> float:
     budget.check_availability("user_123", estimated_cost=0.05, project_id="proj")
-    budget.record_spend("user_123", 0.045, project_id="proj", model="gpt-4", idempotency_key="k")
+    try:
+        receipt = budget.record_spend(
+            "user_123", 0.045, project_id="proj", model="gpt-4", idempotency_key="k"
+        )
+        assert_type(receipt, Receipt)
+        assert_type(receipt.idempotency_key, str)
+    except IdempotencyConflictError:
+        pass
+    except BudgetUnavailableError as e:
+        assert_type(e.idempotency_key, str | None)
     budget.set_limit("user", "user_123", 25.0)
     budget.set_limit("global", None, None)
     r = budget.reserve("user_123", 1, on_error="release", reservation_id="r-1")

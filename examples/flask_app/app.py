@@ -108,8 +108,8 @@ def complete() -> ResponseReturnValue:
     except BudgetExceededError as e:
         return error(429, str(e), scope=e.scope, entity_id=e.entity_id)
     except BudgetUnavailableError as e:
-        # Fail closed. Should the store fail after the model answered, the hold stays
-        # charged at the estimate (an overcharge, never an undercharge).
+        # Fail closed: the hold could not be taken. (Should the store fail after the model
+        # answered, the commit is spooled and recorded once it is back; its receipt says so.)
         log.warning("budget store unavailable: %s", e)
         return error(503, "budget store unavailable; the call was not made")
     except InvalidInputError as e:
