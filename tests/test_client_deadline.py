@@ -33,7 +33,7 @@ Answer = Callable[[socket.socket], None]
 
 
 class FakeServer:
-    """Answers every request on its own thread with *answer* (one connection per request)."""
+    """Answers every request with *answer*, a thread per connection."""
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
@@ -54,25 +54,28 @@ class FakeServer:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        """Keep-alive: answer requests on this connection until the client closes it."""
         with conn:
             conn.settimeout(5)
+            buffered = b""
             try:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    request += chunk
-                head, _, rest = request.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(rest) < length:
-                    rest += conn.recv(65536)
-                self.requests += 1
-                self.answer(conn)
+                while True:
+                    while b"\r\n\r\n" not in buffered:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        buffered += chunk
+                    head, _, buffered = buffered.partition(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    while len(buffered) < length:
+                        buffered += conn.recv(65536)
+                    buffered = buffered[length:]
+                    self.requests += 1
+                    self.answer(conn)
             except OSError:  # the client gave up and closed: expected
                 pass
 

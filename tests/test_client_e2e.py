@@ -33,6 +33,7 @@ from coreason_budget import (
     BudgetManager,
     BudgetUnavailableError,
     ConfigError,
+    IdempotencyConflictError,
     InvalidInputError,
     UnknownModelError,
     UnknownReservationError,
@@ -323,6 +324,30 @@ class TestAgainstTheService:
             assert c.reservation(r.id).state == "committed"
             assert c.reservation(r.id).commit(0.5).status == "duplicate"
             assert c.usage("u")["user"].spent_nano == NANO // 2
+
+    def test_receipts_and_id_reuse(self, client: BudgetClient) -> None:
+        """The service's receipts, and its 409, as the manager gives them."""
+        first = client.record_spend("alice", 5, idempotency_key="invoice-1")
+        assert (first.status, first.idempotency_key, first.amount_nano) == (
+            "recorded",
+            "invoice-1",
+            5 * NANO,
+        )
+        assert client.record_spend("alice", 5, idempotency_key="invoice-1").status == "duplicate"
+        with pytest.raises(IdempotencyConflictError, match="invoice-1"):
+            client.record_spend("bob", 7, idempotency_key="invoice-1")
+        held = client.reserve("alice", 1, reservation_id="r1")
+        with pytest.raises(IdempotencyConflictError):
+            client.reserve("bob", 1, reservation_id="r1")
+        receipt = held.commit(0.5)
+        assert (receipt.status, receipt.kind, receipt.idempotency_key) == (
+            "recorded",
+            "commit",
+            "r1",
+        )
+        assert held.commit(0.75) is receipt
+        assert client.usage("bob")["user"].spent_nano == 0
+        assert client.usage("alice")["user"].spent_nano == 5 * NANO + NANO // 2
 
     def test_report(self, client: BudgetClient) -> None:
         client.record_spend("a", 1, project_id="p", model="house-llm")
