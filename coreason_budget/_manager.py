@@ -5,6 +5,7 @@ BudgetManager: the public, synchronous, thread-safe entry point.
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 from collections.abc import Callable
 from decimal import Decimal
@@ -29,6 +30,8 @@ from .exceptions import (
 
 if TYPE_CHECKING:
     from ._pricing import PricingEngine
+
+log = logging.getLogger("coreason_budget")
 
 ScopeName = Literal["user", "project", "global"]
 
@@ -191,25 +194,32 @@ class BudgetManager:
         A reserve that failed may still have taken its hold (only the reply was
         lost); nobody would ever settle it. Release it by id: through the spool
         (the store just failed us; the release lands with the next call that
-        reaches it), else directly, once. A release that finds no hold leaves a
-        tombstone, so a reserve of this id arriving late takes nothing either.
+        reaches it), else directly, once, in the background (the caller's
+        error must not wait for a store that just failed it). A release that
+        finds no hold leaves a tombstone, so a reserve of this id arriving late
+        takes nothing either.
         """
         error.reservation_id = rid
-        try:
-            try:
-                self._keeper.keep(error, "settle", rid, day, scopes, 0, "released")
-            except BudgetUnavailableError:  # no spool: the store, once more
-                self._ledger.settle(scopes, rid, day, 0, "released")
-        except BudgetError as e:
-            error.add_note(
-                f"If the store took reservation {rid!r} before failing, it stays held until "
-                f"its day ends: release it with reservation({rid!r}).release() ({e})."
-            )
-            return
         error.add_note(
             f"Reservation {rid!r} is being released in case the store took it before failing; "
             "reserving again needs a new reservation_id."
         )
+        try:
+            self._keeper.keep(error, "settle", rid, day, scopes, 0, "released")
+        except BudgetUnavailableError:  # no spool
+
+            def release() -> None:
+                try:
+                    self._ledger.settle(scopes, rid, day, 0, "released")
+                except BudgetError as e:
+                    log.warning(
+                        "Could not release reservation %s (its reserve failed); if the store "
+                        "took it, it stays held until its day ends: %s",
+                        rid,
+                        e,
+                    )
+
+            threading.Thread(target=release, name="coreason-budget-undo", daemon=True).start()
 
     # -- reporting and administration -------------------------------------------
 

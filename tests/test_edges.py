@@ -7,6 +7,7 @@ was lost, and amounts that are numbers of other types.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -23,7 +24,8 @@ from coreason_budget import (
 
 from .conftest import ManagerFactory
 from .tcp_proxy import TcpProxy
-from .test_faults import FAST, counters
+from .test_fail_closed import hang_bound
+from .test_faults import FAST, counters, wait_for
 
 NANO = 1_000_000_000
 
@@ -206,8 +208,21 @@ class TestReserveWhoseRepliesAreLost:
         with pytest.raises(BudgetUnavailableError) as info:
             manager.reserve("alice", 2.0, reservation_id="r1")
         assert info.value.reservation_id == "r1"
-        assert counters(redis_client)["u:alice"] == 0
+        wait_for(lambda: counters(redis_client)["u:alice"] == 0)  # in the background
         assert manager.reservation("r1").state == "released"
+
+    @pytest.mark.timeout(30)
+    def test_the_error_does_not_wait_for_the_release(
+        self, proxy: TcpProxy, managers: Callable[..., BudgetManager]
+    ) -> None:
+        """A stalled store, no spool: the reserve fails within the bound all the same."""
+        manager = managers(proxy.url, **FAST, spool_dir="off")
+        proxy.blackhole()
+        start = time.monotonic()
+        with pytest.raises(BudgetUnavailableError) as info:
+            manager.reserve("alice", 2.0)
+        assert time.monotonic() - start < hang_bound(manager.config)
+        assert info.value.reservation_id
 
     def test_a_reserve_that_never_landed_cannot_land_later(
         self, proxy: TcpProxy, managers: Callable[..., BudgetManager]
