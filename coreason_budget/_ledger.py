@@ -253,12 +253,29 @@ class Ledger:
                 raise ValueError("not one (spent, limit) pair per scope")
             return list(zip(values[::2], values[1::2], strict=True))
 
-    def report(self) -> tuple[int, dict[str, int], dict[str, int]]:
-        """Today's day number, every counter of the day and every limit override."""
-        reply = self._call("report", 0, _NO_SCOPES, self._limits_only)
-        with _decoding(reply):
-            _, day, counters, limits = reply
-            return int(day), _pairs(counters), _pairs(limits)
+    def today_by_store(self) -> int:
+        """Today's day number by the store's clock (the one every worker shares)."""
+        return int(self._call("today", 0, _NO_SCOPES, ()))
+
+    def counters(self, day: int) -> Iterator[tuple[str, int]]:
+        """
+        Every counter of *day*, read incrementally: each HSCAN step is short, so
+        a day with a million fields never holds the store for other callers.
+        A field written meanwhile may be read with either value.
+        """
+        with self._errors:
+            for field, value in self._client.hscan_iter(self.day_key(day), count=_SCAN_COUNT):
+                with _decoding(value):
+                    yield field, int(value)
+
+    def overrides(self, fields: Sequence[str]) -> dict[str, int]:
+        """The limit overrides of *fields* (those that have one)."""
+        if not fields:
+            return {}
+        with self._errors:
+            values = self._client.hmget(self._limits_key, list(fields))
+        with _decoding(values):
+            return {f: int(v) for f, v in zip(fields, values, strict=True) if v is not None}
 
     def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
         """A reservation's state and the counter fields it holds in, or None if unknown."""
@@ -368,6 +385,8 @@ class Ledger:
 
 
 _NO_SCOPES = Scopes.of([])
+#: Fields per HSCAN step of a report: each step stays well under a millisecond of server time.
+_SCAN_COUNT = 1000
 #: The settled state a reservation ends in -> the script operation that settles it.
 _SETTLE_OPS = {"committed": "commit", "released": "release"}
 
@@ -390,7 +409,7 @@ _ANSWERS: dict[str, Callable[[list[Any]], bool]] = {
     "replay": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
     "check": _shapes(("NO", 4), _DAY),
     "usage": lambda r: r[0] == "OK" or (r[0] == "DAY" and len(r) == 3),
-    "report": _shapes(("OK", 4), _DAY),
+    "today": _shapes(_DAY),
 }
 
 
@@ -436,10 +455,6 @@ class _StoreErrors:
         if isinstance(exc, redis.RedisError):
             return f"budget store unavailable: {exc}"
         return f"budget store unavailable: its client failed ({type(exc).__name__}: {exc})"
-
-
-def _pairs(flat: list[str]) -> dict[str, int]:
-    return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _held(text: str) -> int:

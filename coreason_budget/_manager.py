@@ -241,31 +241,42 @@ class BudgetManager:
         """
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
             raise InvalidInputError(f"top must be None or a whole number >= 0, got {top!r}")
-        day, counters, overrides = self._ledger.report()
-        self._keeper.replay_if_due()
-        default = {"u": self._limits["user"], "p": self._limits["project"]}
-        by_kind: dict[str, list[ScopeUsage]] = {"u": [], "p": []}
-        models: list[ModelSpend] = []
-        for field, spent in counters.items():
+        day = self._ledger.today_by_store()
+        # Biggest first; each list pruned to its top as it grows, so that a day
+        # of a million users costs a report memory for *top* rows, not for all.
+        rows: dict[str, list[tuple[int, str]]] = {"u": [], "p": [], "m": []}
+        total = 0
+        for field, spent in self._ledger.counters(day):
             kind, _, entity = field.partition(":")
-            if kind == "m":
-                models.append(ModelSpend(entity, spent))
-            elif kind in by_kind:
-                limit = overrides.get(field, default[kind])
-                name = "user" if kind == "u" else "project"
-                by_kind[kind].append(ScopeUsage(name, entity, spent, limit))
-        total = ScopeUsage(
-            "global", None, counters.get("g", 0), overrides.get("g", self._limits["global"])
-        )
-        by_kind["u"].sort(key=lambda s: (-s.spent_nano, s.entity_id or ""))
-        by_kind["p"].sort(key=lambda s: (-s.spent_nano, s.entity_id or ""))
-        models.sort(key=lambda m: (-m.spent_nano, m.model))
+            if field == "g":
+                total = spent
+            elif kind in rows:
+                kept = rows[kind]
+                kept.append((-spent, entity))
+                if top is not None and len(kept) > 2 * top + _REPORT_SLACK:
+                    kept.sort()
+                    del kept[top:]
+        for kept in rows.values():
+            kept.sort()
+            if top is not None:
+                del kept[top:]
+        fields = [f"{kind}:{entity}" for kind in "up" for _, entity in rows[kind]]
+        overrides = self._ledger.overrides([*fields, "g"])
+        self._keeper.replay_if_due()
+
+        def scopes(kind: str, name: str) -> tuple[ScopeUsage, ...]:
+            default = self._limits[name]
+            return tuple(
+                ScopeUsage(name, entity, -neg, overrides.get(f"{kind}:{entity}", default))
+                for neg, entity in rows[kind]
+            )
+
         return Report(
             day=datetime.date(1970, 1, 1) + datetime.timedelta(days=day),
-            total=total,
-            users=tuple(by_kind["u"][:top]),
-            projects=tuple(by_kind["p"][:top]),
-            models=tuple(models[:top]),
+            total=ScopeUsage("global", None, total, overrides.get("g", self._limits["global"])),
+            users=scopes("u", "user"),
+            projects=scopes("p", "project"),
+            models=tuple(ModelSpend(entity, -neg) for neg, entity in rows["m"]),
         )
 
     def reservation(
@@ -418,5 +429,7 @@ class BudgetManager:
         return scopes
 
 
+#: How far past 2 x top a report's list may grow before it is pruned back to top.
+_REPORT_SLACK = 1024
 #: How many (user, project, model) combinations a manager remembers at most.
 _SCOPES_REMEMBERED = 10_000

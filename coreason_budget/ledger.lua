@@ -6,11 +6,12 @@
 --   KEYS[1]     day hash: the day's counters, field per scope ("u:<id>", "p:<id>", "g", "m:<model>")
 --   then        for writes, the record: a reservation (reserve, commit, release) or an
 --               operation-id marker (spend, replay)
---   then        for reserve, check, usage and report, the limits hash: per-entity
---               limit overrides, same field names, no TTL
+--   then        for reserve, check and usage, the limits hash: per-entity limit
+--               overrides, same field names, no TTL
 --
 -- ARGV[1]  a header of space-separated words (one argument, not ten, for the same reason):
---            op         reserve | commit | release | spend | replay | check | usage | report
+--            op         reserve | commit | release | spend | replay | check | usage | today
+--                       (today: only which day it is, by the shared clock)
 --                       (replay: a spend from a client's local spool, made on `day`)
 --            day        the day the client believes it is (days since 1970-01-01, UTC)
 --            now        injected time in ms, or "-" for the server's clock (the
@@ -35,7 +36,7 @@
 -- Replies: the day the operation was booked on (an integer) when it did what
 -- was asked; otherwise a list whose first word says why (NO, DUP, DONE, GONE,
 -- DAY, CONFLICT: the id was used for another payload, BIG: a counter would
--- pass what Redis can count), or usage's and report's values.
+-- pass what Redis can count), or usage's values.
 --
 -- Amounts stay below 2^53 (the client bounds them), so Lua's doubles hold them exactly.
 
@@ -122,7 +123,7 @@ if not op then
 end
 local amount, n, d = tonumber(amount_s), tonumber(n_s), tonumber(day)
 local counters, record, limits = KEYS[1], KEYS[2], KEYS[3]
-if op == 'check' or op == 'usage' or op == 'report' then
+if op == 'check' or op == 'usage' or op == 'today' then
     record, limits = nil, KEYS[2]
 end
 
@@ -160,8 +161,10 @@ elseif op == 'usage' then
     end
     return reply
 
-elseif op == 'report' then
-    return {'OK', day, redis.call('HGETALL', counters), redis.call('HGETALL', limits)}
+elseif op == 'today' then
+    -- A report reads the day's hash itself, incrementally (HSCAN): one script
+    -- reading a million fields would hold every other caller for a second.
+    return d
 
 elseif op == 'spend' or op == 'replay' then
     -- The money is gone: a spend is recorded even past the limit, but only once.

@@ -268,3 +268,29 @@ class TestAmountTypes:
         assert budget.record_spend("alice", Cents.ONE).amount_nano == NANO
         with pytest.raises(InvalidInputError):
             budget.record_spend("alice", Price(-1.0))
+
+
+class TestReportReadsIncrementally:
+    """A report on a day of many counters never holds the store in one long command."""
+
+    def test_many_users(self, budget: BudgetManager, redis_client: redis.Redis) -> None:
+        key = budget._ledger.day_key(budget._ledger.today())
+        spent = {f"user-{i:05d}": (i * 7919) % 1000 for i in range(20_000)}
+        pipe = redis_client.pipeline(transaction=False)
+        for user, nano in spent.items():
+            pipe.hset(key, f"u:{user}", nano)
+        pipe.hset(key, "g", sum(spent.values()))
+        pipe.execute()
+        expected = sorted(spent.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+        redis_client.hset(budget._ledger._limits_key, f"u:{expected[1][0]}", 123)
+        redis_client.config_resetstat()
+
+        report = budget.report(top=5)
+
+        assert [(u.entity_id, u.spent_nano) for u in report.users] == expected
+        assert report.total.spent_nano == sum(spent.values())
+        assert [u.limit_nano for u in report.users] == [10 * NANO, 123, *[10 * NANO] * 3]
+        assert len(budget.report().users) == 20_000
+        stats = redis_client.info("commandstats")
+        assert "cmdstat_hgetall" not in stats
+        assert stats["cmdstat_hscan"]["calls"] >= 20  # about 1,000 fields a step
