@@ -1,4 +1,5 @@
-# The coreason-budget HTTP service.
+# The coreason-budget HTTP service, with pricing (token counts priced from litellm's table).
+#   docker compose up            (compose.yaml: this service and a persistent, non-evicting Redis)
 #   docker build -t coreason-budget .
 #   docker run -p 8000:8000 -e COREASON_BUDGET_REDIS_URL=redis://redis:6379 \
 #       -e COREASON_BUDGET_API_KEYS=change-me coreason-budget
@@ -8,19 +9,22 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LITELLM_LOCAL_MODEL_COST_MAP=True
 
 WORKDIR /src
 # Only what the build needs (see .dockerignore), then install it and drop the sources.
 COPY setup.cfg pyproject.toml README.md ./
 COPY coreason_budget ./coreason_budget
-RUN pip install ".[server]" && rm -rf /src
+# The pricing extra: a commit with token counts is priced, not refused (422).
+RUN pip install ".[server,pricing]" && rm -rf /src
 
 RUN useradd --create-home --uid 10001 budget
 USER budget
 WORKDIR /home/budget
-# Relative by default; absolute here so the log lands in the non-root user's home.
-ENV COREASON_BUDGET_LOG_PATH=/home/budget/logs/app.log
+# Containers collect stderr, where the service always logs: no log file in the image
+# (set COREASON_BUDGET_LOG_PATH to a mounted path to have one too).
+ENV COREASON_BUDGET_LOG_PATH=off
 
 EXPOSE 8000
 # The slim image has no curl; urlopen raises on 503 (store down), which fails the check.

@@ -44,4 +44,23 @@ __all__ = [
     "ScopeUsage",
     "UnknownModelError",
     "UnknownReservationError",
+    "__version__",
 ]
+
+
+def __getattr__(name: str) -> str:
+    """
+    ``__version__``: the installed distribution's (setup.cfg is the one place it
+    is written), read on first use, so that importing the package does not pay
+    for importlib.metadata.
+    """
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("coreason-budget")
+    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+        version = "0+unknown"
+    globals()["__version__"] = version
+    return version

@@ -79,6 +79,14 @@ def _text(_: object, a: attrs.Attribute[Any], value: str | None) -> None:
         raise _FieldError(a.name, f"must be valid unicode text, got {value!r}") from None
 
 
+def _one_of(*choices: str) -> Any:
+    def check(_: object, a: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise _FieldError(a.name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+    return check
+
+
 def _prefix(_: object, a: attrs.Attribute[Any], value: str) -> None:
     _text(_, a, value)
     # Braces would change the Redis Cluster hash tag; a colon-free, short prefix
@@ -145,8 +153,11 @@ class BudgetConfig:
     #: How long an operation id is remembered at least, so its retry is not charged
     #: twice. It is remembered as long as the day it charged is kept, too.
     idempotency_ttl_seconds: int = attrs.field(default=2 * 86400, validator=_count(1, 366 * 86400))
-    #: Where the server and CLI log; importing the library never writes there.
+    #: Where the server and CLI log, besides stderr; "off": stderr only. Importing the
+    #: library never writes there.
     log_path: str = attrs.field(default="logs/app.log", validator=_text)
+    #: How the service writes log lines: "text", or "json" (one JSON object a line).
+    log_format: str = attrs.field(default="text", validator=_one_of("text", "json"))
     #: JSON or TOML file of model prices that win over litellm's table.
     pricing_file: str | None = attrs.field(default=None, validator=_text)
     #: Where a charge (record_spend, commit) that cannot reach the store is kept
@@ -167,14 +178,7 @@ class BudgetConfig:
         Values in *env_file* (if it exists) fill in what the real environment
         does not set; the environment always wins. Empty values count as unset.
         """
-        sources: list[Mapping[str, str | None]] = []
-        if env_file is not None and os.path.exists(env_file):
-            sources.append(dotenv_values(env_file))
-        sources.append(os.environ if environ is None else environ)
-        merged: dict[str, str] = {}
-        for source in sources:  # later sources win, but an empty value never does
-            merged.update((k, v.strip()) for k, v in source.items() if v is not None and v.strip())
-
+        merged = env_values(environ, env_file)
         names = {a.name for a in attrs.fields(cls)}
         values: dict[str, str] = {}
         for key, raw in merged.items():
@@ -201,6 +205,25 @@ class BudgetConfig:
                 f"{var(x.field)}: {x.reason}" for x in without if isinstance(x, _FieldError)
             ]
             raise ConfigError("; ".join(problems) or str(e)) from None
+
+
+def env_values(
+    environ: Mapping[str, str] | None = None,
+    env_file: str | os.PathLike[str] | None = ".env",
+) -> dict[str, str]:
+    """
+    The variables every face of the project reads its settings from: *environ*
+    (default ``os.environ``) over *env_file* (if it exists). The environment
+    wins; an empty value counts as unset. Values are stripped.
+    """
+    sources: list[Mapping[str, str | None]] = []
+    if env_file is not None and os.path.exists(env_file):
+        sources.append(dotenv_values(env_file))
+    sources.append(os.environ if environ is None else environ)
+    merged: dict[str, str] = {}
+    for source in sources:  # later sources win, but an empty value never does
+        merged.update((k, v.strip()) for k, v in source.items() if v is not None and v.strip())
+    return merged
 
 
 def _type_name(tp: Any) -> str:

@@ -452,6 +452,16 @@ class _StoreErrors:
                 f"connections busy for {self._pool_timeout}s); raise pool_size or pool_timeout, "
                 "or make fewer concurrent calls"
             )
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError) and (
+            "connecting to" in str(exc)
+        ):
+            # Refused or unreachable (redis-py's "Error 111 connecting to host:port. ..."):
+            # most often no Redis was ever started; say what would fix it.
+            return (
+                f"budget store unavailable: {str(exc).rstrip('.')}. Start Redis there, point "
+                "COREASON_BUDGET_REDIS_URL (redis_url) at one that runs, or use the embedded "
+                "store (embedded://PATH, or leave the URL unset)."
+            )
         if isinstance(exc, redis.RedisError):
             return f"budget store unavailable: {exc}"
         return f"budget store unavailable: its client failed ({type(exc).__name__}: {exc})"

@@ -41,7 +41,6 @@ import base64
 import contextlib
 import datetime
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -60,7 +59,7 @@ from ._config import BudgetConfig
 from ._ledger import MAX_SCOPES, describe
 from ._money import MAX_AMOUNT_NANO, check_id
 from ._store import default_embedded_path
-from .exceptions import BudgetUnavailableError
+from .exceptions import BudgetUnavailableError, ConfigError
 
 log = logging.getLogger("coreason_budget")
 
@@ -487,6 +486,13 @@ def _write_line(fd: int, doc: dict[str, Any], *, newline_first: bool = False) ->
     os.fsync(fd)
 
 
+def _try_lock(fd: int) -> None:
+    """Take *fd*'s exclusive ``flock`` without waiting: BlockingIOError if another holds it."""
+    import fcntl  # POSIX only: spool_for refuses the spool where it is missing
+
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _lock(path: Path) -> int | None:
     """
     Open *path* and take its exclusive lock without waiting; None if another holds it.
@@ -499,7 +505,7 @@ def _lock(path: Path) -> int | None:
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _try_lock(fd)
         if os.fstat(fd).st_ino != os.stat(path).st_ino:
             raise FileNotFoundError(path)
     except OSError as e:
@@ -665,7 +671,7 @@ class Spool:
             path = self.directory / f"{self.store_id}-{os.getpid()}{suffix}{SUFFIX}"
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _try_lock(fd)
             except BlockingIOError:
                 os.close(fd)  # a replayer holds a dead namesake's file (the pid was reused)
                 continue
@@ -946,7 +952,20 @@ _spools_lock = threading.Lock()
 
 
 def spool_for(directory: Path, label: str, store_id: str) -> Spool:
-    """The process's spool for this directory and store, shared by all its managers."""
+    """
+    The process's spool for this directory and store, shared by all its managers.
+
+    ConfigError where there is no ``flock`` (Windows): the spool's files are
+    owned by live processes through it, so it cannot work there.
+    """
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "The local spool needs POSIX file locks (Linux or macOS), which this system does "
+            "not have: set spool_dir='off' (COREASON_BUDGET_SPOOL_DIR=off); a charge the "
+            "store cannot take then raises BudgetUnavailableError instead of being spooled"
+        ) from None
     key = (directory.expanduser().absolute(), store_id)
     with _spools_lock:
         spool = _spools.get(key)
@@ -962,4 +981,5 @@ def _after_fork() -> None:
         spool.after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork)

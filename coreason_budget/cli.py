@@ -238,7 +238,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .server import ServerSettings, configure_logging
+        from .server import (
+            UVICORN_LOG_CONFIG,
+            ServerSettings,
+            configure_logging,
+            multiprocess_metrics,
+        )
     except ImportError as e:
         raise ConfigError(
             f"serve needs the server extra ({e.name} is not installed): "
@@ -253,23 +258,23 @@ def _serve(args: argparse.Namespace) -> int:
     if args.insecure_no_auth:
         os.environ[ENV_PREFIX + "INSECURE_NO_AUTH"] = "1"
     config = BudgetConfig.from_env()
-    configure_logging(config.log_path)
+    configure_logging(config.log_path, config.log_format)
     log = logging.getLogger("coreason_budget.server")
     # Opening the store here turns a missing store or extra into exit 2 before any worker
     # starts. An unreachable store is only a warning: it may come up after us (compose,
     # Kubernetes), and until it does /health says 503 and every request is refused.
     # Held open while serving, which also keeps an embedded store's server up between workers.
-    with BudgetManager(config) as budget:
+    with BudgetManager(config) as budget, multiprocess_metrics(args.workers):
         try:
             budget.ping()
         except BudgetUnavailableError as e:
             log.warning("%s; requests are refused until it answers", e)
         log.info(
-            "Serving on %s:%d with %d worker(s); logging to %s",
+            "Serving on %s:%d with %d worker(s); logging to stderr%s",
             args.host,
             args.port,
             args.workers,
-            config.log_path,
+            "" if config.log_path == "off" else f" and {config.log_path}",
         )
         uvicorn.run(
             "coreason_budget.server:app_from_env",
@@ -277,6 +282,8 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             workers=args.workers,
+            log_config=UVICORN_LOG_CONFIG,
+            access_log=False,
         )
     return EXIT_OK
 

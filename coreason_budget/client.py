@@ -668,6 +668,8 @@ def _raise_for(status: int, answer: object, text: str, what: str, base_url: str)
         raise UnknownReservationError(detail)
     if status == 409:
         raise IdempotencyConflictError(detail)
+    if status == 413:  # the service's bound on a request: bad input, never "unavailable"
+        raise InvalidInputError(detail)
     if status in (401, 403):
         raise BudgetError(
             f"budget service at {base_url} refused the API key for {what} ({status}: {detail})"

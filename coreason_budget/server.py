@@ -5,7 +5,13 @@ Every handler is a thin, synchronous call into one shared
 :class:`~coreason_budget.BudgetManager` (FastAPI runs sync handlers in its
 thread pool, which is what the manager is built for). Status codes are the
 same everywhere: 429 over budget, 503 store unavailable (fail closed: a caller
-must treat it as "no"), 422 bad input, 404 unknown reservation, 401/403 auth.
+must treat it as "no"), 422 bad input, 404 unknown reservation, 401/403 auth,
+413 a body over :data:`MAX_BODY_BYTES`.
+
+Authentication and the body bound are checked by a pure ASGI guard in front of
+every route, from the headers alone: an unauthenticated request is refused
+before any of its body is read, and an authenticated one never buffers more
+than :data:`MAX_BODY_BYTES`.
 """
 
 # No "from __future__ import annotations": FastAPI resolves the handlers' annotations at
@@ -13,11 +19,15 @@ must treat it as "no"), 422 bad input, 404 unknown reservation, 401/403 auth.
 
 import datetime
 import hmac
+import json
 import logging
+import math
 import os
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -28,12 +38,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._config import ENV_PREFIX, BudgetConfig
+from . import __version__
+from ._config import ENV_PREFIX, BudgetConfig, env_values
 from ._manager import BudgetManager
-from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_USD
+from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_USD, format_usd
+from ._outage import StoreWatch, Watched
 from ._receipt import Receipt
 from ._reservation import Reservation
 from .exceptions import (
@@ -51,9 +68,39 @@ __all__ = ["ServerSettings", "app_from_env", "configure_logging", "create_app"]
 
 log = logging.getLogger("coreason_budget.server")
 
+#: The largest request body the service reads. The largest valid body (four
+#: 256-character ids, each character JSON-escaped as a 12-byte surrogate pair)
+#: is about 12.5 KB; anything longer is refused unread with 413.
+MAX_BODY_BYTES = 16 * 1024
+
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
-Usd = Annotated[float, Field(ge=0, le=MAX_AMOUNT_USD, allow_inf_nan=False)]
-Tokens = Annotated[int, Field(ge=0, le=100_000_000)]
+# Strict: JSON numbers only, as the library requires (true is not $1, "5" is not $5).
+# A JSON integer is still a valid amount.
+Usd = Annotated[float, Field(strict=True, ge=0, le=MAX_AMOUNT_USD, allow_inf_nan=False)]
+LimitUsd = Annotated[float, Field(strict=True, ge=0, le=MAX_LIMIT_USD, allow_inf_nan=False)]
+Tokens = Annotated[int, Field(strict=True, ge=0, le=100_000_000)]
+
+_INSECURE = ENV_PREFIX + "INSECURE_NO_AUTH"
+
+
+class _IdConvertor(Convertor[str]):
+    """
+    A path segment that is any id the library takes: Starlette's ``:path`` also
+    takes "/" (sent as %2F, decoded before routing), but not a newline.
+    """
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+# Routes are compiled with it when they are declared; the name is ours alone.
+register_url_convertor("budget_id", _IdConvertor())
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @attrs.frozen(kw_only=True)
@@ -71,15 +118,38 @@ class ServerSettings:
                 f"{ENV_PREFIX}ADMIN_API_KEYS for limit changes), or run with "
                 "--insecure-no-auth to serve without authentication"
             )
+        if self.insecure_no_auth and (self.api_keys or self.admin_api_keys):
+            # Never let a stray variable switch configured keys off.
+            raise ConfigError(
+                f"Insecure mode ({_INSECURE}=1 or --insecure-no-auth) was asked for, but "
+                f"API keys are configured ({ENV_PREFIX}API_KEYS / {ENV_PREFIX}ADMIN_API_KEYS): "
+                "unset one or the other; authentication is only turned off when no key is set"
+            )
 
     @classmethod
-    def from_env(cls, insecure_no_auth: bool | None = None) -> Self:
+    def from_env(
+        cls,
+        insecure_no_auth: bool | None = None,
+        environ: Mapping[str, str] | None = None,
+        env_file: str | os.PathLike[str] | None = ".env",
+    ) -> Self:
+        """
+        The settings from ``COREASON_BUDGET_*`` variables, read as
+        :meth:`BudgetConfig.from_env` reads them: *env_file* (``.env``) fills
+        in what the environment does not set. *insecure_no_auth* (the
+        ``--insecure-no-auth`` flag) wins over ``COREASON_BUDGET_INSECURE_NO_AUTH``.
+        """
+        values = env_values(environ, env_file)
+
         def keys(name: str) -> frozenset[str]:
-            raw = os.environ.get(ENV_PREFIX + name, "")
+            raw = values.get(ENV_PREFIX + name, "")
             return frozenset(k.strip() for k in raw.split(",") if k.strip())
 
         if insecure_no_auth is None:
-            insecure_no_auth = os.environ.get(ENV_PREFIX + "INSECURE_NO_AUTH", "") == "1"
+            raw = values.get(_INSECURE, "").lower()
+            if raw not in _TRUE + _FALSE + ("",):
+                raise ConfigError(f"{_INSECURE}={raw!r}: expected 1 or 0")
+            insecure_no_auth = raw in _TRUE
         return cls(
             api_keys=keys("API_KEYS"),
             admin_api_keys=keys("ADMIN_API_KEYS"),
@@ -105,25 +175,116 @@ class ExceededBody(BaseModel):
     requested_nano: int
 
 
+# -- answers (the OpenAPI schema's success responses, so generated clients are typed) -------
+
+
+class HealthAnswer(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    redis: Literal["connected", "disconnected"]
+
+
+class CheckAnswer(BaseModel):
+    status: Literal["allowed"]
+
+
+class ReceiptAnswer(BaseModel):
+    """
+    What became of a write's money (200 recorded/duplicate/expired, 202 spooled).
+    ``idempotency_key`` makes a retry safe: the spend's key, or the reservation id.
+    """
+
+    status: Literal["recorded", "duplicate", "spooled", "expired"]
+    kind: Literal["spend", "commit", "release"]
+    idempotency_key: str
+    amount_usd: float
+    amount_nano: int
+    #: Commit and release only: the reservation's state after the call.
+    state: str | None = None
+
+
+class ReservationAnswer(BaseModel):
+    """A new (or, retried with its id, the existing) hold."""
+
+    reservation_id: str
+    state: str
+    estimate_usd: float
+    day: datetime.date
+
+
+class ReservationInfo(ReservationAnswer):
+    user_id: str
+    project_id: str | None
+    model: str | None
+
+
+class ScopeUsageAnswer(BaseModel):
+    """Today's spend in one scope; ``*_nano`` are exact, ``*_usd`` for display."""
+
+    entity_id: str | None
+    spent_usd: float
+    limit_usd: float
+    remaining_usd: float
+    spent_nano: int
+    limit_nano: int
+
+
+class ModelSpendAnswer(BaseModel):
+    model: str
+    spent_usd: float
+    spent_nano: int
+
+
+class ReportAnswer(BaseModel):
+    """Today's spend: the organisation's total, then the biggest spenders first."""
+
+    day: datetime.date
+    total: ScopeUsageAnswer
+    users: list[ScopeUsageAnswer]
+    projects: list[ScopeUsageAnswer]
+    models: list[ModelSpendAnswer]
+
+
+class LimitAnswer(BaseModel):
+    status: Literal["updated"]
+    scope: Literal["user", "project", "global"]
+    entity_id: str | None
+
+
+#: ``GET /usage``: one entry per scope ("user", "project" when asked, "global").
+UsageAnswer = dict[str, ScopeUsageAnswer]
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for *statuses*, so the schema says what errors look like."""
     described = {
         401: "missing or unknown API key",
-        403: "this API key may not do that (limits need an admin key)",
+        403: "this API key may not do that (limits and reports need an admin key)",
         404: "no such reservation (never made, or expired)",
         409: "this idempotency key or reservation id was used for a different charge; "
         "nothing was written",
+        413: f"the request body is over {MAX_BODY_BYTES} bytes; it was not read",
         422: "bad input; nothing was changed",
-        429: "over budget; nothing was charged",
+        429: "over budget; nothing was charged. Retry-After: seconds until the day "
+        "(UTC) that refused ends",
         503: "the budget store is unavailable: fail closed, treat as refused",
     }
-    return {
+    answers: dict[int | str, dict[str, Any]] = {
         code: {"model": ExceededBody if code == 429 else ErrorBody, "description": described[code]}
         for code in statuses
     }
+    if 429 in answers:
+        answers[429]["headers"] = {
+            "Retry-After": {
+                "description": "seconds until the next UTC midnight, when daily budgets reset",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        }
+    return answers
 
 
 _GUARDED = _errors(401, 403, 422, 503)
+#: Routes that take a body.
+_BODY = _errors(413)
 
 
 class _Body(BaseModel):
@@ -179,50 +340,92 @@ class CommitBody(HoldBody):
 class LimitBody(_Body):
     scope: Literal["user", "project", "global"]
     entity_id: Id | None = None
-    limit_usd: Annotated[float, Field(ge=0, le=MAX_LIMIT_USD, allow_inf_nan=False)] | None
+    limit_usd: LimitUsd | None
 
 
 class _Metrics:
-    """Prometheus metrics, one registry per app (per worker process)."""
+    """
+    Prometheus metrics of the app, and its store outages in the log.
+
+    One process: the app's own registry. Several worker processes (``serve
+    --workers N``, gunicorn) share ``PROMETHEUS_MULTIPROC_DIR``: each worker
+    writes its values there and a scrape, whichever worker answers it, adds up
+    every worker's (prometheus-client's multiprocess mode).
+    """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.multiprocess = _multiprocess()
+        # In multiprocess mode the metrics go to their worker's files; the scrape reads
+        # them all, so they are kept out of the registry the scrape uses.
+        own = CollectorRegistry()
+        self.registry = CollectorRegistry() if self.multiprocess else own
+        if self.multiprocess:
+            MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
+        self.watch = StoreWatch()
         self.decisions = Counter(
             "coreason_budget_decisions",
             "Budget decisions: allowed, blocked (by refusing scope) or recorded",
             ["decision", "scope"],
-            registry=self.registry,
+            registry=own,
         )
         self.dollars = Counter(
             "coreason_budget_dollars",
             "Dollars allowed (reserved or checked), blocked and recorded",
             ["decision", "scope"],
-            registry=self.registry,
+            registry=own,
         )
         self.store_seconds = Histogram(
             "coreason_budget_store_seconds",
             "Latency of budget store operations",
             ["operation"],
-            registry=self.registry,
+            registry=own,
         )
         self.store_errors = Counter(
             "coreason_budget_store_errors",
             "Budget store operations that failed (the request was refused: fail closed)",
             ["operation"],
-            registry=self.registry,
+            registry=own,
         )
+
+    def scrape(self) -> bytes:
+        """The exposition text: every worker's values in multiprocess mode."""
+        return generate_latest(self.registry)
+
+    def process_exit(self) -> None:
+        """This worker stops: its live gauges (if any) stop counting; its counters stay."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def decided(self, decision: str, scope: str, usd: float) -> None:
         self.decisions.labels(decision, scope).inc()
         self.dollars.labels(decision, scope).inc(usd)
 
     @contextmanager
-    def store(self, operation: str) -> Iterator[None]:
+    def store(self, operation: str) -> Iterator[Watched]:
+        """
+        One store operation: its latency, refusal or failure; outages and
+        recoveries logged (a write sets ``spooled`` on what this yields).
+        """
         start = time.perf_counter()
         try:
-            yield
+            with self.watch.watching(operation) as watched:
+                yield watched
         except BudgetExceededError as e:
             self.decided("blocked", e.scope, e.requested_usd)
+            log.info(
+                "refused: scope %s%s: requested %s, spent %s of %s (%s)",
+                e.scope,
+                "" if e.entity_id is None else f" {e.entity_id}",
+                format_usd(e.requested_nano),
+                format_usd(e.spent_nano),
+                format_usd(e.limit_nano),
+                operation,
+                extra={
+                    "event": "refused",
+                    "operation": operation,
+                    **{k: v for k, v in e.to_json().items() if k != "detail"},
+                },
+            )
             raise
         except BudgetUnavailableError:
             self.store_errors.labels(operation).inc()
@@ -243,13 +446,16 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         # Import litellm's table in the background: the first priced commit
         # would otherwise take seconds, longer than a client's timeout.
         threading.Thread(target=manager.pricing.preload, daemon=True).start()
+        log.info("Worker %d started", os.getpid())
         yield
+        log.info("Worker %d stopping", os.getpid())
         manager.close()
+        metrics.process_exit()
 
     app = FastAPI(
         title="coreason-budget",
         summary="Daily LLM budgets per user, project and organisation; refuses before you spend.",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
     )
     metrics = _Metrics()
@@ -257,33 +463,69 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
     user_keys = [k.encode() for k in settings.api_keys | settings.admin_api_keys]
     admin_keys = [k.encode() for k in settings.admin_api_keys]
 
-    def _authorized(creds: HTTPAuthorizationCredentials | None, keys: list[bytes]) -> bool:
-        if creds is None:
-            return False
-        given = creds.credentials.encode()
+    def _authorized(given: str, keys: list[bytes]) -> bool:
         # Compare with every key so the time taken says nothing about which matched.
-        return sum(hmac.compare_digest(given, k) for k in keys) > 0
+        return sum(hmac.compare_digest(given.encode(), k) for k in keys) > 0
+
+    def _refusal(token: str | None, keys: list[bytes]) -> _HTTPError | None:
+        """Why a request with bearer *token* may not call a route open to *keys*, if it may not."""
+        if settings.insecure_no_auth:
+            return None
+        if not token:
+            return _HTTPError(401, "missing bearer API key", {"WWW-Authenticate": "Bearer"})
+        if _authorized(token, keys):
+            return None
+        if _authorized(token, user_keys):
+            return _HTTPError(403, "API key not allowed here")
+        return _HTTPError(401, "bad API key")
 
     def _auth(keys: list[bytes]) -> Callable[..., None]:
+        # The guard has already checked the key; this checks it again where the route is
+        # declared (defence in depth) and puts the bearer scheme in the OpenAPI schema.
         def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-            if settings.insecure_no_auth:
-                return
-            if creds is None:
-                raise _HTTPError(401, "missing bearer API key", {"WWW-Authenticate": "Bearer"})
-            if not _authorized(creds, keys):
-                status = 403 if _authorized(creds, user_keys) else 401
-                raise _HTTPError(
-                    status, "API key not allowed here" if status == 403 else "bad API key"
-                )
+            refused = _refusal(None if creds is None else creds.credentials, keys)
+            if refused is not None:
+                raise refused
 
+        check.keys = keys  # type: ignore[attr-defined]
         return check
 
     user = [Depends(_auth(user_keys))]
     admin = [Depends(_auth(admin_keys))]
 
+    def _keys_for(route: BaseRoute) -> list[bytes] | None:
+        """The keys a route is open to (None: open to all), from its auth dependency."""
+        for d in getattr(route, "dependencies", ()):
+            keys = getattr(d.dependency, "keys", None)
+            if keys is not None:
+                return list(keys)
+        return None
+
+    def _guard(scope: Scope) -> _HTTPError | None:
+        """The guard's verdict on a request, from its method, path and headers alone."""
+        if settings.insecure_no_auth:
+            return None
+        keys: list[bytes] | None = user_keys  # an unknown path is a 404 for key holders only
+        partial: BaseRoute | None = None
+        for route in app.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                keys = _keys_for(route)
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = route  # a 405 (wrong method) is answered to whoever may call it
+        else:
+            if partial is not None:
+                keys = _keys_for(partial)
+        if keys is None:
+            return None
+        return _refusal(_bearer_token(scope), keys)
+
+    app.add_middleware(_Guard, refuse=_guard, limit=MAX_BODY_BYTES)
+
     @app.exception_handler(_HTTPError)
     def _http_error(_: Request, e: _HTTPError) -> JSONResponse:
-        return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
+        return e.response()
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -294,7 +536,11 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(BudgetError)
     def _budget_error(_: Request, e: BudgetError) -> JSONResponse:
         if isinstance(e, BudgetExceededError):
-            return JSONResponse({"detail": str(e), **e.to_json()}, status_code=429)
+            return JSONResponse(
+                {"detail": str(e), **e.to_json()},
+                status_code=429,
+                headers={"Retry-After": str(_seconds_to_midnight())},
+            )
         status, extra = 422, {}
         if isinstance(e, BudgetUnavailableError):
             # Nothing was saved to be charged later; the ids make the client's retry safe.
@@ -312,7 +558,13 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
 
     @app.get(
         "/health",
-        responses={503: {"description": '{"status": "unhealthy", "redis": "disconnected"}'}},
+        response_model=HealthAnswer,
+        responses={
+            503: {
+                "model": HealthAnswer,
+                "description": '{"status": "unhealthy", "redis": "disconnected"}',
+            }
+        },
     )
     def health() -> JSONResponse:
         """Unauthenticated, for load balancers: 503 when the store does not answer."""
@@ -323,31 +575,37 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             return JSONResponse({"status": "unhealthy", "redis": "disconnected"}, status_code=503)
         return JSONResponse({"status": "healthy", "redis": "connected"})
 
-    @app.post("/check", dependencies=user, responses=_GUARDED | _errors(429))
-    def check(body: CheckBody) -> dict[str, str]:
+    @app.post("/check", dependencies=user, responses=_GUARDED | _BODY | _errors(429))
+    def check(body: CheckBody) -> CheckAnswer:
         """Would *estimated_cost* fit today? 200 allowed, 429 not. Writes nothing."""
         with metrics.store("check"):
             manager.check_availability(body.user_id, body.estimated_cost, body.project_id)
         metrics.decided("allowed", "all", body.estimated_cost)
-        return {"status": "allowed"}
+        return CheckAnswer(status="allowed")
 
-    @app.post("/spend", dependencies=user, responses=_GUARDED | _errors(409) | _SPOOLED)
+    @app.post(
+        "/spend",
+        dependencies=user,
+        response_model=ReceiptAnswer,
+        responses=_GUARDED | _BODY | _errors(409) | _SPOOLED,
+    )
     def spend(body: SpendBody) -> JSONResponse:
         """
         Record money already spent; once per idempotency_key. 200 "recorded" or
         "duplicate"; 202 "spooled": the store is unreachable, the service saved
         the spend and records it exactly once when it is back.
         """
-        with metrics.store("spend"):
+        with metrics.store("spend") as watched:
             receipt = manager.record_spend(
                 body.user_id, body.cost, body.project_id, body.model, body.idempotency_key
             )
+            watched.spooled = receipt.spooled
         if receipt.status == "recorded":
             metrics.decided("recorded", "all", body.cost)
         return _receipt(receipt)
 
-    @app.post("/reservations", dependencies=user, responses=_GUARDED | _errors(409, 429))
-    def reserve(body: ReserveBody) -> dict[str, Any]:
+    @app.post("/reservations", dependencies=user, responses=_GUARDED | _BODY | _errors(409, 429))
+    def reserve(body: ReserveBody) -> ReservationAnswer:
         """Hold the estimate in every scope (429 if it does not fit)."""
         with metrics.store("reserve"):
             r = manager.reserve(
@@ -358,30 +616,27 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
                 reservation_id=body.reservation_id,
             )
         metrics.decided("allowed", "all", r.estimate_usd)
-        return {
-            "reservation_id": r.id,
-            "state": r.state,
-            "estimate_usd": r.estimate_usd,
-            "day": r.date.isoformat(),
-        }
+        return ReservationAnswer(
+            reservation_id=r.id, state=r.state, estimate_usd=r.estimate_usd, day=r.date
+        )
 
     @app.get(
-        "/reservations/{reservation_id:path}",
+        "/reservations/{reservation_id:budget_id}",
         dependencies=user,
         responses=_GUARDED | _errors(404),
     )
-    def get_reservation(reservation_id: Id) -> dict[str, Any]:
+    def get_reservation(reservation_id: Id) -> ReservationInfo:
         with metrics.store("lookup"):
             r = manager.reservation(reservation_id)
-        return {
-            "reservation_id": r.id,
-            "state": r.state,
-            "estimate_usd": r.estimate_usd,
-            "user_id": r.user_id,
-            "project_id": r.project_id,
-            "model": r.model,
-            "day": r.date.isoformat(),
-        }
+        return ReservationInfo(
+            reservation_id=r.id,
+            state=r.state,
+            estimate_usd=r.estimate_usd,
+            user_id=r.user_id,
+            project_id=r.project_id,
+            model=r.model,
+            day=r.date,
+        )
 
     def _held(reservation_id: str, body: HoldBody) -> Reservation:
         """The reservation, or (its record lost) the hold as the client describes it."""
@@ -394,9 +649,10 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         )
 
     @app.post(
-        "/reservations/{reservation_id:path}/commit",
+        "/reservations/{reservation_id:budget_id}/commit",
         dependencies=user,
-        responses=_GUARDED | _errors(404) | _SPOOLED,
+        response_model=ReceiptAnswer,
+        responses=_GUARDED | _BODY | _errors(404, 409) | _SPOOLED,
     )
     def commit(reservation_id: Id, body: CommitBody) -> JSONResponse:
         """
@@ -407,7 +663,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         tokens = body.input_tokens is not None or body.output_tokens is not None
         if (body.actual_cost is None) == (not tokens):
             raise InvalidInputError("send either actual_cost or input_tokens and output_tokens")
-        with metrics.store("commit"):
+        with metrics.store("commit") as watched:
             r = _held(reservation_id, body)
             if body.actual_cost is not None:
                 receipt = r.commit(body.actual_cost)
@@ -418,44 +674,52 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
                     cached_input_tokens=body.cached_input_tokens,
                     cache_creation_input_tokens=body.cache_creation_input_tokens,
                 )
+            watched.spooled = receipt.spooled
         if receipt.status == "recorded":
             metrics.decided("recorded", "all", receipt.amount_usd)
         return _receipt(receipt, r.state)
 
     @app.post(
-        "/reservations/{reservation_id:path}/release",
+        "/reservations/{reservation_id:budget_id}/release",
         dependencies=user,
-        responses=_GUARDED | _errors(404) | _SPOOLED,
+        response_model=ReceiptAnswer,
+        responses=_GUARDED | _BODY | _errors(404, 409) | _SPOOLED,
     )
     def release(reservation_id: Id, body: HoldBody | None = None) -> JSONResponse:
         """Give the hold back. Repeats (and release after commit) are no-ops."""
-        with metrics.store("release"):
+        with metrics.store("release") as watched:
             r = _held(reservation_id, body or HoldBody())
             receipt = r.release()
+            watched.spooled = receipt.spooled
         return _receipt(receipt, r.state)
 
-    @app.get("/usage/{user_id}", dependencies=user, responses=_GUARDED)
-    def usage(user_id: Id, project_id: Id | None = None) -> dict[str, Any]:
+    @app.get("/usage/{user_id:budget_id}", dependencies=user, responses=_GUARDED)
+    def usage(user_id: Id, project_id: Id | None = None) -> UsageAnswer:
         """Spent, limit and remaining per scope today (open holds count as spent)."""
         with metrics.store("usage"):
             usage = manager.usage(user_id, project_id)
-        return {scope: u.to_json() for scope, u in usage.items()}
+        return {scope: ScopeUsageAnswer(**u.to_json()) for scope, u in usage.items()}
 
-    @app.get("/report", dependencies=user, responses=_GUARDED)
-    def report(top: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict[str, Any]:
-        """Today's spend: the total, then the top users, projects and models."""
+    @app.get("/report", dependencies=admin, responses=_GUARDED)
+    def report(top: Annotated[int, Query(ge=1, le=1000)] = 10) -> ReportAnswer:
+        """Today's spend: the total, then the top users, projects and models (admin key)."""
         with metrics.store("report"):
             r = manager.report(top)
-        return r.to_json()
+        return ReportAnswer.model_validate(r.to_json())
 
-    @app.put("/limits", dependencies=admin, responses=_GUARDED)
-    def set_limit(body: LimitBody) -> dict[str, Any]:
+    @app.put("/limits", dependencies=admin, responses=_GUARDED | _BODY)
+    def set_limit(body: LimitBody) -> LimitAnswer:
         """Override (or with ``limit_usd: null`` remove the override of) a daily limit."""
         with metrics.store("set_limit"):
             manager.set_limit(body.scope, body.entity_id, body.limit_usd)
-        return {"status": "updated", "scope": body.scope, "entity_id": body.entity_id}
+        return LimitAnswer(status="updated", scope=body.scope, entity_id=body.entity_id)
 
-    @app.get("/metrics", dependencies=user, responses=_errors(401, 403))
+    @app.get(
+        "/metrics",
+        dependencies=user,
+        response_class=PlainTextResponse,
+        responses=_TEXT | _errors(401, 403),
+    )
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -470,34 +734,235 @@ def _receipt(receipt: Receipt, state: str | None = None) -> JSONResponse:
     return JSONResponse(doc, status_code=202 if receipt.spooled else 200)
 
 
+_TEXT: dict[int | str, dict[str, Any]] = {200: {"content": {CONTENT_TYPE_LATEST: {}}}}
 _SPOOLED: dict[int | str, dict[str, Any]] = {
     202: {
+        "model": ReceiptAnswer,
         "description": "the store is unreachable: saved by the service (status "
         '"spooled") and recorded exactly once when the store is back; a retry must '
-        "reuse the idempotency key"
+        "reuse the idempotency key",
     }
 }
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        error: str | None = None,
+    ) -> None:
         self.status = status
         self.detail = detail
         self.headers = headers
+        self.error = error
+
+    def response(self) -> JSONResponse:
+        body = (
+            {"detail": self.detail}
+            if self.error is None
+            else {"detail": self.detail, "error": self.error}
+        )
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def configure_logging(path: str) -> None:
-    """Log the service to *path* (and stderr); only the service and CLI call this."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.FileHandler(path), logging.StreamHandler()],
+def _seconds_to_midnight(now: float | None = None) -> int:
+    """Seconds until the next UTC midnight, when every daily budget starts afresh (at least 1)."""
+    now = time.time() if now is None else now
+    return max(1, math.ceil(86400 - now % 86400))
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    """The bearer credentials of a request, read as FastAPI's HTTPBearer reads them."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+class _Guard:
+    """
+    Pure ASGI, in front of every route: refuses a request its headers already
+    condemn (no or a wrong API key) before reading any of its body, then reads
+    the body with a bound, answering 413 once it is over *limit* bytes (at once
+    when Content-Length says so). The app gets the body as one message; at most
+    *limit* bytes of a request are ever held.
+    """
+
+    def __init__(self, app: ASGIApp, refuse: Callable[[Scope], _HTTPError | None], limit: int):
+        self.app = app
+        self.refuse = refuse
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused = self.refuse(scope)
+        if refused is None:
+            refused = self._too_long(_content_length(scope))
+        if refused is not None:
+            await refused.response()(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            refused = self._too_long(size)
+            if refused is not None:
+                await refused.response()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    def _too_long(self, size: int | None) -> _HTTPError | None:
+        if size is None or size <= self.limit:
+            return None
+        return _HTTPError(
+            413,
+            f"request body over {self.limit} bytes (no valid request is that long); not read",
+            error="InvalidInputError",
+        )
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # h11/httptools refuse these before us; count the bytes instead
+    return None
+
+
+#: Turns the log file off (stderr only): an empty value would mean "unset", the default.
+LOG_PATH_OFF = "off"
+_LOG_TEXT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+# What every LogRecord has; anything else on a record came as ``extra=`` and goes into JSON.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, pid, message, and the record's extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and key not in doc:
+                doc[key] = value
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(path: str, fmt: str = "text") -> None:
+    """
+    Log the service at INFO to stderr (what containers collect) and to *path*.
+
+    *path* ``"off"``: stderr only. *fmt* ``"json"``: one JSON object a line. Only
+    the service and CLI call this; calling it again replaces what it set up
+    before (each uvicorn worker calls it, and so does ``serve`` itself).
+    """
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(_LOG_TEXT)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if path != LOG_PATH_OFF:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(old)
+        old.close()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        setattr(handler, _OURS, True)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+_OURS = "_coreason_budget_handler"
+
+
+#: uvicorn's own loggers, through the service's handlers and format (uvicorn.run's
+#: ``log_config``); no access log: the service does not log each request.
+UVICORN_LOG_CONFIG: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "loggers": {
+        "uvicorn": {"level": "INFO", "handlers": [], "propagate": True},
+        "uvicorn.error": {"level": "INFO", "handlers": [], "propagate": True},
+        "uvicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
+    },
+}
+
+
+@contextmanager
+def multiprocess_metrics(workers: int) -> Iterator[str | None]:
+    """
+    For ``serve --workers N`` (N > 1): a PROMETHEUS_MULTIPROC_DIR shared by the workers.
+
+    Set before the workers start (they import prometheus-client afresh), so a
+    scrape answered by any worker adds up all of them. A directory the operator
+    set is used, emptied of an earlier run's files first; otherwise a temporary
+    one is made and removed afterwards. One worker: nothing to share (None).
+    """
+    if workers <= 1:
+        yield None
+        return
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        yield given
+        return
+    made = tempfile.mkdtemp(prefix="coreason-budget-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    try:
+        yield made
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def _multiprocess() -> bool:
+    """Whether prometheus-client writes this process's values to PROMETHEUS_MULTIPROC_DIR."""
+    # Decided when prometheus_client was first imported: the variable set later changes nothing.
+    return prometheus_values.ValueClass is not prometheus_values.MutexValue and bool(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     )
 
 
 def app_from_env() -> FastAPI:
     """The app as each uvicorn worker builds it: everything from ``COREASON_BUDGET_*``."""
     config = BudgetConfig.from_env()
-    configure_logging(config.log_path)
+    configure_logging(config.log_path, config.log_format)
     return create_app(BudgetManager(config), ServerSettings.from_env())

@@ -271,6 +271,34 @@ class TestAgainstTheService:
             assert client.usage(uid)["user"].spent_nano == NANO
             assert client.usage(uid)["user"].entity_id == uid
 
+    @pytest.mark.parametrize(
+        "uid",
+        [
+            "org/alice", "/", "//", "a//b", "/lead", "trail/", "..", "../x", "./.", "%", "%2F",
+            "%25", "a?b#c&d=e", "ü/ß", "日本/語", "\U0001f600/x", " ", "a b+c", "\\", "line\nbreak",
+            "tab\tx", "nul\x00x", "commit", "x/commit", "x/release", "reservations/1",
+        ],
+    )  # fmt: skip
+    def test_every_id_the_library_takes(self, client: BudgetClient, uid: str) -> None:
+        """Issue 11.5: user, project and reservation ids that need URL encoding, on every route."""
+        client.record_spend(uid, 1, project_id=uid, model=uid)
+        usage = client.usage(uid, project_id=uid)
+        assert usage["user"].entity_id == uid
+        assert usage["user"].spent_nano == NANO
+        assert (usage["project"].entity_id, usage["project"].spent_nano) == (uid, NANO)
+        r = client.reserve(uid, 2, project_id=uid, reservation_id=uid)
+        assert r.id == uid
+        looked_up = client.reservation(uid)
+        assert (looked_up.state, looked_up.user_id, looked_up.project_id) == ("held", uid, uid)
+        assert r.commit(0.5).status == "recorded"
+        assert client.reservation(uid).state == "committed"
+        r.release()  # after the commit: changes nothing
+        assert client.reservation(uid).state == "committed"
+        assert client.usage(uid)["user"].spent_nano == NANO + NANO // 2
+        other = client.reserve(uid, 1, reservation_id=uid + "/2")
+        other.release()
+        assert client.reservation(uid + "/2").state == "released"
+
     def test_slash_in_a_reservation_id(self, client: BudgetClient) -> None:
         """The service routes reservation ids as paths, so a '/' in one is settled too."""
         r = client.reserve("u", 1, reservation_id="a/b/commit")
@@ -349,16 +377,21 @@ class TestAgainstTheService:
         assert client.usage("bob")["user"].spent_nano == 0
         assert client.usage("alice")["user"].spent_nano == 5 * NANO + NANO // 2
 
-    def test_report(self, client: BudgetClient) -> None:
-        client.record_spend("a", 1, project_id="p", model="house-llm")
-        client.record_spend("b", 2, model="house-llm")
-        report = client.report()
-        assert report.total.spent_nano == 3 * NANO
-        assert [u.entity_id for u in report.users] == ["b", "a"]
-        assert [(m.model, m.spent_nano) for m in report.models] == [("house-llm", 3 * NANO)]
-        assert len(client.report(top=1).users) == 1
-        with pytest.raises(InvalidInputError):
-            client.report(top=0)
+    def test_report_needs_an_admin_key(self, live: LiveFactory) -> None:
+        url = live().url
+        with BudgetClient(url, USER_KEY) as client, BudgetClient(url, ADMIN_KEY) as admin:
+            client.record_spend("a", 1, project_id="p", model="house-llm")
+            client.record_spend("b", 2, model="house-llm")
+            # Every user's spend: not for a plain API key.
+            with pytest.raises(BudgetError, match=r"refused the API key for GET /report \(403"):
+                client.report()
+            report = admin.report()
+            assert report.total.spent_nano == 3 * NANO
+            assert [u.entity_id for u in report.users] == ["b", "a"]
+            assert [(m.model, m.spent_nano) for m in report.models] == [("house-llm", 3 * NANO)]
+            assert len(admin.report(top=1).users) == 1
+            with pytest.raises(InvalidInputError):
+                admin.report(top=0)
 
     def test_limits_need_an_admin_key(self, live: LiveFactory) -> None:
         url = live().url
@@ -386,7 +419,7 @@ class TestAgainstTheService:
             c.check_availability("u", 1)
 
     def test_store_down_is_unavailable(self, live: LiveFactory, own_redis: RedisServer) -> None:
-        with BudgetClient(live(redis_url=own_redis.url, spool_dir="off").url, USER_KEY) as c:
+        with BudgetClient(live(redis_url=own_redis.url, spool_dir="off").url, ADMIN_KEY) as c:
             c.ping()
             own_redis.kill()
             for call in (
@@ -444,7 +477,7 @@ class TestAgainstTheService:
         for t in threads:
             t.join()
         assert errors == []
-        assert client.report().total.spent_nano == 8 * 10 * 10_000_000
+        assert client.usage("u")["global"].spent_nano == 8 * 10 * 10_000_000
 
 
 # -- no service needed ---------------------------------------------------------------------
@@ -696,6 +729,12 @@ class TestTransport:
             client.report()
         with pytest.raises(BudgetUnavailableError):
             client.reservation("r")
+
+    def test_413_is_bad_input(self) -> None:
+        """A body over the service's bound is the caller's to fix, not a store outage."""
+        client, _ = scripted(lambda _: httpx.Response(413, json={"detail": "body too large"}))
+        with pytest.raises(InvalidInputError, match="body too large"):
+            client.check_availability("u", 1)
 
     def test_422_names_its_error_class(self) -> None:
         def respond(request: httpx.Request) -> httpx.Response:
@@ -960,6 +999,29 @@ class TestDeployedService:
         s = service(redis_url, COREASON_BUDGET_API_KEYS="", COREASON_BUDGET_ADMIN_API_KEYS="")
         assert s.proc.wait(30) != 0
         assert "No API keys configured" in s.output()
+
+    def test_keys_from_dot_env(
+        self, service: ServiceFactory, redis_url: str, tmp_path: Path
+    ) -> None:
+        """Issue 11.6: serve reads .env (in its working directory) as every other command does."""
+        (tmp_path / ".env").write_text(
+            f"COREASON_BUDGET_API_KEYS={USER_KEY}\nCOREASON_BUDGET_ADMIN_API_KEYS={ADMIN_KEY}\n"
+        )
+        s = service(
+            redis_url, COREASON_BUDGET_API_KEYS="", COREASON_BUDGET_ADMIN_API_KEYS=""
+        ).wait_ready()
+        with BudgetClient(s.url, ADMIN_KEY) as admin, BudgetClient(s.url, "wrong") as stranger:
+            admin.set_limit("user", "u", 1)
+            with pytest.raises(BudgetError, match="401"):
+                stranger.check_availability("u", 0.5)
+
+    def test_insecure_mode_with_keys_refuses_to_start(
+        self, service: ServiceFactory, redis_url: str
+    ) -> None:
+        """Issue 11.4: a stray COREASON_BUDGET_INSECURE_NO_AUTH cannot switch keys off."""
+        s = service(redis_url, COREASON_BUDGET_INSECURE_NO_AUTH="1")
+        assert s.proc.wait(30) == 2
+        assert "COREASON_BUDGET_API_KEYS" in s.output()
 
     def test_insecure_mode_from_env(self, service: ServiceFactory, redis_url: str) -> None:
         s = service(

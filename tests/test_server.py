@@ -163,7 +163,7 @@ class TestSpend:
             "project": NANO // 4,
             "global": NANO // 4,
         }
-        models = api.get("/report").json()["models"]
+        models = api.get("/report", headers=ADMIN).json()["models"]
         assert [(m["model"], m["spent_usd"]) for m in models] == [("gpt-4", 0.25)]
 
     def test_idempotency_key_records_once(self, api: TestClient) -> None:
@@ -435,7 +435,7 @@ class TestUsageAndReport:
             api.post(
                 "/spend", json={"user_id": user, "cost": cost, "project_id": "p", "model": "m"}
             )
-        r = api.get("/report", params={"top": 2})
+        r = api.get("/report", params={"top": 2}, headers=ADMIN)
         assert r.status_code == 200
         body = r.json()
         assert re.fullmatch(r"\d{4}-\d\d-\d\d", body["day"])
@@ -447,7 +447,7 @@ class TestUsageAndReport:
 
     @pytest.mark.parametrize("top", ["0", "1001", "-1", "x"])
     def test_report_top_out_of_range_is_422(self, api: TestClient, top: str) -> None:
-        r = api.get("/report", params={"top": top})
+        r = api.get("/report", params={"top": top}, headers=ADMIN)
         assert r.status_code == 422
         assert r.json()["detail"].startswith("query.top:")
 
@@ -559,7 +559,7 @@ class TestAuth:
     def test_several_keys(self, serve: Serve) -> None:
         api = serve(ServerSettings(api_keys=frozenset({"k1", "k2"})))
         for key in ("k1", "k2"):
-            r = api.get("/report", headers={"Authorization": f"Bearer {key}"})
+            r = api.get("/usage/u", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200
         # Without admin keys no one may change limits.
         r = api.put(

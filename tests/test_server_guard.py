@@ -1,0 +1,405 @@
+"""
+The service's edges against misuse (issue 11): authentication before the body
+is read, bounded bodies, strict amounts, admin-only reports, insecure mode only
+without keys, settings from ``.env``, Retry-After, and typed answers.
+
+The guard is driven at the ASGI level, with a ``receive`` that counts the bytes
+it hands out, so "not read" is measured rather than assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from coreason_budget import BudgetManager, ConfigError
+from coreason_budget.cli import main
+from coreason_budget.server import MAX_BODY_BYTES, ServerSettings, _seconds_to_midnight, create_app
+
+from .conftest import ManagerFactory
+from .redis_server import snapshot
+
+USER_KEY = "user-key-1"
+ADMIN_KEY = "admin-key-1"
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+SETTINGS = ServerSettings(api_keys=frozenset({USER_KEY}), admin_api_keys=frozenset({ADMIN_KEY}))
+CHUNK = 64 * 1024
+BIG = 200 * 1024 * 1024  # 200 MiB
+NANO = 1_000_000_000
+
+
+class Spy:
+    """Counts the manager calls that reach it: a handler that ran calls one."""
+
+    def __init__(self, manager: BudgetManager) -> None:
+        self.calls = 0
+        self.manager = manager
+        original = manager.record_spend
+
+        def record_spend(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        manager.record_spend = record_spend  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def manager(make_manager: ManagerFactory) -> BudgetManager:
+    return make_manager(
+        daily_user_limit_usd=10.0, daily_project_limit_usd=20.0, daily_global_limit_usd=50.0
+    )
+
+
+@pytest.fixture
+def app(manager: BudgetManager) -> FastAPI:
+    return create_app(manager, SETTINGS)
+
+
+@pytest.fixture
+def api(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, headers=USER) as client:
+        yield client
+
+
+class Sent:
+    def __init__(self) -> None:
+        self.pulled = 0
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""
+
+
+def call(
+    app: FastAPI,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    chunks: Iterator[bytes],
+) -> Sent:
+    """One request through the app's ASGI interface, counting the body bytes pulled."""
+    sent = Sent()
+
+    async def receive() -> dict[str, Any]:
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        sent.pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            sent.status = message["status"]
+            sent.headers = {k.decode(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            sent.body += message.get("body", b"")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 12345),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    return sent
+
+
+def big_body(total: int = BIG) -> Iterator[bytes]:
+    """A JSON-looking body of *total* bytes, produced only as it is pulled."""
+    yield b'{"user_id": "u", "cost": 1, "model": "'
+    for _ in range(total // CHUNK):
+        yield b"x" * CHUNK
+
+
+class TestBodiesAreBoundedAndReadAfterAuth:
+    """Issue 11.1: no key, no read; a key, at most MAX_BODY_BYTES read."""
+
+    @pytest.mark.parametrize("auth", [None, "Bearer wrong"])
+    def test_unauthenticated_big_body_is_401_unread(
+        self, app: FastAPI, manager: BudgetManager, auth: str | None
+    ) -> None:
+        spy = Spy(manager)
+        headers = {"content-type": "application/json"}
+        if auth is not None:
+            headers["authorization"] = auth
+        start = time.perf_counter()
+        sent = call(app, "POST", "/spend", headers, big_body())
+        assert sent.status == 401
+        assert sent.pulled == 0
+        assert spy.calls == 0
+        assert time.perf_counter() - start < 2
+        detail = "missing bearer API key" if auth is None else "bad API key"
+        assert json.loads(sent.body) == {"detail": detail}
+
+    def test_authenticated_big_body_is_413_after_the_limit(
+        self, app: FastAPI, manager: BudgetManager, redis_client: redis.Redis
+    ) -> None:
+        spy = Spy(manager)
+        sent = call(app, "POST", "/spend", {**USER, "content-type": "application/json"}, big_body())
+        assert sent.status == 413
+        assert sent.pulled <= MAX_BODY_BYTES + CHUNK
+        assert spy.calls == 0
+        body = json.loads(sent.body)
+        assert body["error"] == "InvalidInputError"
+        assert str(MAX_BODY_BYTES) in body["detail"]
+        assert snapshot(redis_client) == {}
+
+    def test_a_too_long_content_length_is_413_unread(self, app: FastAPI) -> None:
+        headers = {**USER, "content-type": "application/json", "content-length": str(BIG)}
+        sent = call(app, "POST", "/spend", headers, big_body())
+        assert sent.status == 413
+        assert sent.pulled == 0
+
+    def test_a_user_key_on_an_admin_route_is_403_unread(self, app: FastAPI) -> None:
+        headers = {**USER, "content-type": "application/json"}
+        sent = call(app, "PUT", "/limits", headers, big_body())
+        assert (sent.status, sent.pulled) == (403, 0)
+        assert json.loads(sent.body) == {"detail": "API key not allowed here"}
+
+    def test_a_body_in_many_small_chunks_is_read_whole(
+        self, app: FastAPI, manager: BudgetManager
+    ) -> None:
+        raw = json.dumps({"user_id": "chunked", "cost": 1.5}).encode()
+        sent = call(
+            app,
+            "POST",
+            "/spend",
+            {**USER, "content-type": "application/json"},
+            iter([raw[i : i + 3] for i in range(0, len(raw), 3)]),
+        )
+        assert sent.status == 200, sent.body
+        assert manager.usage("chunked")["user"].spent_nano == 1_500_000_000
+
+    def test_the_longest_valid_body_fits(self, api: TestClient) -> None:
+        # Four ids of 256 astral characters, each escaped as a 12-byte surrogate pair.
+        ids = dict.fromkeys(("user_id", "project_id", "model"), "😀" * 256)
+        raw = json.dumps({**ids, "cost": 0.5, "idempotency_key": "\U0001f600" * 256})
+        assert len(raw) < MAX_BODY_BYTES
+        r = api.post("/spend", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+
+    def test_the_413_is_in_the_schema(self, api: TestClient) -> None:
+        paths = api.get("/openapi.json").json()["paths"]
+        assert "413" in paths["/spend"]["post"]["responses"]
+        assert "413" in paths["/limits"]["put"]["responses"]
+
+
+class TestAmountsAreStrictNumbers:
+    """Issue 11.2: true is not $1, false is not $0, "5" is not $5; nothing is written."""
+
+    @pytest.mark.parametrize(
+        ("path", "body"),
+        [
+            ("/spend", {"user_id": "u", "cost": True}),
+            ("/spend", {"user_id": "u", "cost": "1"}),
+            ("/check", {"user_id": "u", "estimated_cost": False}),
+            ("/reservations", {"user_id": "u", "estimate": True}),
+            ("/reservations", {"user_id": "u", "estimate": "0.5"}),
+        ],
+    )
+    def test_non_numbers_are_422(
+        self, api: TestClient, redis_client: redis.Redis, path: str, body: dict[str, Any]
+    ) -> None:
+        r = api.post(path, json=body)
+        assert r.status_code == 422, r.text
+        assert "valid number" in r.json()["detail"]
+        assert snapshot(redis_client) == {}
+
+    @pytest.mark.parametrize("limit", [False, True, "0", "100"])
+    def test_limits_are_numbers(
+        self, api: TestClient, redis_client: redis.Redis, limit: Any
+    ) -> None:
+        body = {"scope": "global", "limit_usd": limit}
+        r = api.put("/limits", json=body, headers=ADMIN)
+        assert r.status_code == 422, r.text
+        assert snapshot(redis_client) == {}
+        assert api.post("/check", json={"user_id": "u", "estimated_cost": 1}).status_code == 200
+
+    @pytest.mark.parametrize(
+        "tokens",
+        [
+            {"input_tokens": True, "output_tokens": 1},
+            {"input_tokens": 1, "output_tokens": 1.0},
+            {"input_tokens": "10", "output_tokens": 1},
+            {"input_tokens": 1, "output_tokens": 1, "cached_input_tokens": False},
+        ],
+    )
+    def test_token_counts_are_integers(
+        self, api: TestClient, redis_client: redis.Redis, tokens: dict[str, Any]
+    ) -> None:
+        rid = api.post("/reservations", json={"user_id": "u", "estimate": 1}).json()[
+            "reservation_id"
+        ]
+        before = snapshot(redis_client)
+        r = api.post(f"/reservations/{rid}/commit", json=tokens)
+        assert r.status_code == 422, r.text
+        assert snapshot(redis_client) == before
+
+    def test_integers_are_still_amounts(self, api: TestClient) -> None:
+        assert api.post("/spend", json={"user_id": "u", "cost": 2}).json()["amount_nano"] == (
+            2 * NANO
+        )
+        r = api.put(
+            "/limits", json={"scope": "user", "entity_id": "u", "limit_usd": 3}, headers=ADMIN
+        )
+        assert r.status_code == 200
+
+
+class TestReportsAreForAdmins:
+    """Issue 11.3: every user's spend is an admin's to read."""
+
+    def test_user_key_is_403(self, api: TestClient) -> None:
+        r = api.get("/report")
+        assert r.status_code == 403
+        assert r.json() == {"detail": "API key not allowed here"}
+        assert api.get("/report", headers=ADMIN).status_code == 200
+
+
+class TestInsecureMode:
+    """Issue 11.4: running without keys is a choice that cannot switch configured keys off."""
+
+    def test_insecure_with_keys_is_a_config_error(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            ServerSettings(api_keys=frozenset({"k"}), insecure_no_auth=True)
+        message = str(caught.value)
+        assert "COREASON_BUDGET_INSECURE_NO_AUTH" in message
+        assert "COREASON_BUDGET_API_KEYS" in message
+        with pytest.raises(ConfigError):
+            ServerSettings(admin_api_keys=frozenset({"k"}), insecure_no_auth=True)
+
+    def test_from_env(self, tmp_path: Path) -> None:
+        env = {"COREASON_BUDGET_API_KEYS": "k", "COREASON_BUDGET_INSECURE_NO_AUTH": "1"}
+        with pytest.raises(ConfigError, match="INSECURE_NO_AUTH"):
+            ServerSettings.from_env(environ=env, env_file=None)
+        with pytest.raises(ConfigError, match="INSECURE_NO_AUTH"):
+            ServerSettings.from_env(True, environ={"COREASON_BUDGET_API_KEYS": "k"}, env_file=None)
+        for on in ("1", "true", "YES"):
+            s = ServerSettings.from_env(
+                environ={"COREASON_BUDGET_INSECURE_NO_AUTH": on}, env_file=None
+            )
+            assert s.insecure_no_auth
+        with pytest.raises(ConfigError, match="expected 1 or 0"):
+            ServerSettings.from_env(environ={"COREASON_BUDGET_INSECURE_NO_AUTH": "maybe"})
+        s = ServerSettings.from_env(
+            environ={"COREASON_BUDGET_API_KEYS": "k", "COREASON_BUDGET_INSECURE_NO_AUTH": "0"},
+            env_file=None,
+        )
+        assert (s.api_keys, s.insecure_no_auth) == ({"k"}, False)
+
+    def test_serve_refuses_the_flag_with_keys(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path,
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("COREASON_BUDGET_API_KEYS", "k")
+        assert main(["serve", "--insecure-no-auth", "--port", "1"]) == 2
+        assert "INSECURE_NO_AUTH" in capsys.readouterr().err
+
+
+class TestSettingsFromDotEnv:
+    """Issue 11.6: the service reads .env as every other command does."""
+
+    def test_keys_from_dot_env(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in ("API_KEYS", "ADMIN_API_KEYS", "INSECURE_NO_AUTH"):
+            monkeypatch.delenv("COREASON_BUDGET_" + name, raising=False)
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / ".env").write_text(
+            "COREASON_BUDGET_API_KEYS=a, b\nCOREASON_BUDGET_ADMIN_API_KEYS=root\n"
+        )
+        s = ServerSettings.from_env()
+        assert (s.api_keys, s.admin_api_keys) == ({"a", "b"}, {"root"})
+        # The environment wins over the file.
+        monkeypatch.setenv("COREASON_BUDGET_API_KEYS", "env-key")
+        assert ServerSettings.from_env().api_keys == {"env-key"}
+
+    def test_insecure_in_dot_env_with_keys_in_the_environment(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("COREASON_BUDGET_API_KEYS", "k")
+        (tmp_path / ".env").write_text("COREASON_BUDGET_INSECURE_NO_AUTH=1\n")
+        with pytest.raises(ConfigError, match="INSECURE_NO_AUTH"):
+            ServerSettings.from_env()
+
+
+class TestRetryAfter:
+    """Issue 11.10: a 429 says when the refusing day ends."""
+
+    def test_seconds_to_midnight(self) -> None:
+        midnight = datetime.datetime(2026, 3, 1, tzinfo=datetime.UTC).timestamp()
+        assert _seconds_to_midnight(midnight - 0.5) == 1
+        assert _seconds_to_midnight(midnight - 3600) == 3600
+        assert _seconds_to_midnight(midnight) == 86400
+        assert _seconds_to_midnight(midnight + 1.5) == 86399
+
+    def test_429_has_retry_after(self, api: TestClient) -> None:
+        api.post("/spend", json={"user_id": "u", "cost": 10})
+        for r in (
+            api.post("/check", json={"user_id": "u", "estimated_cost": 1}),
+            api.post("/reservations", json={"user_id": "u", "estimate": 1}),
+        ):
+            assert r.status_code == 429
+            now = time.time()
+            expected = 86400 - now % 86400
+            assert abs(int(r.headers["Retry-After"]) - expected) <= 2
+        assert "Retry-After" not in api.post("/spend", json={"user_id": "u", "cost": 1}).headers
+
+
+class TestTypedAnswers:
+    """Issue 11.10: every success answer has a schema, so generated clients are typed."""
+
+    def test_every_success_answer_has_a_schema(self, api: TestClient) -> None:
+        schema = api.get("/openapi.json").json()
+        for path, methods in schema["paths"].items():
+            for op in methods.values():
+                ok = op["responses"]["200"]["content"]
+                if path == "/metrics":
+                    assert "text/plain" in next(iter(ok))
+                    continue
+                body = ok["application/json"]["schema"]
+                assert body, path
+                assert body.get("additionalProperties") is not True, (path, body)
+        models = schema["components"]["schemas"]
+        for name in ("ReceiptAnswer", "ReservationAnswer", "ReportAnswer", "HealthAnswer"):
+            assert name in models
+        spend = schema["paths"]["/spend"]["post"]["responses"]
+        assert spend["202"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ReceiptAnswer"
+        }
+        assert "Retry-After" in schema["paths"]["/check"]["post"]["responses"]["429"]["headers"]
+
+    def test_answers_keep_their_shape(self, api: TestClient) -> None:
+        r = api.post("/reservations", json={"user_id": "u", "estimate": 1, "project_id": "p"})
+        rid = r.json()["reservation_id"]
+        assert set(r.json()) == {"reservation_id", "state", "estimate_usd", "day"}
+        info = api.get(f"/reservations/{rid}").json()
+        assert (info["project_id"], info["model"]) == ("p", None)
+        assert set(api.post(f"/reservations/{rid}/commit", json={"actual_cost": 0.5}).json()) == {
+            "status", "kind", "idempotency_key", "amount_usd", "amount_nano", "state"
+        }  # fmt: skip
+        assert set(api.post("/spend", json={"user_id": "u", "cost": 1}).json()) == {
+            "status", "kind", "idempotency_key", "amount_usd", "amount_nano"
+        }  # fmt: skip
+        assert api.get("/health").json() == {"status": "healthy", "redis": "connected"}
+        assert os.environ.get("COREASON_BUDGET_INSECURE_NO_AUTH") in (None, "", "0")
