@@ -142,7 +142,7 @@ class Ledger:
         # Cached: every call names today's key, and formatting a date is not free.
         cached = self._day_key
         if cached[0] != day:
-            name = f"{self._tag}:day:{datetime.date.fromordinal(_EPOCH + day).isoformat()}"
+            name = f"{self._tag}:day:{_date(day).isoformat()}"
             cached = self._day_key = (day, name.encode())
         return cached[1]
 
@@ -403,8 +403,8 @@ _STATES = {"held", "committed", "released"}
 #: values in them are checked where they are read.
 _ANSWERS: dict[str, Callable[[list[Any]], bool]] = {
     "reserve": _shapes(("NO", 4), ("DUP", 4), _DAY, ("CONFLICT", 1), ("BIG", 2)),
-    "commit": lambda r: _settled(r) or (r[0] == "BIG" and len(r) == 2),
-    "release": lambda r: _settled(r),
+    "commit": lambda r: _settled(r) or (r[0] in ("BIG", "WRONGDAY") and len(r) == 2),
+    "release": lambda r: _settled(r) or (r[0] == "WRONGDAY" and len(r) == 2),
     "spend": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
     "replay": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
     "check": _shapes(("NO", 4), _DAY),
@@ -467,6 +467,10 @@ class _StoreErrors:
         return f"budget store unavailable: its client failed ({type(exc).__name__}: {exc})"
 
 
+def _date(day: int) -> datetime.date:
+    return datetime.date.fromordinal(_EPOCH + day)
+
+
 def _held(text: str) -> int:
     """A record's held amount; "-" marks a tombstone, which holds nothing."""
     return 0 if text == "-" else int(text)
@@ -478,6 +482,10 @@ def _refuse_write(reply: list[Any], scopes: Scopes, what: str) -> None:
         raise IdempotencyConflictError(
             f"{what} was already used for a different charge (another user, scopes or "
             "amount); nothing was written. Use a new id for a new charge."
+        )
+    if reply[0] == "WRONGDAY":
+        raise InvalidInputError(
+            f"{what} belongs to day {_date(int(reply[1]))}, not the day named; nothing was written"
         )
     if reply[0] == "BIG":
         name, entity = describe(scopes.fields[int(reply[1]) - 1])

@@ -199,7 +199,6 @@ class SpoolKeeper:
 #: every call (read-only, out of memory, loading, no script support, no permission)
 #: must not have the whole spool quarantined.
 _REFUSALS = (
-    "belongs to day",  # the script: a settlement naming another day's reservation
     "WRONGTYPE",  # a key of this entry holds something else
     "is not an integer",  # a counter of this entry holds something else
     "would overflow",  # a counter of this entry cannot take the amount

@@ -36,7 +36,8 @@
 -- Replies: the day the operation was booked on (an integer) when it did what
 -- was asked; otherwise a list whose first word says why (NO, DUP, DONE, GONE,
 -- DAY, CONFLICT: the id was used for another payload, BIG: a counter would
--- pass what Redis can count), or usage's values.
+-- pass what Redis can count, WRONGDAY: a settlement naming another day than its
+-- reservation's), or usage's values.
 --
 -- Amounts stay below 2^53 (the client bounds them), so Lua's doubles hold them exactly.
 
@@ -237,7 +238,7 @@ elseif op == 'commit' or op == 'release' then
         return {'DONE', was}
     end
     if held_day ~= day then
-        return redis.error_reply('reservation belongs to day ' .. held_day .. ', not ' .. day)
+        return {'WRONGDAY', held_day}  -- its counters are another day's hash: nothing to do here
     end
     local delta = amount - tonumber(held)
     local fresh

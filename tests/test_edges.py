@@ -180,6 +180,19 @@ class TestLostRecord:
         assert budget.usage("alice", "p")["user"].spent_nano == 1_250_000_000
 
 
+class TestWrongDay:
+    """A settlement naming another day than its reservation's is bad input, never spooled."""
+
+    def test_refused_with_nothing_written(
+        self, budget: BudgetManager, redis_client: redis.Redis
+    ) -> None:
+        held = budget.reserve("alice", 1.0, reservation_id="r1")
+        before = snapshot(redis_client)
+        with pytest.raises(InvalidInputError, match="belongs to day"):
+            budget._ledger.settle(held._scopes, "r1", held.day - 1, 0, "released")
+        assert snapshot(redis_client) == before
+
+
 class TestReserveWhoseRepliesAreLost:
     """A hold the library cannot confirm is undone; the error names its id."""
 

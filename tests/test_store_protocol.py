@@ -438,3 +438,28 @@ class TestEvictingStore:
         with pytest.raises(BudgetUnavailableError, match="maxmemory-policy is allkeys-lfu"):
             manager.check_availability("alice", 1.0)
         assert fake_store.script_calls == 0
+
+
+class TestImpostorReplies:
+    """A peer that answers the script with anything of its own: never a "yes"."""
+
+    @pytest.mark.parametrize(
+        "reply", [b":0\r\n", b":1\r\n", b"+OK\r\n", b"*0\r\n", b"$-1\r\n", b"*1\r\n$2\r\nOK\r\n"]
+    )
+    def test_nothing_passes_and_the_spend_is_spooled(
+        self,
+        reply: bytes,
+        fake_store: FakeStore,
+        managers: Callable[..., BudgetManager],
+        spool_dir: Path,
+    ) -> None:
+        """$5 on a $1 limit: refused as unavailable; the spend is saved, not taken as done."""
+        fake_store.replies["EVALSHA"] = reply
+        manager = managers(fake_store.url, daily_user_limit_usd=1.0, **FAST)
+        with pytest.raises(BudgetUnavailableError):
+            manager.check_availability("alice", 5.0)
+        with pytest.raises(BudgetUnavailableError):
+            manager.reserve("alice", 5.0)
+        receipt = manager.record_spend("alice", 5.0, idempotency_key="k")
+        assert (receipt.status, receipt.idempotency_key) == ("spooled", "k")
+        assert list(spool_dir.glob("*.spool"))
