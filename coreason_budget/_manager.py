@@ -4,6 +4,7 @@ BudgetManager: the public, synchronous, thread-safe entry point.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import threading
@@ -161,7 +162,8 @@ class BudgetManager:
 
         Raises :class:`BudgetExceededError` having held nothing when any scope
         cannot fit it. Reserving again with the same *reservation_id* returns
-        the existing hold instead of taking a second one.
+        the existing hold instead of taking a second one; an id already settled
+        (or undone) holds nothing and raises IdempotencyConflictError.
         """
         if on_error not in ("charge", "release"):
             raise InvalidInputError(f"on_error must be 'charge' or 'release', got {on_error!r}")
@@ -173,6 +175,16 @@ class BudgetManager:
             held = self._ledger.reserve(scopes, amount, rid)
         except BudgetUnavailableError as e:
             self._undo_reserve(e, scopes, rid, day)
+            raise
+        except BaseException as e:
+            if isinstance(e, Exception):  # the ledger's answers: nothing was written
+                raise
+            # Interrupted (KeyboardInterrupt, a gevent-style timeout) after the script
+            # may have run: as unknown as a lost reply, so undone the same way.
+            lost = BudgetUnavailableError(f"reserve interrupted ({type(e).__name__})")
+            with contextlib.suppress(BudgetError):
+                self._undo_reserve(lost, scopes, rid, day)
+            e.add_note("".join(getattr(lost, "__notes__", [])))
             raise
         self._keeper.replay_if_due()
         return Reservation(
@@ -306,8 +318,9 @@ class BudgetManager:
         rid = check_id(reservation_id, "reservation_id")
         try:
             found = self._ledger.lookup(rid)
-        except BudgetUnavailableError:
+        except BudgetUnavailableError as e:
             if user_id is None or date is None:
+                e.reservation_id = rid  # as every "unavailable" about a reservation does
                 raise
             found = None
         if found is None:

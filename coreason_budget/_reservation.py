@@ -194,7 +194,7 @@ class Reservation(SettlesOnExit):
                 )
             status = "duplicate" if reply[0] == "DONE" else _SETTLED[reply[1]]
             self.state = reply[1] if reply[0] == "DONE" else state
-            self.receipt = Receipt(status, kind, self.id, 0 if status == "duplicate" else actual)
+            self.receipt = Receipt(status, kind, self.id, actual if status == "recorded" else 0)
         manager._keeper.replay_if_due()  # after a call that reached the store
         return self.receipt
 

@@ -276,15 +276,25 @@ def _serve(args: argparse.Namespace) -> int:
             args.workers,
             "" if config.log_path == "off" else f" and {config.log_path}",
         )
-        uvicorn.run(
-            "coreason_budget.server:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_config=UVICORN_LOG_CONFIG,
-            access_log=False,
-        )
+        try:
+            uvicorn.run(
+                "coreason_budget.server:app_from_env",
+                factory=True,
+                host=args.host,
+                port=args.port,
+                workers=args.workers,
+                log_config=UVICORN_LOG_CONFIG,
+                access_log=False,
+            )
+        except SystemExit as e:
+            # uvicorn exits 3 when it cannot start (the port is taken, say): here 3 means
+            # "store unavailable", so a start-up failure is the configuration's (2).
+            if e.code in (0, None):
+                return EXIT_OK
+            raise ConfigError(
+                f"the service could not start on {args.host}:{args.port} (see the log above: "
+                "is the port already in use?)"
+            ) from None
     return EXIT_OK
 
 

@@ -218,11 +218,17 @@ class BudgetClient:
         A reserve whose answer was lost may have taken its hold, which nobody
         would ever settle: release it by id, in the background (the caller's
         error is not delayed), unless the request provably never left (a
-        refused connection).
+        refused connection). The release names the hold (with a day), as a
+        commit does, so that it also settles a reserve still on its way.
         """
         if isinstance(error.__cause__, httpx.ConnectError):
             return
         path = f"{_reservation_path(rid)}/release"
+        # With a day, the service settles the id even when the store has no such hold
+        # yet (the reserve still on its way) or cannot be asked now: it leaves a
+        # tombstone, or spools the release, so that a reserve landing later holds nothing.
+        # The record's own day wins when it exists; this one only dates a tombstone.
+        hold = {**hold, "day": datetime.datetime.now(datetime.UTC).date().isoformat()}
 
         def release() -> None:
             try:
@@ -245,7 +251,7 @@ class BudgetClient:
         Raises :class:`UnknownReservationError` when the service has no such reservation.
         """
         rid = check_id(reservation_id, "reservation_id")
-        answer = self._call("GET", _reservation_path(rid))
+        answer = self._call("GET", _reservation_path(rid), ids={"reservation_id": rid})
         if answer.get("reservation_id") != rid:
             _unexpected("GET /reservations/{id}", answer)
         return RemoteReservation(

@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -80,6 +80,16 @@ Usd = Annotated[float, Field(strict=True, ge=0, le=MAX_AMOUNT_USD, allow_inf_nan
 LimitUsd = Annotated[float, Field(strict=True, ge=0, le=MAX_LIMIT_USD, allow_inf_nan=False)]
 Tokens = Annotated[int, Field(strict=True, ge=0, le=100_000_000)]
 
+
+def _date_text(value: object) -> object:
+    # Lax pydantic would take a number as a Unix timestamp (0 -> 1970-01-01).
+    if not isinstance(value, str):
+        raise ValueError("a day is text, YYYY-MM-DD")
+    return value
+
+
+Day = Annotated[datetime.date, BeforeValidator(_date_text)]
+
 _INSECURE = ENV_PREFIX + "INSECURE_NO_AUTH"
 
 
@@ -112,6 +122,13 @@ class ServerSettings:
     insecure_no_auth: bool = False
 
     def __attrs_post_init__(self) -> None:
+        for name, keys in (("API_KEYS", self.api_keys), ("ADMIN_API_KEYS", self.admin_api_keys)):
+            if any(not (k and k.isascii() and k.isprintable()) for k in keys):
+                # Headers are bytes read as latin-1: any other key could never match, and
+                # BudgetClient refuses to send one. Said at start-up, not as 401 on every call.
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name}: every key must be non-empty printable ASCII text"
+                )
         if not (self.api_keys or self.admin_api_keys or self.insecure_no_auth):
             raise ConfigError(
                 f"No API keys configured: set {ENV_PREFIX}API_KEYS (and "
@@ -324,7 +341,7 @@ class HoldBody(_Body):
     user_id: Id | None = None
     project_id: Id | None = None
     model: Id | None = None
-    day: datetime.date | None = None
+    day: Day | None = None
 
 
 class CommitBody(HoldBody):
@@ -895,8 +912,15 @@ def configure_logging(path: str, fmt: str = "text") -> None:
     formatter = JsonFormatter() if fmt == "json" else logging.Formatter(_LOG_TEXT)
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if path != LOG_PATH_OFF:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path))
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(path))
+        except OSError as e:
+            # A configuration error (exit 2, one line), not a traceback at start-up.
+            raise ConfigError(
+                f"{ENV_PREFIX}LOG_PATH={path!r}: cannot write the log file there ({e}); "
+                f"set it to a writable path, or to {LOG_PATH_OFF!r} to log to stderr only"
+            ) from None
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _OURS, False)]:
         root.removeHandler(old)
@@ -931,18 +955,20 @@ def multiprocess_metrics(workers: int) -> Iterator[str | None]:
 
     Set before the workers start (they import prometheus-client afresh), so a
     scrape answered by any worker adds up all of them. A directory the operator
-    set is used, emptied of an earlier run's files first; otherwise a temporary
-    one is made and removed afterwards. One worker: nothing to share (None).
+    set is used, with any number of workers (prometheus-client writes there
+    whenever the variable is set), made if missing and emptied of an earlier
+    run's files first; otherwise a temporary one is made and removed afterwards.
+    One worker and no variable: nothing to share (None).
     """
-    if workers <= 1:
-        yield None
-        return
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
         Path(given).mkdir(parents=True, exist_ok=True)
         for stale in Path(given).glob("*.db"):
             stale.unlink()
         yield given
+        return
+    if workers <= 1:
+        yield None
         return
     made = tempfile.mkdtemp(prefix="coreason-budget-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = made

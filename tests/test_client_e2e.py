@@ -995,6 +995,26 @@ class TestDeployedService:
                 client.check_availability("u", 1)
             assert time.monotonic() - start < 2
 
+    def test_a_taken_port_is_exit_2_not_3(self, redis_url: str) -> None:
+        """uvicorn's own start-up failure (3) must not read as "store unavailable" (3)."""
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            environ = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("COREASON_BUDGET_")},
+                "COREASON_BUDGET_REDIS_URL": redis_url,
+                "COREASON_BUDGET_API_KEYS": USER_KEY,
+                "COREASON_BUDGET_LOG_PATH": "off",
+            }
+            done = subprocess.run(
+                [sys.executable, "-m", "coreason_budget", "serve", "--port", str(port)],
+                env=environ,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 2, done.stderr
+        assert "could not start" in done.stderr
+
     def test_refuses_to_start_without_keys(self, service: ServiceFactory, redis_url: str) -> None:
         s = service(redis_url, COREASON_BUDGET_API_KEYS="", COREASON_BUDGET_ADMIN_API_KEYS="")
         assert s.proc.wait(30) != 0

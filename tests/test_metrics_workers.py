@@ -196,9 +196,9 @@ def test_compose_runs_the_service_on_a_persistent_non_evicting_redis() -> None:
     assert budget["depends_on"]["redis"]["condition"] == "service_healthy"
     env = budget["environment"]
     assert env["COREASON_BUDGET_REDIS_URL"] == "redis://redis:6379"
-    # Keys from the environment (or .env), with a placeholder that says to change it.
-    assert env["COREASON_BUDGET_API_KEYS"].startswith("${COREASON_BUDGET_API_KEYS:-change-me")
-    assert env["COREASON_BUDGET_ADMIN_API_KEYS"].startswith("${COREASON_BUDGET_ADMIN_API_KEYS:-")
+    # Keys from the environment (or .env), required: no well-known default key.
+    assert env["COREASON_BUDGET_API_KEYS"].startswith("${COREASON_BUDGET_API_KEYS:?")
+    assert env["COREASON_BUDGET_ADMIN_API_KEYS"] == "${COREASON_BUDGET_ADMIN_API_KEYS:-}"
     assert "/health" in " ".join(budget["healthcheck"]["test"])
     assert budget["command"][:2] == ["coreason-budget", "serve"]
     # Every variable it sets is one the service knows.
