@@ -491,8 +491,9 @@ def _refuse_write(reply: list[Any], scopes: Scopes, what: str) -> None:
         name, entity = describe(scopes.fields[int(reply[1]) - 1])
         who = name if entity is None else f"{name} {entity}"
         raise InvalidInputError(
-            f"the {who} counter would pass the largest amount the store can count today "
-            "(about $9.2 billion); nothing was written"
+            f"the {who} counter cannot take this amount today: it would pass the largest "
+            "amount the store can count (about $9.2 billion), or it holds something that is "
+            "not a count; nothing was written"
         )
 
 

@@ -200,8 +200,7 @@ class SpoolKeeper:
 #: must not have the whole spool quarantined.
 _REFUSALS = (
     "WRONGTYPE",  # a key of this entry holds something else
-    "is not an integer",  # a counter of this entry holds something else
-    "would overflow",  # a counter of this entry cannot take the amount
+    "is not an integer",  # a counter of this entry holds something else (a refund's)
 )
 
 

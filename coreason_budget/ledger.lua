@@ -82,16 +82,18 @@ local function refusal(n, amount, spent, overrides, defaults_s)
     return nil
 end
 
--- The index (from 1) of the first of fields[first .. last] that adding delta
--- would take past what a Redis integer holds (2^63 - 1, with a margin far above
--- the doubles' rounding here), or nil. Checked before the first write: a
--- script's writes are not undone when a later one fails.
+-- The index (from 1) of the first of fields[first .. last] that cannot take
+-- delta: adding it would pass what a Redis integer holds (2^63 - 1, with a
+-- margin far above the doubles' rounding here), or the field holds something
+-- that is not a count (HINCRBY would fail there). Nil when all can. Checked
+-- before the first write: a script's writes are not undone when a later one fails.
 local function overflow(counters, fields, first, last, delta, values)
     if delta <= 0 then return nil end
     -- unpack: Lua 5.1's (Redis), else 5.4's (fakeredis); a global, not an upvalue.
     values = values or redis.call('HMGET', counters, (unpack or table.unpack)(fields, first, last))
     for i = 1, last - first + 1 do
-        if tonumber(values[i] or '0') + delta > 9.2e18 then return i end
+        local v = tonumber(values[i] or '0')
+        if v == nil or v + delta > 9.2e18 then return i end
     end
     return nil
 end

@@ -132,6 +132,21 @@ class TestCounterOverflow:
         held.commit(0.5)  # a refund still settles it
         assert held.state == "committed"
 
+    def test_a_counter_that_is_not_a_count(
+        self, budget: BudgetManager, redis_client: redis.Redis, spool_dir: object
+    ) -> None:
+        """
+        Someone wrote text into a counter: the spend is refused before its
+        marker is written (it was half written, then a "duplicate" for ever),
+        and a spooled copy is quarantined, not a replay stopped at it for ever.
+        """
+        key = budget._ledger.day_key(budget._ledger.today())
+        redis_client.hset(key, "u:alice", "abc")
+        before = snapshot(redis_client)
+        with pytest.raises(InvalidInputError, match="not a count"):
+            budget.record_spend("alice", 1.0, idempotency_key="k")
+        assert snapshot(redis_client) == before
+
     def test_reserve(self, make_manager: ManagerFactory, redis_client: redis.Redis) -> None:
         """The model counter has no limit to refuse first."""
         budget = make_manager()
