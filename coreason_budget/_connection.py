@@ -97,8 +97,6 @@ class _DeadlineSocket:
             want = timeout  # the window has (nearly) all of the timeout left
         elif left <= 0:
             raise TimeoutError("timed out: the budget store's reply took longer than its timeout")
-        elif left == math.inf:
-            want = timeout  # no window (no timeouts configured)
         else:
             want = left
         if want is not self._applied:

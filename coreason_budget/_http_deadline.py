@@ -30,7 +30,6 @@ import time
 import urllib.request
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from types import TracebackType
 from typing import Any
 
 import httpcore
@@ -270,14 +269,6 @@ class DeadlineTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._pool.close()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        self.close()
 
 
 def _environment_proxy(base_url: str) -> httpx.Proxy | None:

@@ -142,7 +142,7 @@ class Ledger:
         # Cached: every call names today's key, and formatting a date is not free.
         cached = self._day_key
         if cached[0] != day:
-            name = f"{self._tag}:day:{_date(day).isoformat()}"
+            name = f"{self._tag}:day:{day_date(day).isoformat()}"
             cached = self._day_key = (day, name.encode())
         return cached[1]
 
@@ -170,7 +170,7 @@ class Ledger:
                 self._refuse(reply, scopes, amount)
             _refuse_write(reply, scopes, f"reservation_id {reservation_id!r}")
             _, state, held_day, held = reply  # DUP: the hold this id already took
-            if state not in _STATES:
+            if state not in STATES:
                 raise ValueError(state)
             return Held(state=state, day=int(held_day), held_nano=_held(held))
 
@@ -255,7 +255,8 @@ class Ledger:
 
     def today_by_store(self) -> int:
         """Today's day number by the store's clock (the one every worker shares)."""
-        return int(self._call("today", 0, _NO_SCOPES, ()))
+        day: int = self._call("today", 0, _NO_SCOPES, ())  # only ever the int day
+        return day
 
     def counters(self, day: int) -> Iterator[tuple[str, int]]:
         """
@@ -293,7 +294,7 @@ class Ledger:
             for length in map(int, lengths):
                 fields.append(data[at : at + length].decode())
                 at += length
-            if state not in _STATES:
+            if state not in STATES:
                 raise ValueError(state)
             return Held(state=state, day=int(day), held_nano=_held(held)), fields
 
@@ -398,7 +399,8 @@ def _shapes(*shapes: tuple[str, int]) -> Callable[[list[Any]], bool]:
 
 
 _DAY = ("DAY", 3)
-_STATES = {"held", "committed", "released"}
+#: The states a reservation record may be in.
+STATES = frozenset({"held", "committed", "released"})
 #: The list replies each operation may get (DAY: any op but a settle's); the
 #: values in them are checked where they are read.
 _ANSWERS: dict[str, Callable[[list[Any]], bool]] = {
@@ -467,8 +469,14 @@ class _StoreErrors:
         return f"budget store unavailable: its client failed ({type(exc).__name__}: {exc})"
 
 
-def _date(day: int) -> datetime.date:
+def day_date(day: int) -> datetime.date:
+    """The date of a day number (days since 1970-01-01, UTC), as keys and records name days."""
     return datetime.date.fromordinal(_EPOCH + day)
+
+
+def date_day(date: datetime.date) -> int:
+    """The day number of a date."""
+    return date.toordinal() - _EPOCH
 
 
 def _held(text: str) -> int:
@@ -485,7 +493,8 @@ def _refuse_write(reply: list[Any], scopes: Scopes, what: str) -> None:
         )
     if reply[0] == "WRONGDAY":
         raise InvalidInputError(
-            f"{what} belongs to day {_date(int(reply[1]))}, not the day named; nothing was written"
+            f"{what} belongs to day {day_date(int(reply[1]))}, not the day named; "
+            "nothing was written"
         )
     if reply[0] == "BIG":
         name, entity = describe(scopes.fields[int(reply[1]) - 1])

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from ._config import BudgetConfig
-from ._ledger import UNLIMITED, Held, Ledger, Scopes, describe
+from ._ledger import UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe
 from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
 from ._receipt import Receipt, Status
 from ._replay import SpoolKeeper
@@ -176,9 +176,9 @@ class BudgetManager:
         except BudgetUnavailableError as e:
             self._undo_reserve(e, scopes, rid, day)
             raise
+        except Exception:  # the ledger's answers: nothing was written
+            raise
         except BaseException as e:
-            if isinstance(e, Exception):  # the ledger's answers: nothing was written
-                raise
             # Interrupted (KeyboardInterrupt, a gevent-style timeout) after the script
             # may have run: as unknown as a lost reply, so undone the same way.
             lost = BudgetUnavailableError(f"reserve interrupted ({type(e).__name__})")
@@ -284,7 +284,7 @@ class BudgetManager:
             )
 
         return Report(
-            day=datetime.date(1970, 1, 1) + datetime.timedelta(days=day),
+            day=day_date(day),
             total=ScopeUsage("global", None, total, overrides.get("g", self._limits["global"])),
             users=scopes("u", "user"),
             projects=scopes("p", "project"),
@@ -328,7 +328,7 @@ class BudgetManager:
                 raise UnknownReservationError(f"no reservation {rid!r} (never made, or expired)")
             if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
                 raise InvalidInputError(f"date must be a datetime.date, got {date!r}")
-            day = (date - datetime.date(1970, 1, 1)).days
+            day = date_day(date)
             held = Held(state="held", day=day, held_nano=0)
         else:
             held, fields = found

@@ -11,7 +11,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self
 
-from ._ledger import Held, Ledger, Scopes
+from ._ledger import Held, Ledger, Scopes, day_date
 from ._money import nano_to_usd, to_nano
 from ._receipt import Kind, Receipt, Status
 from .exceptions import BudgetError, BudgetUnavailableError, InvalidInputError
@@ -125,7 +125,7 @@ class Reservation(SettlesOnExit):
     @property
     def date(self) -> datetime.date:
         """The (UTC) day the hold was taken on, which it settles on whenever committed."""
-        return datetime.date(1970, 1, 1) + datetime.timedelta(days=self.day)
+        return day_date(self.day)
 
     def commit(self, actual_cost: float | Decimal) -> Receipt:
         """

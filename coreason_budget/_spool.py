@@ -56,7 +56,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 
 from ._config import BudgetConfig
-from ._ledger import MAX_SCOPES, describe
+from ._ledger import MAX_SCOPES, date_day, describe
 from ._money import MAX_AMOUNT_NANO, check_id
 from ._store import default_embedded_path
 from .exceptions import BudgetUnavailableError, ConfigError
@@ -76,7 +76,7 @@ _MARK_EVERY = 1024
 #: at its maximum, each character \u-escaped, is under 16 KiB.
 MAX_LINE_BYTES = 64 * 1024
 #: The last day an entry may name, 9999-12-31 (days since 1970-01-01, like the ledger).
-MAX_DAY = datetime.date.max.toordinal() - datetime.date(1970, 1, 1).toordinal()
+MAX_DAY = date_day(datetime.date.max)
 #: Sequence numbers are positive and below 2**63.
 MAX_SEQ = 2**63 - 1
 #: A file of a dead namesake numbered beyond this is not adopted (our next
@@ -361,10 +361,7 @@ def _parse(data: bytes, path: Path) -> _Contents:
 def _load(line: bytes) -> Any:
     if len(line) > MAX_LINE_BYTES:
         raise ValueError(f"{len(line):,} bytes long; a spool line has at most {MAX_LINE_BYTES:,}")
-    try:
-        return json.loads(line)
-    except RecursionError:
-        raise ValueError("nested too deeply to be a spool line") from None
+    return json.loads(line)  # RecursionError (deep nesting): the callers' _UNREADABLE
 
 
 def _numbers(value: object, name: str) -> list[int]:
@@ -441,7 +438,7 @@ class _Quarantine:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 new = os.fstat(fd).st_size == 0
-                first = not new and _ends_torn(fd)  # a write of ours cut short: end it
+                first = _ends_torn(fd)  # a write of ours cut short: end it
                 data = b"\n" if first else b""
                 data += b"".join(
                     json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records

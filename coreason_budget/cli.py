@@ -239,6 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .server import (
+            LOG_PATH_OFF,
             UVICORN_LOG_CONFIG,
             ServerSettings,
             configure_logging,
@@ -274,7 +275,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.host,
             args.port,
             args.workers,
-            "" if config.log_path == "off" else f" and {config.log_path}",
+            "" if config.log_path == LOG_PATH_OFF else f" and {config.log_path}",
         )
         try:
             uvicorn.run(

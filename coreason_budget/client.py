@@ -30,16 +30,17 @@ import threading
 import time
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, cast, get_args
 from urllib.parse import quote, urlsplit
 
 import httpx
 
 from ._http_deadline import DeadlineTransport, attempt_deadline
+from ._ledger import STATES
 from ._manager import ScopeName
 from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, new_id, to_nano
 from ._pricing import _check_tokens
-from ._receipt import Kind, Receipt
+from ._receipt import Kind, Receipt, Status
 from ._reservation import OnError, SettlesOnExit
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
@@ -590,7 +591,7 @@ def _answer_str(answer: dict[str, Any], key: str) -> str:
 
 def _answer_state(answer: dict[str, Any]) -> str:
     state = _answer_str(answer, "state")
-    if state not in ("held", "committed", "released"):
+    if state not in STATES:
         _unexpected("state", answer)
     return state
 
@@ -604,9 +605,9 @@ def _answer_day(answer: dict[str, Any]) -> datetime.date:
 
 def _answer_receipt(what: str, answer: dict[str, Any], kind: Kind, key: str) -> Receipt:
     """The service's receipt for the write this client sent, or fail closed."""
-    status = answer.get("status")
+    status = cast(Status, answer.get("status"))  # checked next
     if (
-        status not in ("recorded", "duplicate", "spooled", "expired")
+        status not in get_args(Status)
         or answer.get("kind") != kind
         or answer.get("idempotency_key") != key
     ):

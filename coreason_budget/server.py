@@ -51,7 +51,7 @@ from ._config import ENV_PREFIX, BudgetConfig, env_values
 from ._manager import BudgetManager
 from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_USD, format_usd
 from ._outage import StoreWatch, Watched
-from ._receipt import Receipt
+from ._receipt import Kind, Receipt, Status
 from ._reservation import Reservation
 from .exceptions import (
     BudgetError,
@@ -210,8 +210,8 @@ class ReceiptAnswer(BaseModel):
     ``idempotency_key`` makes a retry safe: the spend's key, or the reservation id.
     """
 
-    status: Literal["recorded", "duplicate", "spooled", "expired"]
-    kind: Literal["spend", "commit", "release"]
+    status: Status
+    kind: Kind
     idempotency_key: str
     amount_usd: float
     amount_nano: int
@@ -738,7 +738,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         responses=_TEXT | _errors(401, 403),
     )
     def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
