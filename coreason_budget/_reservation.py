@@ -41,9 +41,20 @@ class SettlesOnExit:
     id: str
     state: str
     on_error: OnError
+    receipt: Receipt | None
 
     def _settle_on_exit(self, release: bool) -> None:
         raise NotImplementedError
+
+    def _already_settled(self, kind: Kind) -> Receipt | None:
+        """
+        The answer to a settle with nothing left to do: the first settlement's
+        receipt, or a "duplicate" for a hold settled before this handle was made.
+        None: the hold is this handle's to settle.
+        """
+        if self.receipt is None and self.state != "held":
+            return Receipt("duplicate", kind, self.id, 0)
+        return self.receipt
 
     def __enter__(self) -> Self:
         return self
@@ -175,11 +186,8 @@ class Reservation(SettlesOnExit):
         manager = self._manager
         kind: Kind = "commit" if state == "committed" else "release"
         with self._lock:
-            if self.receipt is not None:
-                return self.receipt
-            if self.state != "held":  # settled before this handle was made
-                self.receipt = Receipt("duplicate", kind, self.id, 0)
-                return self.receipt
+            if (settled := self._already_settled(kind)) is not None:
+                return settled
             try:
                 reply = self._ledger.settle(self._scopes, self.id, self.day, actual, state)
             except BudgetUnavailableError as e:

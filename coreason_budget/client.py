@@ -514,11 +514,8 @@ class RemoteReservation(SettlesOnExit):
 
     def _settle(self, action: Literal["commit", "release"], body: dict[str, Any]) -> Receipt:
         with self._lock:
-            if self.receipt is not None:
-                return self.receipt
-            if self.state != "held":  # settled before this handle was made
-                self.receipt = Receipt("duplicate", action, self.id, 0)
-                return self.receipt
+            if (settled := self._already_settled(action)) is not None:
+                return settled
             # The hold as this handle knows it: should the store have lost the
             # record, the service still records the settlement once, on its day.
             body = {**body, **_scope_body(self.user_id, self.project_id, self.model)}

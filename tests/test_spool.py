@@ -403,14 +403,14 @@ class TestFiles:
         manager = managers(proxy.url, **FAST)
         proxy.refuse()
         assert manager.record_spend("bob", 0.5, idempotency_key="kept").status == "spooled"
-        write_line = _spool._write_line
+        write_line = _spool._write_lines
 
         def write_then_fail(fd: int, doc: dict[str, Any], *, newline_first: bool = False) -> None:
             write_line(fd, doc, newline_first=newline_first)
             if doc.get("op") == "lost":
                 raise OSError(errno.EIO, "fsync failed")
 
-        monkeypatch.setattr(_spool, "_write_line", write_then_fail)
+        monkeypatch.setattr(_spool, "_write_lines", write_then_fail)
         with pytest.raises(BudgetUnavailableError) as info:
             manager.record_spend("alice", 1.0, idempotency_key="lost")
         assert info.value.idempotency_key == "lost"
