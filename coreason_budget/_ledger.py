@@ -233,6 +233,11 @@ class Ledger:
             _refuse_write(reply, scopes, f"idempotency_key {operation_id!r}")
         return "duplicate" if reply[0] == "DUP" else "expired"
 
+    def seconds_to_next_day(self) -> int:
+        """Seconds until the next day begins, by the clock that decides the day (at least 1)."""
+        left_ms = DAY_MS - self._now_ms() % DAY_MS
+        return max(1, -(-left_ms // 1000))
+
     def today(self) -> int:
         """The day a call made now would name (the client's guess; the script has the last word)."""
         return self._now_ms() // DAY_MS

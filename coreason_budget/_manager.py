@@ -361,6 +361,14 @@ class BudgetManager:
         self._ledger.set_limit(field, limit)
         self._keeper.replay_if_due()
 
+    def seconds_until_reset(self) -> int:
+        """
+        Seconds until today's budgets reset (the next UTC midnight), by the
+        store's clock as this manager last learnt it: what a refused caller
+        should wait (HTTP's Retry-After). At least 1.
+        """
+        return self._ledger.seconds_to_next_day()
+
     def ping(self) -> None:
         """Raise BudgetUnavailableError unless the store answers (for health checks)."""
         self._ledger.ping()

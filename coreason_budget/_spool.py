@@ -59,7 +59,7 @@ from ._config import BudgetConfig
 from ._ledger import MAX_SCOPES, date_day, describe
 from ._money import MAX_AMOUNT_NANO, check_id
 from ._store import default_embedded_path, flock
-from .exceptions import BudgetUnavailableError
+from .exceptions import BudgetUnavailableError, IdempotencyConflictError
 
 log = logging.getLogger("coreason_budget")
 
@@ -574,6 +574,8 @@ class Spool:
         self._fd: int | None = None
         self.path: Path | None = None
         self._pending: dict[int, Entry] = {}
+        #: A spend's idempotency key -> its entry's seq (stale once replayed: look up in _pending).
+        self._spends: dict[str, int] = {}
         self._next_seq = 1
         self._torn_tail = False
         self._replaying = False
@@ -606,13 +608,27 @@ class Spool:
 
         Raises OSError if the file cannot be written: then nothing is kept,
         neither in memory nor on disk, and nothing of it will ever be replayed.
+        A spend whose idempotency key this spool already holds for another
+        payment raises IdempotencyConflictError, keeping nothing: its replay
+        would be refused, and "spooled" would promise a charge never made.
         """
         with self._lock:
+            prior = self._pending.get(self._spends.get(op, 0)) if kind == "spend" else None
+            if prior is not None:
+                if (prior.fields, prior.amount) != (fields, amount):
+                    raise IdempotencyConflictError(
+                        f"idempotency_key {op!r} was already used for a different charge "
+                        "(another user, scopes or amount), spooled while the store was away; "
+                        "nothing was written"
+                    )
+                return  # this very spend waits already: replayed once
             fd = self._open()
             entry = Entry(self._next_seq, kind, op, day, fields, amount, state)
             self._next_seq += 1  # never numbered again, even if it is not kept
             self._write_entry(fd, entry)
             self._pending[entry.seq] = entry
+            if kind == "spend":
+                self._spends[op] = entry.seq
             self.due = True
 
     def _write_entry(self, fd: int, entry: Entry) -> None:
@@ -713,6 +729,8 @@ class Spool:
         with self._lock:
             for seq in seqs:
                 self._pending.pop(seq, None)
+            if not self._pending:
+                self._spends.clear()
             if self._fd is None:
                 return
             try:

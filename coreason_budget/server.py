@@ -21,7 +21,6 @@ import datetime
 import hmac
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -556,7 +555,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             return JSONResponse(
                 {"detail": str(e), **e.to_json()},
                 status_code=429,
-                headers={"Retry-After": str(_seconds_to_midnight())},
+                headers={"Retry-After": str(manager.seconds_until_reset())},
             )
         status, extra = 422, {}
         if isinstance(e, BudgetUnavailableError):
@@ -782,12 +781,6 @@ class _HTTPError(Exception):
             else {"detail": self.detail, "error": self.error}
         )
         return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _seconds_to_midnight(now: float | None = None) -> int:
-    """Seconds until the next UTC midnight, when every daily budget starts afresh (at least 1)."""
-    now = time.time() if now is None else now
-    return max(1, math.ceil(86400 - now % 86400))
 
 
 def _bearer_token(scope: Scope) -> str | None:

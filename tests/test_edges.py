@@ -322,3 +322,26 @@ class TestReportReadsIncrementally:
         stats = redis_client.info("commandstats")
         assert "cmdstat_hgetall" not in stats
         assert stats["cmdstat_hscan"]["calls"] >= 20  # about 1,000 fields a step
+
+
+class TestKeyReusedWhileSpooled:
+    """
+    "Spooled" promises a charge made exactly once: a key already spooled for
+    another payment is refused at once, not told "spooled" and then refused
+    (quarantined) when the store is back.
+    """
+
+    def test_refused_while_the_store_is_away(
+        self, proxy: TcpProxy, managers: Callable[..., BudgetManager], redis_client: redis.Redis
+    ) -> None:
+        manager = managers(proxy.url, **FAST)
+        proxy.refuse()
+        assert manager.record_spend("alice", 5.0, idempotency_key="invoice-1").status == "spooled"
+        with pytest.raises(IdempotencyConflictError, match="invoice-1"):
+            manager.record_spend("bob", 7.0, idempotency_key="invoice-1")
+        again = manager.record_spend("alice", 5.0, idempotency_key="invoice-1")
+        assert again.status == "spooled"  # the same spend: still charged once
+        proxy.pass_through()
+        summary = manager.replay_spool()
+        assert (summary.recorded, summary.quarantined) == (1, 0)
+        assert counters(redis_client) == {"u:alice": 5 * NANO, "g": 5 * NANO}

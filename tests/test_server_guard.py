@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from coreason_budget import BudgetManager, ConfigError
 from coreason_budget.cli import main
-from coreason_budget.server import MAX_BODY_BYTES, ServerSettings, _seconds_to_midnight, create_app
+from coreason_budget.server import MAX_BODY_BYTES, ServerSettings, create_app
 
 from .conftest import ManagerFactory
 from .redis_server import snapshot
@@ -346,12 +346,12 @@ class TestSettingsFromDotEnv:
 class TestRetryAfter:
     """Issue 11.10: a 429 says when the refusing day ends."""
 
-    def test_seconds_to_midnight(self) -> None:
+    def test_seconds_until_the_day_resets(self, make_manager: ManagerFactory) -> None:
+        """By the clock that decides the day (injected here; the store's otherwise)."""
         midnight = datetime.datetime(2026, 3, 1, tzinfo=datetime.UTC).timestamp()
-        assert _seconds_to_midnight(midnight - 0.5) == 1
-        assert _seconds_to_midnight(midnight - 3600) == 3600
-        assert _seconds_to_midnight(midnight) == 86400
-        assert _seconds_to_midnight(midnight + 1.5) == 86399
+        for now, left in ((-0.5, 1), (-3600, 3600), (0, 86400), (1.5, 86399)):
+            budget = make_manager(clock=lambda now=now: midnight + now)
+            assert budget.seconds_until_reset() == left
 
     def test_429_has_retry_after(self, api: TestClient) -> None:
         api.post("/spend", json={"user_id": "u", "cost": 10})
