@@ -131,7 +131,13 @@ class Ledger:
         self._clock = clock
         self._skew_ms = 0
         self._day_key = (-1, b"")
-        self._errors = _StoreErrors(pool_size, pool_timeout)
+        self._errors = _StoreErrors(pool_size, pool_timeout, self._reached)
+        #: Called after every call the store answered (the script's own answer,
+        #: a refusal included): the one place the manager's spool replay is started from.
+        self.on_reached: Callable[[], None] = _nothing
+
+    def _reached(self) -> None:
+        self.on_reached()
 
     # -- key names -----------------------------------------------------------
 
@@ -362,6 +368,7 @@ class Ledger:
             # Success is the day the call named, nothing else: any other integer
             # (a proxy's or an impostor's ":0") is no "yes".
             if type(reply) is int and reply == the_day:
+                self.on_reached()
                 return reply
             if not isinstance(reply, list) or not reply or not _ANSWERS[op](reply):
                 # Not our script's (a bug, or something between us and Redis): never
@@ -370,6 +377,7 @@ class Ledger:
                     f"budget store sent a malformed reply: {str(reply)[:200]}"
                 )
             if reply[0] != "DAY":
+                self.on_reached()
                 return reply
             with _decoding(reply):
                 self._skew_ms = int(reply[2]) - int(time.time() * 1000)
@@ -439,9 +447,10 @@ class _StoreErrors:
     (those of each node's pool, for a cluster).
     """
 
-    def __init__(self, pool_size: int, pool_timeout: float) -> None:
+    def __init__(self, pool_size: int, pool_timeout: float, reached: Callable[[], None]) -> None:
         self._pool_size = pool_size
         self._pool_timeout = pool_timeout
+        self._reached = reached
 
     def __enter__(self) -> None:
         return None
@@ -449,6 +458,8 @@ class _StoreErrors:
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         if isinstance(exc, Exception) and not isinstance(exc, BudgetError):
             raise BudgetUnavailableError(self.message(exc)) from exc
+        if exc is None:
+            self._reached()
 
     def message(self, exc: Exception) -> str:
         # redis-py's own words, "No connection available.", read like a dead store;
@@ -482,6 +493,10 @@ def day_date(day: int) -> datetime.date:
 def date_day(date: datetime.date) -> int:
     """The day number of a date."""
     return date.toordinal() - _EPOCH
+
+
+def _nothing() -> None:
+    return None
 
 
 def _held(text: str) -> int:

@@ -76,6 +76,8 @@ class BudgetManager:
             # reading it is cheap and does not import litellm.
             self._pricing = self._new_pricing()
         self._keeper = SpoolKeeper(config, self._ledger)
+        # After any call the store answers, the spool (if it holds anything) replays.
+        self._ledger.on_reached = self._keeper.replay_if_due
 
     @classmethod
     def from_env(cls) -> BudgetManager:
@@ -109,7 +111,6 @@ class BudgetManager:
         """
         amount = to_nano(estimated_cost, "estimated_cost")
         self._ledger.check(self._scopes(user_id, project_id, None), amount)
-        self._keeper.replay_if_due()
 
     def record_spend(
         self,
@@ -144,7 +145,6 @@ class BudgetManager:
             e.idempotency_key = op
             self._keeper.keep(e, "spend", op, day, scopes, amount)
             return Receipt("spooled", "spend", op, amount)
-        self._keeper.replay_if_due()
         return Receipt(status, "spend", op, 0 if status == "duplicate" else amount)
 
     def reserve(
@@ -186,10 +186,10 @@ class BudgetManager:
                 self._undo_reserve(lost, scopes, rid, day)
             e.add_note("".join(getattr(lost, "__notes__", [])))
             raise
-        self._keeper.replay_if_due()
         return Reservation(
             self,
             self._ledger,
+            self._keeper,
             scopes,
             rid,
             held,
@@ -239,7 +239,6 @@ class BudgetManager:
         """Today's spent, limit and remaining per scope: "user", "project" (if given), "global"."""
         scopes = self._scopes(user_id, project_id, None)
         values = self._ledger.usage(scopes)
-        self._keeper.replay_if_due()
         named = [describe(field) for field in scopes.fields]
         return {
             name: ScopeUsage(name, entity, spent, limit)
@@ -274,7 +273,6 @@ class BudgetManager:
                 del kept[top:]
         fields = [f"{kind}:{entity}" for kind in "up" for _, entity in rows[kind]]
         overrides = self._ledger.overrides([*fields, "g"])
-        self._keeper.replay_if_due()
 
         def scopes(kind: str, name: str) -> tuple[ScopeUsage, ...]:
             default = self._limits[name]
@@ -339,6 +337,7 @@ class BudgetManager:
         return Reservation(
             self,
             self._ledger,
+            self._keeper,
             self._scopes(user_id, project_id, model),
             rid,
             held,
@@ -359,7 +358,6 @@ class BudgetManager:
         field = self._field(scope, entity_id)
         limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
         self._ledger.set_limit(field, limit)
-        self._keeper.replay_if_due()
 
     def seconds_until_reset(self) -> int:
         """
@@ -372,7 +370,6 @@ class BudgetManager:
     def ping(self) -> None:
         """Raise BudgetUnavailableError unless the store answers (for health checks)."""
         self._ledger.ping()
-        self._keeper.replay_if_due()
 
     def close(self) -> None:
         """

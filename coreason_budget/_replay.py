@@ -84,7 +84,13 @@ class SpoolKeeper:
     def replay_if_due(self) -> None:
         """After a call that reached the store: start replaying the spool if it holds anything."""
         spool = self.spool
-        if spool is not None and spool.due and not self._closed and spool.claim_replay():
+        if (
+            spool is not None
+            and spool.due
+            and not self._closed
+            and not getattr(_replaying, "now", False)  # a replay's own calls reached it
+            and spool.claim_replay()
+        ):
             self._replayer = threading.Thread(
                 target=self._replay_in_background,
                 args=(spool,),
@@ -137,9 +143,13 @@ class SpoolKeeper:
             spool.end_replay(again=summary is None or summary.error is not None)
 
     def _replay(self, spool: Spool) -> ReplaySummary:
-        summary = spool.replay(self._apply)
-        if summary.error is None:
-            summary.merge(spool.replay_others(self._apply))
+        _replaying.now = True
+        try:
+            summary = spool.replay(self._apply)
+            if summary.error is None:
+                summary.merge(spool.replay_others(self._apply))
+        finally:
+            _replaying.now = False
         return summary
 
     def _apply(self, entry: Entry) -> Replayed:
@@ -214,6 +224,10 @@ def _refusal(error: BudgetUnavailableError) -> str | None:
     if type(cause) is redis.ResponseError and any(w in str(cause) for w in _REFUSALS):
         return f"refused by the store: {cause}"
     return None
+
+
+#: Set in a thread while it replays: its own ledger calls must not start another replay.
+_replaying = threading.local()
 
 
 def _open_spool(config: BudgetConfig) -> Spool | None:

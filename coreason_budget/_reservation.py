@@ -18,6 +18,7 @@ from .exceptions import BudgetError, BudgetUnavailableError, InvalidInputError
 
 if TYPE_CHECKING:
     from ._manager import BudgetManager
+    from ._replay import SpoolKeeper
 
 log = logging.getLogger("coreason_budget")
 
@@ -84,6 +85,7 @@ class Reservation(SettlesOnExit):
 
     # One per LLM call: slots keep it small.
     __slots__ = (
+        "_keeper",
         "_ledger",
         "_lock",
         "_manager",
@@ -103,6 +105,7 @@ class Reservation(SettlesOnExit):
         self,
         manager: BudgetManager,
         ledger: Ledger,
+        keeper: SpoolKeeper,
         scopes: Scopes,
         reservation_id: str,
         held: Held,
@@ -112,8 +115,9 @@ class Reservation(SettlesOnExit):
         model: str | None,
         on_error: OnError,
     ) -> None:
-        self._manager = manager
+        self._manager = manager  # for its public pricing only
         self._ledger = ledger
+        self._keeper = keeper
         self._scopes = scopes
         self._lock = threading.Lock()
         self.id = reservation_id
@@ -183,7 +187,6 @@ class Reservation(SettlesOnExit):
         return self.commit(cost)  # through commit's checks: a price can exceed any single amount
 
     def _settle(self, actual: int, state: str) -> Receipt:
-        manager = self._manager
         kind: Kind = "commit" if state == "committed" else "release"
         with self._lock:
             if (settled := self._already_settled(kind)) is not None:
@@ -192,7 +195,7 @@ class Reservation(SettlesOnExit):
                 reply = self._ledger.settle(self._scopes, self.id, self.day, actual, state)
             except BudgetUnavailableError as e:
                 e.reservation_id = self.id
-                manager._keeper.keep(e, "settle", self.id, self.day, self._scopes, actual, state)
+                self._keeper.keep(e, "settle", self.id, self.day, self._scopes, actual, state)
                 self.state = state
                 self.receipt = Receipt("spooled", kind, self.id, actual)
                 return self.receipt
@@ -203,7 +206,6 @@ class Reservation(SettlesOnExit):
             status = "duplicate" if reply[0] == "DONE" else _SETTLED[reply[1]]
             self.state = reply[1] if reply[0] == "DONE" else state
             self.receipt = Receipt(status, kind, self.id, actual if status == "recorded" else 0)
-        manager._keeper.replay_if_due()  # after a call that reached the store
         return self.receipt
 
     def _settle_on_exit(self, release: bool) -> None:
