@@ -77,6 +77,11 @@ _TEXT = (
 _FILLER = tuple(_TEXT.split())
 
 
+#: A scope as the demo counts it: ("user", "ana"), ("project", "search"), ("global", None).
+Scope = tuple[str, str | None]
+GLOBAL: Scope = ("global", None)
+
+
 @attrs.frozen
 class Call:
     """One simulated LLM call, decided up front so that a seed reproduces the workload."""
@@ -92,6 +97,12 @@ class Call:
     output_tokens: int
     fails: bool
     latency: float
+
+    @property
+    def scopes(self) -> tuple[Scope, ...]:
+        """The scopes the call is charged in."""
+        project: tuple[Scope, ...] = () if self.project is None else (("project", self.project),)
+        return (("user", self.user), *project, GLOBAL)
 
 
 @attrs.frozen
@@ -283,23 +294,21 @@ def _set_limits(budget: BudgetManager, workload: Sequence[Call]) -> None:
     Set through ``set_limit`` (stored overrides), the way an operator would,
     and derived from the workload itself so that ``--calls`` scales them.
     """
-    demand: Counter[str] = Counter()
+    demand: Counter[Scope] = Counter()
     for call in workload:
         cost = budget.pricing.calculate_nano(
             call.model, call.input_tokens, call.output_tokens, call.cached_input_tokens
         )
-        demand["u:" + call.user] += cost
-        if call.project is not None:
-            demand["p:" + call.project] += cost
-        demand["g"] += cost
-    heaviest_user = max((v for k, v in demand.items() if k.startswith("u:")), default=0)
-    heaviest_project = max((v for k, v in demand.items() if k.startswith("p:")), default=0)
+        for scope in call.scopes:
+            demand[scope] += cost
+    heaviest_user = max((v for k, v in demand.items() if k[0] == "user"), default=0)
+    heaviest_project = max((v for k, v in demand.items() if k[0] == "project"), default=0)
     user_limit = _round_usd(heaviest_user // 2)
     for user in TEAM:
         budget.set_limit("user", user, user_limit * RAISED.get(user, 1))
     for project in sorted(set(TEAM.values())):
         budget.set_limit("project", project, _round_usd(heaviest_project // 2))
-    budget.set_limit("global", None, _round_usd(demand["g"] * 3 // 5))
+    budget.set_limit("global", None, _round_usd(demand[GLOBAL] * 3 // 5))
 
 
 def _round_usd(nano: int) -> Decimal:
@@ -324,8 +333,8 @@ class _Runner:
         self.progress = progress
         self.lock = threading.Lock()
         self.done = 0
-        self.allowed: Counter[str] = Counter()
-        self.blocked: Counter[str] = Counter()
+        self.allowed: Counter[Scope] = Counter()
+        self.blocked: Counter[Scope] = Counter()
         self.failed = 0
         self.committed_nano = 0
 
@@ -356,7 +365,7 @@ class _Runner:
                     r.commit(actual)
                     spent_nano = to_nano(actual)
         except BudgetExceededError as e:
-            key = _field(e.scope, e.entity_id)
+            key = (e.scope, e.entity_id)
         with self.lock:
             self.done += 1
             if key is not None:
@@ -364,10 +373,8 @@ class _Runner:
             else:
                 self.failed += call.fails
                 self.committed_nano += spent_nano
-                self.allowed["u:" + call.user] += 1
-                self.allowed["g"] += 1
-                if call.project is not None:
-                    self.allowed["p:" + call.project] += 1
+                for scope in call.scopes:
+                    self.allowed[scope] += 1
             if self.progress is not None:
                 self.progress(self.done, len(self.workload))
 
@@ -380,8 +387,8 @@ class _Runner:
                 entity_id=s.entity_id,
                 limit_nano=s.limit_nano,
                 spent_nano=s.spent_nano,
-                allowed=self.allowed[_field(s.scope, s.entity_id)],
-                blocked=self.blocked[_field(s.scope, s.entity_id)],
+                allowed=self.allowed[s.scope, s.entity_id],
+                blocked=self.blocked[s.scope, s.entity_id],
             )
             for s in scopes
         )
@@ -400,7 +407,3 @@ class _Runner:
             committed_nano=self.committed_nano,
             ledger_nano=report.total.spent_nano,
         )
-
-
-def _field(scope: str, entity_id: str | None) -> str:
-    return "g" if scope == "global" else f"{scope[0]}:{entity_id}"

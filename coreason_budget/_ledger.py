@@ -36,13 +36,21 @@ _EPOCH = datetime.date(1970, 1, 1).toordinal()
 _LUA = files(__package__).joinpath("ledger.lua").read_text(encoding="utf-8")
 
 
-#: What each counter field's kind letter names, for errors and reports.
-_KINDS = {"u": "user", "p": "project", "m": "model"}
+#: The letter each scope's counter fields start with ("u:<id>"); the global
+#: scope is the one field "g". Known here only: elsewhere scopes have names.
+_LETTERS = {"user": "u", "project": "p", "model": "m"}
+_KINDS = {letter: name for name, letter in _LETTERS.items()}
+GLOBAL = "g"
+
+
+def field(scope: str, entity: str | None = None) -> str:
+    """The counter field of a scope: field("user", "alice") == "u:alice"; describe's inverse."""
+    return GLOBAL if scope == "global" else f"{_LETTERS[scope]}:{entity}"
 
 
 def describe(field: str) -> tuple[str, str | None]:
     """The scope a counter field names: ("user", "alice"), ("global", None), ..."""
-    if field == "g":
+    if field == GLOBAL:
         return "global", None
     kind, _, entity = field.partition(":")
     name = _KINDS.get(kind)

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from ._config import BudgetConfig
-from ._ledger import UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe
+from ._ledger import UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe, field
 from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
 from ._receipt import Receipt, Status
 from ._replay import SpoolKeeper
@@ -255,14 +255,17 @@ class BudgetManager:
         day = self._ledger.today_by_store()
         # Biggest first; each list pruned to its top as it grows, so that a day
         # of a million users costs a report memory for *top* rows, not for all.
-        rows: dict[str, list[tuple[int, str]]] = {"u": [], "p": [], "m": []}
+        rows: dict[str, list[tuple[int, str]]] = {"user": [], "project": [], "model": []}
         total = 0
-        for field, spent in self._ledger.counters(day):
-            kind, _, entity = field.partition(":")
-            if field == "g":
+        for counter, spent in self._ledger.counters(day):
+            try:
+                scope, entity = describe(counter)
+            except ValueError:
+                continue  # not a counter of ours: nothing to report
+            if entity is None:
                 total = spent
-            elif kind in rows:
-                kept = rows[kind]
+            else:
+                kept = rows[scope]
                 kept.append((-spent, entity))
                 if top is not None and len(kept) > 2 * top + _REPORT_SLACK:
                     kept.sort()
@@ -271,22 +274,19 @@ class BudgetManager:
             kept.sort()
             if top is not None:
                 del kept[top:]
-        fields = [f"{kind}:{entity}" for kind in "up" for _, entity in rows[kind]]
-        overrides = self._ledger.overrides([*fields, "g"])
+        limited = [field(s, entity) for s in ("user", "project") for _, entity in rows[s]]
+        overrides = self._ledger.overrides([*limited, field("global")])
 
-        def scopes(kind: str, name: str) -> tuple[ScopeUsage, ...]:
-            default = self._limits[name]
-            return tuple(
-                ScopeUsage(name, entity, -neg, overrides.get(f"{kind}:{entity}", default))
-                for neg, entity in rows[kind]
-            )
+        def scope_usage(scope: str, entity: str | None, spent: int) -> ScopeUsage:
+            limit = overrides.get(field(scope, entity), self._limits[scope])
+            return ScopeUsage(scope, entity, spent, limit)
 
         return Report(
             day=day_date(day),
-            total=ScopeUsage("global", None, total, overrides.get("g", self._limits["global"])),
-            users=scopes("u", "user"),
-            projects=scopes("p", "project"),
-            models=tuple(ModelSpend(entity, -neg) for neg, entity in rows["m"]),
+            total=scope_usage("global", None, total),
+            users=tuple(scope_usage("user", entity, -neg) for neg, entity in rows["user"]),
+            projects=tuple(scope_usage("project", e, -neg) for neg, e in rows["project"]),
+            models=tuple(ModelSpend(entity, -neg) for neg, entity in rows["model"]),
         )
 
     def reservation(
@@ -330,10 +330,13 @@ class BudgetManager:
             held = Held(state="held", day=day, held_nano=0)
         else:
             held, fields = found
-            ids = {f.partition(":")[0]: f.partition(":")[2] for f in fields}
-            if "u" not in ids:
+            try:
+                ids = dict(describe(f) for f in fields)
+            except ValueError:
+                ids = {}
+            user_id, project_id, model = ids.get("user"), ids.get("project"), ids.get("model")
+            if user_id is None:
                 raise UnknownReservationError(f"reservation {rid!r} names no user (not ours?)")
-            user_id, project_id, model = ids["u"], ids.get("p"), ids.get("m")
         return Reservation(
             self,
             self._ledger,
@@ -411,11 +414,9 @@ class BudgetManager:
         if name == "global":
             if entity_id is not None:
                 raise InvalidInputError("the global scope takes no entity id (pass None)")
-            return "g"
-        if name == "user":
-            return "u:" + check_id(entity_id, "user_id")
-        if name == "project":
-            return "p:" + check_id(entity_id, "project_id")
+            return field("global")
+        if name in ("user", "project"):
+            return field(name, check_id(entity_id, f"{name}_id"))
         raise InvalidInputError(f"scope must be 'user', 'project' or 'global', got {name!r}")
 
     def _scopes(self, user_id: str, project_id: str | None, model: str | None) -> Scopes:
@@ -437,9 +438,9 @@ class BudgetManager:
         pairs = [(self._field("user", user_id), limits["user"])]
         if project_id is not None:
             pairs.append((self._field("project", project_id), limits["project"]))
-        pairs.append(("g", limits["global"]))
+        pairs.append((field("global"), limits["global"]))
         if model is not None:
-            pairs.append(("m:" + check_id(model, "model"), UNLIMITED))
+            pairs.append((field("model", check_id(model, "model")), UNLIMITED))
         scopes = Scopes.of(pairs)
         if len(self._scopes_seen) >= _SCOPES_REMEMBERED:
             self._scopes_seen.clear()  # cheaper than LRU bookkeeping on every call
