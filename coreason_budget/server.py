@@ -17,6 +17,7 @@ than :data:`MAX_BODY_BYTES`.
 # No "from __future__ import annotations": FastAPI resolves the handlers' annotations at
 # runtime, and some refer to names local to create_app().
 
+import asyncio
 import datetime
 import hmac
 import json
@@ -71,6 +72,9 @@ log = logging.getLogger("coreason_budget.server")
 #: 256-character ids, each character JSON-escaped as a 12-byte surrogate pair)
 #: is about 12.5 KB; anything longer is refused unread with 413.
 MAX_BODY_BYTES = 16 * 1024
+#: Seconds a request body may take to arrive (16 KiB at the slowest sane link): a peer
+#: trickling a body, with a key or on a route that needs none, must not hold a worker.
+BODY_SECONDS = 10.0
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 # Strict: JSON numbers only, as the library requires (true is not $1, "5" is not $5).
@@ -537,7 +541,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             return None
         return _refusal(_bearer_token(scope), keys)
 
-    app.add_middleware(_Guard, refuse=_guard, limit=MAX_BODY_BYTES)
+    app.add_middleware(_Guard, refuse=_guard, limit=MAX_BODY_BYTES, seconds=BODY_SECONDS)
 
     @app.exception_handler(_HTTPError)
     def _http_error(_: Request, e: _HTTPError) -> JSONResponse:
@@ -797,14 +801,22 @@ class _Guard:
     Pure ASGI, in front of every route: refuses a request its headers already
     condemn (no or a wrong API key) before reading any of its body, then reads
     the body with a bound, answering 413 once it is over *limit* bytes (at once
-    when Content-Length says so). The app gets the body as one message; at most
-    *limit* bytes of a request are ever held.
+    when Content-Length says so), and 408 when it has not all arrived within
+    *seconds*. The app gets the body as one message; at most *limit* bytes of a
+    request are ever held.
     """
 
-    def __init__(self, app: ASGIApp, refuse: Callable[[Scope], _HTTPError | None], limit: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        refuse: Callable[[Scope], _HTTPError | None],
+        limit: int,
+        seconds: float,
+    ):
         self.app = app
         self.refuse = refuse
         self.limit = limit
+        self.seconds = seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -819,18 +831,24 @@ class _Guard:
         chunks: list[bytes] = []
         size = 0
         more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            refused = self._too_long(size)
-            if refused is not None:
-                await refused.response()(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.seconds):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    refused = self._too_long(size)
+                    if refused is not None:
+                        break
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            refused = _HTTPError(408, f"request body not received within {self.seconds:g} s")
+        if refused is not None:
+            await refused.response()(scope, receive, send)
+            return
         body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
 
         async def replay() -> Message:

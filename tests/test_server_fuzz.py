@@ -29,6 +29,7 @@ from coreason_budget.server import ServerSettings, create_app
 
 from .conftest import ManagerFactory
 from .redis_server import snapshot
+from .test_concurrency import ROBUST
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +45,14 @@ def app(make_manager: ManagerFactory, tmp_path: Path) -> FastAPI:
     # price override so that token counts are priced without importing litellm.
     prices = tmp_path / "prices.json"
     prices.write_text(json.dumps({"house-llm": {"input_per_mtok": 3, "output_per_mtok": 15}}))
+    # Robust timeouts: this test is about the answers; on a loaded CI machine a
+    # reply slower than the default 0.25 s would be a (correct) 503, not a finding.
     manager = make_manager(
         daily_user_limit_usd=5.0,
         daily_project_limit_usd=8.0,
         daily_global_limit_usd=20.0,
         pricing_file=str(prices),
+        **ROBUST,
     )
     settings = ServerSettings(
         api_keys=frozenset({"fuzz-user"}), admin_api_keys=frozenset({"fuzz-admin"})

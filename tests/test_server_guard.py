@@ -23,7 +23,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from coreason_budget import BudgetManager, ConfigError
+from coreason_budget import BudgetManager, ConfigError, server
 from coreason_budget.cli import main
 from coreason_budget.server import MAX_BODY_BYTES, ServerSettings, create_app
 
@@ -403,3 +403,52 @@ class TestTypedAnswers:
         }  # fmt: skip
         assert api.get("/health").json() == {"status": "healthy", "redis": "connected"}
         assert os.environ.get("COREASON_BUDGET_INSECURE_NO_AUTH") in (None, "", "0")
+
+
+class TestSlowBodies:
+    """A body trickled in (a slowloris) holds no worker: 408 once its time is up."""
+
+    @pytest.mark.parametrize(
+        ("path", "headers"),
+        [("/spend", USER), ("/health", {})],  # with a key, and where none is needed
+    )
+    def test_408(
+        self,
+        manager: BudgetManager,
+        monkeypatch: pytest.MonkeyPatch,
+        path: str,
+        headers: dict[str, str],
+    ) -> None:
+        monkeypatch.setattr(server, "BODY_SECONDS", 0.2)
+        app = create_app(manager, SETTINGS)
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            if not statuses:
+                statuses.append(0)
+                return {"type": "http.request", "body": b"{", "more_body": True}
+            await asyncio.sleep(3600)  # the rest never comes
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST" if path == "/spend" else "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+            "client": ("127.0.0.1", 12345),
+            "server": ("testserver", 80),
+        }
+        start = time.monotonic()
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))  # type: ignore[arg-type]
+        assert statuses[-1] == 408
+        assert time.monotonic() - start < 5
