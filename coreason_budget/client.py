@@ -197,18 +197,8 @@ class BudgetClient:
         body["reservation_id"] = rid
         try:
             answer = self._call("POST", "/reservations", body, ids={"reservation_id": rid})
-            if answer.get("reservation_id") != rid:
-                _unexpected("POST /reservations", answer)
-            return RemoteReservation(
-                self,
-                rid,
-                estimate_nano=_answer_nano(answer, "estimate_usd"),
-                state=_answer_state(answer),
-                user_id=user_id,
-                project_id=project_id,
-                model=model,
-                on_error=on_error,
-                day=_answer_day(answer),
+            return self._handle(
+                "POST /reservations", answer, rid, user_id, project_id, model, on_error
             )
         except BudgetUnavailableError as e:
             self._undo_reserve(e, rid, _scope_body(user_id, project_id, model))
@@ -253,17 +243,38 @@ class BudgetClient:
         """
         rid = check_id(reservation_id, "reservation_id")
         answer = self._call("GET", _reservation_path(rid), ids={"reservation_id": rid})
+        return self._handle(
+            "GET /reservations/{id}",
+            answer,
+            rid,
+            _answer_str(answer, "user_id"),
+            _answer_opt_str(answer, "project_id"),
+            _answer_opt_str(answer, "model"),
+            "charge",
+        )
+
+    def _handle(
+        self,
+        what: str,
+        answer: dict[str, Any],
+        rid: str,
+        user_id: str,
+        project_id: str | None,
+        model: str | None,
+        on_error: OnError,
+    ) -> RemoteReservation:
+        """The handle the service's answer about *rid* describes; any other answer fails closed."""
         if answer.get("reservation_id") != rid:
-            _unexpected("GET /reservations/{id}", answer)
+            _unexpected(what, answer)
         return RemoteReservation(
             self,
             rid,
             estimate_nano=_answer_nano(answer, "estimate_usd"),
             state=_answer_state(answer),
-            user_id=_answer_str(answer, "user_id"),
-            project_id=_answer_opt_str(answer, "project_id"),
-            model=_answer_opt_str(answer, "model"),
-            on_error="charge",
+            user_id=user_id,
+            project_id=project_id,
+            model=model,
+            on_error=on_error,
             day=_answer_day(answer),
         )
 

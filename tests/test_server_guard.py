@@ -105,7 +105,13 @@ def call(
         elif message["type"] == "http.response.body":
             sent.body += message.get("body", b"")
 
-    scope = {
+    asyncio.run(app(http_scope(method, path, headers), receive, send))  # type: ignore[arg-type]
+    return sent
+
+
+def http_scope(method: str, path: str, headers: dict[str, str]) -> dict[str, Any]:
+    """An ASGI HTTP request scope, as a server would hand it to the app."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -119,8 +125,6 @@ def call(
         "client": ("127.0.0.1", 12345),
         "server": ("testserver", 80),
     }
-    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
-    return sent
 
 
 def big_body(total: int = BIG) -> Iterator[bytes]:
@@ -434,20 +438,7 @@ class TestSlowBodies:
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST" if path == "/spend" else "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-            "client": ("127.0.0.1", 12345),
-            "server": ("testserver", 80),
-        }
+        scope = http_scope("POST" if path == "/spend" else "GET", path, headers)
         start = time.monotonic()
         asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))  # type: ignore[arg-type]
         assert statuses[-1] == 408
