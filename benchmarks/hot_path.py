@@ -50,7 +50,7 @@ class Ladder:
 
 def _captured(manager: BudgetManager, call: Callable[[BudgetManager], object]) -> Any:
     """The exact keys and args ours sends for *call* (the last of them)."""
-    ledger: Any = manager._ledger
+    ledger: Any = manager._driver
     real = ledger._script
     seen: dict[str, Any] = {}
 
@@ -68,7 +68,7 @@ def _captured(manager: BudgetManager, call: Callable[[BudgetManager], object]) -
 
 def _stubbed(manager: BudgetManager, reply: list[Any]) -> BudgetManager:
     """A manager whose ledger never leaves the process: times our Python alone."""
-    ledger: Any = manager._ledger
+    ledger: Any = manager._driver
     ledger._script = lambda keys, args: reply
     return manager
 
@@ -100,10 +100,10 @@ def ladder(url: str, op: str, n: int = 400, rounds: int = 9) -> Ladder:
     try:
         call = CALLS[op]
         sent = _captured(ours.manager, call)
-        real_reply = ours.manager._ledger._script(keys=sent["keys"], args=sent["args"])
+        real_reply = ours.manager._driver._script(keys=sent["keys"], args=sent["args"])
         _stubbed(offline.manager, real_reply)
         trivial = client.register_script("return 1")
-        script: Any = ours.manager._ledger._script
+        script: Any = ours.manager._driver._script
         steps: dict[str, Callable[[], object]] = {
             "floor": lambda: trivial(),
             "floor, ours' args": lambda: trivial(keys=sent["keys"], args=sent["args"]),

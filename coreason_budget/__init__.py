@@ -8,11 +8,12 @@ processes and machines sharing one Redis.
 
 from __future__ import annotations
 
+from ._async_manager import AsyncBudgetManager
 from ._config import BudgetConfig
 from ._manager import BudgetManager
 from ._pricing import PricingEngine
 from ._receipt import Receipt
-from ._reservation import Reservation
+from ._reservation import AsyncReservation, Reservation, ReservationRequest
 from ._spool import ReplaySummary
 from ._usage import ModelSpend, Report, ScopeUsage
 from .exceptions import (
@@ -27,6 +28,8 @@ from .exceptions import (
 )
 
 __all__ = [
+    "AsyncBudgetManager",
+    "AsyncReservation",
     "BudgetConfig",
     "BudgetError",
     "BudgetExceededError",
@@ -41,6 +44,7 @@ __all__ = [
     "ReplaySummary",
     "Report",
     "Reservation",
+    "ReservationRequest",
     "ScopeUsage",
     "UnknownModelError",
     "UnknownReservationError",

@@ -20,12 +20,14 @@ from typing import Any, Literal, NoReturn
 import attrs
 import redis
 
+from ._steps import Command, Script, Steps
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
     BudgetUnavailableError,
     IdempotencyConflictError,
     InvalidInputError,
+    UnknownReservationError,
 )
 
 DAY_MS = 86_400_000
@@ -33,7 +35,8 @@ UNLIMITED = -1
 #: user, project, global and model; the script's header gives the count as one digit.
 MAX_SCOPES = 4
 _EPOCH = datetime.date(1970, 1, 1).toordinal()
-_LUA = files(__package__).joinpath("ledger.lua").read_text(encoding="utf-8")
+#: The ledger script, registered once per client by each driver.
+LUA = files(__package__).joinpath("ledger.lua").read_text(encoding="utf-8")
 
 
 #: The letter each scope's counter fields start with ("u:<id>"); the global
@@ -104,11 +107,16 @@ class Held:
     state: str
     day: int
     held_nano: int
+    #: Taken by this very call (not a retry's answer naming an earlier one's).
+    fresh: bool = False
 
 
 class Ledger:
     """
-    Calls the script and turns its replies into values and exceptions.
+    The ledger's operations, sans I/O: each builds the script call (or the
+    command) it needs, yields it (see :mod:`._steps`), and turns the reply
+    into values and exceptions. A driver, sync or async, does the I/O and
+    raises BudgetUnavailableError into the operation when the store fails.
 
     The day is decided by the Redis server's clock (the one clock every
     worker shares) unless a *clock* is injected; key names must still be
@@ -119,17 +127,12 @@ class Ledger:
 
     def __init__(
         self,
-        client: redis.Redis,
         *,
         prefix: str,
         retention_seconds: int,
         idempotency_ttl_seconds: int,
-        pool_size: int,
-        pool_timeout: float,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self._client = client
-        self._script = client.register_script(_LUA)
         self._tag = "{" + prefix + "}"
         self._limits_key = f"{self._tag}:limits"
         # Constant arguments go over the wire as bytes: redis-py sends bytes as they are.
@@ -139,13 +142,9 @@ class Ledger:
         self._clock = clock
         self._skew_ms = 0
         self._day_key = (-1, b"")
-        self._errors = _StoreErrors(pool_size, pool_timeout, self._reached)
         #: Called after every call the store answered (the script's own answer,
         #: a refusal included): the one place the manager's spool replay is started from.
         self.on_reached: Callable[[], None] = _nothing
-
-    def _reached(self) -> None:
-        self.on_reached()
 
     # -- key names -----------------------------------------------------------
 
@@ -168,17 +167,17 @@ class Ledger:
 
     # -- operations ----------------------------------------------------------
 
-    def reserve(self, scopes: Scopes, amount: int, reservation_id: str) -> Held:
+    def reserve(self, scopes: Scopes, amount: int, reservation_id: str) -> Steps[Held]:
         """
         Hold *amount* in every scope, or raise BudgetExceededError having written nothing.
 
         A retry with the same id returns the hold the first call took; the same
         id with other scopes or another amount raises IdempotencyConflictError.
         """
-        keys = (self.reservation_key(reservation_id), self._limits_wire)
-        reply = self._call("reserve", amount, scopes, keys, with_record=True)
+        keys = (self.reservation_key(reservation_id).encode(), self._limits_wire)
+        reply = yield from self._call("reserve", amount, scopes, keys, with_record=True)
         if type(reply) is int:
-            return Held(state="held", day=reply, held_nano=amount)
+            return Held(state="held", day=reply, held_nano=amount, fresh=True)
         with _decoding(reply):
             if reply[0] == "NO":
                 self._refuse(reply, scopes, amount)
@@ -192,37 +191,50 @@ class Ledger:
         self,
         scopes: Scopes,
         reservation_id: str,
-        day: int,
+        day: int | None,
         actual: int,
         state: str,
-    ) -> tuple[str, str]:
+    ) -> Steps[tuple[str, str]]:
         """
         Settle a hold to *actual* (0 for a release); the first settlement wins.
 
         Returns ("OK", state), ("DONE", the state an earlier settlement left)
         or ("GONE", "recorded" | "expired") when the store had no such hold.
+
+        *day* None settles by id alone, in one round trip as well (the HTTP
+        service's commit without the hold): the record names its day and
+        scopes (*scopes* is then empty); with no record it is
+        UnknownReservationError, nothing written.
         """
         op = _SETTLE_OPS[state]
-        keys = (self.reservation_key(reservation_id),)
-        reply = self._call(op, actual, scopes, keys, day=day, with_record=True)
-        if type(reply) is int:
-            return ("OK", state)
-        with _decoding(reply):
-            _refuse_write(reply, scopes, f"reservation {reservation_id!r}")
-            return (str(reply[0]), str(reply[1]))
+        keys = (self.reservation_key(reservation_id).encode(),)
+        guessed = day is None
+        for _ in range(2):
+            the_day = self.today() if day is None else day
+            reply = yield from self._call(op, actual, scopes, keys, day=the_day, with_record=True)
+            if type(reply) is int:
+                return ("OK", state)
+            with _decoding(reply):
+                if reply[0] == "WRONGDAY" and guessed:
+                    day, guessed = int(reply[1]), False  # its day, as its record says: once more
+                    continue
+                if reply[0] == "NONE":
+                    raise UnknownReservationError(
+                        f"no reservation {reservation_id!r} (never made, or expired)"
+                    )
+                _refuse_write(reply, scopes, f"reservation {reservation_id!r}")
+                return (str(reply[0]), str(reply[1]))
+        raise BudgetUnavailableError("the budget store named two days for one reservation")
 
-    def spend(
-        self, scopes: Scopes, amount: int, operation_id: str
-    ) -> Literal["recorded", "duplicate"]:
+    def spend(self, scopes: Scopes, amount: int, operation_id: str) -> Steps[Spent]:
         """
         Record *amount* in every scope, once per operation id, limits notwithstanding.
 
         "duplicate": this id already paid for exactly this; the same id for
         another payment raises IdempotencyConflictError, writing nothing.
         """
-        reply = self._call(
-            "spend", amount, scopes, (self.operation_key(operation_id),), with_record=True
-        )
+        key = (self.operation_key(operation_id).encode(),)
+        reply = yield from self._call("spend", amount, scopes, key, with_record=True)
         if type(reply) is int:
             return "recorded"
         with _decoding(reply):
@@ -231,7 +243,7 @@ class Ledger:
 
     def replay_spend(
         self, scopes: Scopes, amount: int, operation_id: str, day: int
-    ) -> Literal["recorded", "duplicate", "expired"]:
+    ) -> Steps[Literal["recorded", "duplicate", "expired"]]:
         """
         Record a spend made on *day* (today or earlier) that never reached the store.
 
@@ -239,8 +251,8 @@ class Ledger:
         the store (only its reply was lost) is not charged again. Returns
         "recorded", "duplicate", or "expired" (the day is past retention).
         """
-        key = (self.operation_key(operation_id),)
-        reply = self._call("replay", amount, scopes, key, day=day, with_record=True)
+        key = (self.operation_key(operation_id).encode(),)
+        reply = yield from self._call("replay", amount, scopes, key, day=day, with_record=True)
         if type(reply) is int:
             return "recorded"
         with _decoding(reply):
@@ -256,53 +268,53 @@ class Ledger:
         """The day a call made now would name (the client's guess; the script has the last word)."""
         return self._now_ms() // DAY_MS
 
-    def check(self, scopes: Scopes, amount: int) -> None:
+    def check(self, scopes: Scopes, amount: int) -> Steps[None]:
         """Raise BudgetExceededError if *amount* does not fit; never writes."""
-        reply = self._call("check", amount, scopes, self._limits_only)
+        reply = yield from self._call("check", amount, scopes, self._limits_only)
         if type(reply) is not int:
             with _decoding(reply):
                 self._refuse(reply, scopes, amount)
 
-    def usage(self, scopes: Scopes) -> list[tuple[int, int]]:
+    def usage(self, scopes: Scopes) -> Steps[list[tuple[int, int]]]:
         """(spent, limit) in nano-dollars per scope, open holds counted as spent."""
-        reply = self._call("usage", 0, scopes, self._limits_only)
+        reply = yield from self._call("usage", 0, scopes, self._limits_only)
         with _decoding(reply):
             values = [int(v) for v in reply[1:]]
             if len(values) != 2 * len(scopes.fields):
                 raise ValueError("not one (spent, limit) pair per scope")
             return list(zip(values[::2], values[1::2], strict=True))
 
-    def today_by_store(self) -> int:
+    def today_by_store(self) -> Steps[int]:
         """Today's day number by the store's clock (the one every worker shares)."""
-        day: int = self._call("today", 0, _NO_SCOPES, ())  # only ever the int day
+        day: int = yield from self._call("today", 0, _NO_SCOPES, ())  # only ever the int day
         return day
 
-    def counters(self, day: int) -> Iterator[tuple[str, int]]:
+    def counters(self, day: int, cursor: int) -> Steps[tuple[int, list[tuple[str, int]]]]:
         """
-        Every counter of *day*, read incrementally: each HSCAN step is short, so
-        a day with a million fields never holds the store for other callers.
-        A field written meanwhile may be read with either value.
+        One HSCAN step over the counters of *day*: the next cursor (0: done) and
+        the counters read. Each step is short, so a day with a million fields
+        never holds the store for other callers. A field written meanwhile may
+        be read with either value.
         """
-        with self._errors:
-            for field, value in self._client.hscan_iter(self.day_key(day), count=_SCAN_COUNT):
-                with _decoding(value):
-                    yield field, int(value)
+        reply = yield Command("hscan", (self.day_key(day),), {"cursor": cursor, "count": _SCAN_COUNT})
+        self.on_reached()
+        with _decoding(reply):
+            after, values = reply
+            return int(after), [(field, int(value)) for field, value in values.items()]
 
-    def overrides(self, fields: Sequence[str]) -> dict[str, int]:
+    def overrides(self, fields: Sequence[str]) -> Steps[dict[str, int]]:
         """The limit overrides of *fields* (those that have one)."""
         if not fields:
             return {}
-        with self._errors:
-            values = self._client.hmget(self._limits_key, list(fields))
+        values = yield Command("hmget", (self._limits_key, list(fields)))
+        self.on_reached()
         with _decoding(values):
             return {f: int(v) for f, v in zip(fields, values, strict=True) if v is not None}
 
-    def lookup(self, reservation_id: str) -> tuple[Held, list[str]] | None:
+    def lookup(self, reservation_id: str) -> Steps[tuple[Held, list[str]] | None]:
         """A reservation's state and the counter fields it holds in, or None if unknown."""
-        with self._errors:
-            record: str | None = self._client.get(  # type: ignore[assignment]
-                self.reservation_key(reservation_id)
-            )
+        record = yield Command("get", (self.reservation_key(reservation_id),))
+        self.on_reached()
         if record is None:
             return None
         with _decoding(record):
@@ -317,16 +329,16 @@ class Ledger:
                 raise ValueError(state)
             return Held(state=state, day=int(day), held_nano=_held(held)), fields
 
-    def ping(self) -> None:
-        with self._errors:
-            self._client.ping()
+    def ping(self) -> Steps[None]:
+        yield Command("ping")
+        self.on_reached()
 
-    def set_limit(self, field: str, limit_nano: int | None) -> None:
-        with self._errors:
-            if limit_nano is None:
-                self._client.hdel(self._limits_key, field)
-            else:
-                self._client.hset(self._limits_key, field, str(limit_nano))
+    def set_limit(self, field: str, limit_nano: int | None) -> Steps[None]:
+        if limit_nano is None:
+            yield Command("hdel", (self._limits_key, field))
+        else:
+            yield Command("hset", (self._limits_key, field, str(limit_nano)))
+        self.on_reached()
 
     # -- plumbing ------------------------------------------------------------
 
@@ -340,10 +352,10 @@ class Ledger:
         op: str,
         amount: int,
         scopes: Scopes,
-        keys_after_day: tuple[str | bytes, ...],
+        keys_after_day: tuple[bytes, ...],
         day: int | None = None,
         with_record: bool = False,
-    ) -> Any:
+    ) -> Steps[Any]:
         """
         One script call: its reply, an int (the day booked) or a list.
 
@@ -362,17 +374,7 @@ class Ledger:
             ]
             if with_record:
                 args.append(scopes.record)
-            try:
-                try:
-                    reply: Any = self._script(keys=keys, args=args)
-                except redis.exceptions.NoScriptError:
-                    # redis-py reloads the script once; flushed again before its retry
-                    # (a restart storm, repeated SCRIPT FLUSH): nothing ran, so once more.
-                    reply = self._script(keys=keys, args=args)
-            except Exception as e:
-                # Whatever the client library raises (redis-py's errors, and its
-                # own bugs on a peer's garbage): the store could not answer.
-                raise BudgetUnavailableError(self._errors.message(e)) from e
+            reply: Any = yield Script(keys, args)
             # Success is the day the call named, nothing else: any other integer
             # (a proxy's or an impostor's ":0") is no "yes".
             if type(reply) is int and reply == the_day:
@@ -406,6 +408,8 @@ class Ledger:
         )
 
 
+#: What a spend's call answers: "recorded" now, or "duplicate" (this id paid before).
+Spent = Literal["recorded", "duplicate"]
 _NO_SCOPES = Scopes.of([])
 #: Fields per HSCAN step of a report: each step stays well under a millisecond of server time.
 _SCAN_COUNT = 1000
@@ -426,8 +430,8 @@ STATES = frozenset({"held", "committed", "released"})
 #: values in them are checked where they are read.
 _ANSWERS: dict[str, Callable[[list[Any]], bool]] = {
     "reserve": _shapes(("NO", 4), ("DUP", 4), _DAY, ("CONFLICT", 1), ("BIG", 2)),
-    "commit": lambda r: _settled(r) or (r[0] in ("BIG", "WRONGDAY") and len(r) == 2),
-    "release": lambda r: _settled(r) or (r[0] == "WRONGDAY" and len(r) == 2),
+    "commit": lambda r: _settled(r) or (r[0] in ("BIG", "WRONGDAY") and len(r) == 2) or r == ["NONE"],
+    "release": lambda r: _settled(r) or (r[0] == "WRONGDAY" and len(r) == 2) or r == ["NONE"],
     "spend": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
     "replay": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
     "check": _shapes(("NO", 4), _DAY),
@@ -445,52 +449,39 @@ def _settled(reply: list[Any]) -> bool:
     return reply[0] == "GONE" and reply[1] in ("recorded", "expired")
 
 
-class _StoreErrors:
+def store_unavailable(exc: Exception, pool_size: int, pool_timeout: float) -> BudgetUnavailableError:
     """
-    Any failure of the store is BudgetUnavailableError: callers fail closed on it.
-
-    A context manager for the occasional calls; the script call uses its
-    :meth:`message` in a plain ``except``, which costs nothing until it fails.
-    One per ledger, to name the pool's bounds when the pool is the problem
-    (those of each node's pool, for a cluster).
+    What any failure of the store's client means to a caller: BudgetUnavailableError
+    (fail closed), in words that say what would fix it. Every driver maps
+    whatever its client raises through here.
     """
-
-    def __init__(self, pool_size: int, pool_timeout: float, reached: Callable[[], None]) -> None:
-        self._pool_size = pool_size
-        self._pool_timeout = pool_timeout
-        self._reached = reached
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
-        if isinstance(exc, Exception) and not isinstance(exc, BudgetError):
-            raise BudgetUnavailableError(self.message(exc)) from exc
-        if exc is None:
-            self._reached()
-
-    def message(self, exc: Exception) -> str:
-        # redis-py's own words, "No connection available.", read like a dead store;
-        # a saturated pool calls for a different fix (pool_size, fewer threads).
-        if isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available.":
-            return (
-                f"budget store unavailable: connection pool exhausted (all {self._pool_size} "
-                f"connections busy for {self._pool_timeout}s); raise pool_size or pool_timeout, "
-                "or make fewer concurrent calls"
-            )
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError) and (
-            "connecting to" in str(exc)
-        ):
-            # Refused or unreachable (redis-py's "Error 111 connecting to host:port. ..."):
-            # most often no Redis was ever started; say what would fix it.
-            return (
-                f"budget store unavailable: {str(exc).rstrip('.')}. Start Redis there, point "
-                "COREASON_BUDGET_REDIS_URL (redis_url) at one that runs, or use the embedded "
-                "store (embedded://PATH, or leave the URL unset)."
-            )
-        if isinstance(exc, redis.RedisError):
-            return f"budget store unavailable: {exc}"
-        return f"budget store unavailable: its client failed ({type(exc).__name__}: {exc})"
+    # redis-py's own words, "No connection available.", read like a dead store;
+    # a saturated pool calls for a different fix (pool_size, fewer threads).
+    if isinstance(exc, redis.ConnectionError) and str(exc) == "No connection available.":
+        message = (
+            f"budget store unavailable: connection pool exhausted (all {pool_size} "
+            f"connections busy for {pool_timeout}s); raise pool_size or pool_timeout, "
+            "or make fewer concurrent calls"
+        )
+    elif isinstance(exc, redis.ConnectionError | redis.TimeoutError) and (
+        "connecting to" in str(exc)
+    ):
+        # Refused or unreachable (redis-py's "Error 111 connecting to host:port. ..."):
+        # most often no Redis was ever started; say what would fix it.
+        message = (
+            f"budget store unavailable: {str(exc).rstrip('.')}. Start Redis there, point "
+            "COREASON_BUDGET_REDIS_URL (redis_url) at one that runs, or use the embedded "
+            "store (embedded://PATH, or leave the URL unset)."
+        )
+    elif isinstance(exc, redis.RedisError):
+        message = f"budget store unavailable: {exc}"
+    elif isinstance(exc, TimeoutError):  # asyncio's bound on a whole call
+        message = "budget store unavailable: it did not answer within its timeout"
+    else:
+        message = f"budget store unavailable: its client failed ({type(exc).__name__}: {exc})"
+    error = BudgetUnavailableError(message)
+    error.__cause__ = exc
+    return error
 
 
 def day_date(day: int) -> datetime.date:
@@ -513,7 +504,7 @@ def _held(text: str) -> int:
 
 
 def _refuse_write(reply: list[Any], scopes: Scopes, what: str) -> None:
-    """Raise for a write the script refused before writing anything (CONFLICT, BIG)."""
+    """Raise for a write the script refused before writing anything (CONFLICT, BIG, WRONGDAY)."""
     if reply[0] == "CONFLICT":
         raise IdempotencyConflictError(
             f"{what} was already used for a different charge (another user, scopes or "

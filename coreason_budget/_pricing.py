@@ -392,6 +392,10 @@ class PricingEngine:
             return False
         return True
 
+    def loaded(self) -> bool:
+        """Whether litellm's price table is loaded (so pricing imports nothing more)."""
+        return self._table is not None
+
     def _load_table(self) -> _Table:
         table = self._table
         if table is None:

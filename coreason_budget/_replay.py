@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
 from ._config import BudgetConfig
 from ._ledger import Ledger, Scopes
+from ._steps import Steps
 from ._spool import (
     Entry,
     Kind,
@@ -44,6 +47,9 @@ class SpoolKeeper:
         self._closed = False
         self._replayer: threading.Thread | None = None
         self.spool = _open_spool(config)
+        #: Runs a ledger operation's steps to the end, from a replaying thread:
+        #: the manager's driver (set by the manager; an async one's is a bridge to its loop).
+        self.run: Callable[[Steps[Any]], Any] = _not_connected
 
     def keep(
         self,
@@ -169,10 +175,14 @@ class SpoolKeeper:
         try:
             outcome: Replayed
             if entry.kind == "spend":
-                outcome = self._ledger.replay_spend(scopes, entry.amount, entry.op, entry.day)
+                outcome = self.run(
+                    self._ledger.replay_spend(scopes, entry.amount, entry.op, entry.day)
+                )
             else:
                 assert entry.state is not None
-                reply = self._ledger.settle(scopes, entry.op, entry.day, entry.amount, entry.state)
+                reply = self.run(
+                    self._ledger.settle(scopes, entry.op, entry.day, entry.amount, entry.state)
+                )
                 # OK or GONE/recorded: charged now; DONE: settled before; GONE/expired: too late.
                 outcome = (
                     "duplicate"
@@ -224,6 +234,11 @@ def _refusal(error: BudgetUnavailableError) -> str | None:
     if type(cause) is redis.ResponseError and any(w in str(cause) for w in _REFUSALS):
         return f"refused by the store: {cause}"
     return None
+
+
+def _not_connected(steps: Steps[Any]) -> Any:
+    steps.close()
+    raise BudgetUnavailableError("budget manager not connected to its store yet")
 
 
 #: Set in a thread while it replays: its own ledger calls must not start another replay.

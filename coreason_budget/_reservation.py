@@ -4,92 +4,54 @@ The reservation handle: money held before an LLM call, settled after it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import threading
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
-from ._ledger import Held, Ledger, Scopes, day_date
+from ._ledger import Held, day_date
 from ._money import nano_to_usd, to_nano
-from ._receipt import Kind, Receipt, Status
-from .exceptions import BudgetError, BudgetUnavailableError, InvalidInputError
-
-if TYPE_CHECKING:
-    from ._manager import BudgetManager
-    from ._replay import SpoolKeeper
+from ._pricing import _check_tokens
+from ._receipt import Kind, Receipt
+from ._steps import Steps, shielded
+from .exceptions import BudgetError, InvalidInputError
 
 log = logging.getLogger("coreason_budget")
 
 OnError = Literal["charge", "release"]
 
 
-class SettlesOnExit:
+class HoldOps(Protocol):
+    """What a handle's settlements are made of: the manager's core, or a client's."""
+
+    def settle(self, hold: Hold, actual: int, state: str) -> Steps[Receipt]: ...
+
+    def settle_usage(self, hold: Hold, tokens: tuple[int, int, int, int]) -> Steps[Receipt]: ...
+
+
+class Hold:
     """
-    The with-block contract of every reservation handle, local or over HTTP.
+    A reservation as its handle knows it: the hold, and how it was settled.
 
-    Leaving the block unsettled charges the estimate: on a normal exit because
-    the call was made, and on an exception too (unless ``on_error="release"``)
-    because a failed call may still have been billed. If that settlement cannot
-    reach the store it is spooled; without a spool the estimate simply stays
-    held, which is what charging it would have done: it is logged, never raised
-    over the caller's own exception.
-    """
+    Settle it once: ``commit`` with the real cost, or ``release``. Leaving a
+    ``with`` (or ``async with``) block unsettled charges the estimate: on a
+    normal exit because the call was made, and on an exception too (unless
+    ``on_error="release"``) because a failed call may still have been billed.
+    If that settlement cannot reach the store it is spooled; without a spool
+    the estimate simply stays held, which is what charging it would have done:
+    it is logged, never raised over the caller's own exception.
 
-    __slots__ = ()
-
-    id: str
-    state: str
-    on_error: OnError
-    receipt: Receipt | None
-
-    def _settle_on_exit(self, release: bool) -> None:
-        raise NotImplementedError
-
-    def _already_settled(self, kind: Kind) -> Receipt | None:
-        """
-        The answer to a settle with nothing left to do: the first settlement's
-        receipt, or a "duplicate" for a hold settled before this handle was made.
-        None: the hold is this handle's to settle.
-        """
-        if self.receipt is None and self.state != "held":
-            return Receipt("duplicate", kind, self.id, 0)
-        return self.receipt
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.state != "held":
-            return
-        try:
-            self._settle_on_exit(release=exc_type is not None and self.on_error == "release")
-        except BudgetError as e:
-            log.warning("Could not settle reservation %s on exit: %s", self.id, e)
-
-
-class Reservation(SettlesOnExit):
-    """
-    A hold on the estimate in every scope, taken when ``reserve()`` returned.
-
-    Settle it once: :meth:`commit` with the real cost, or :meth:`release`.
-    Used as a context manager it keeps the :class:`SettlesOnExit` contract: an
-    unknown outcome is safest assumed spent.
+    A handle whose ``state`` is not "held" (one got for a settled id) holds
+    nothing: settling it is a no-op answering "duplicate".
     """
 
     # One per LLM call: slots keep it small.
     __slots__ = (
-        "_keeper",
-        "_ledger",
-        "_lock",
-        "_manager",
-        "_scopes",
+        "_fresh",
         "day",
         "estimate_nano",
         "id",
@@ -103,10 +65,6 @@ class Reservation(SettlesOnExit):
 
     def __init__(
         self,
-        manager: BudgetManager,
-        ledger: Ledger,
-        keeper: SpoolKeeper,
-        scopes: Scopes,
         reservation_id: str,
         held: Held,
         *,
@@ -115,16 +73,12 @@ class Reservation(SettlesOnExit):
         model: str | None,
         on_error: OnError,
     ) -> None:
-        self._manager = manager  # for its public pricing only
-        self._ledger = ledger
-        self._keeper = keeper
-        self._scopes = scopes
-        self._lock = threading.Lock()
         self.id = reservation_id
         self.user_id = user_id
         self.project_id = project_id
         self.model = model
-        self.on_error = on_error
+        self.on_error: OnError = on_error
+        #: The day (days since 1970-01-01, UTC) the hold was taken on.
         self.day = held.day
         self.estimate_nano = held.held_nano
         #: "held", then "committed" or "released" (as this handle settled it,
@@ -132,6 +86,12 @@ class Reservation(SettlesOnExit):
         self.state = held.state
         #: What became of the settlement's money, once settled through this handle.
         self.receipt: Receipt | None = None
+        self._fresh = held.fresh
+
+    @property
+    def abandoned(self) -> bool:
+        """Taken by the call that made this handle, and never settled: nobody else will."""
+        return self._fresh and self.receipt is None and self.state == "held"
 
     @property
     def estimate_usd(self) -> float:
@@ -141,6 +101,75 @@ class Reservation(SettlesOnExit):
     def date(self) -> datetime.date:
         """The (UTC) day the hold was taken on, which it settles on whenever committed."""
         return day_date(self.day)
+
+    def already_settled(self, kind: Kind) -> Receipt | None:
+        """
+        The answer to a settle with nothing left to do: the first settlement's
+        receipt, or a "duplicate" for a hold settled before this handle was made.
+        None: the hold is this handle's to settle.
+        """
+        if self.receipt is None and self.state != "held":
+            return Receipt("duplicate", kind, self.id, 0)
+        return self.receipt
+
+    def _commit_steps(self, ops: HoldOps, actual_cost: float | Decimal) -> Steps[Receipt]:
+        return ops.settle(self, to_nano(actual_cost, "actual_cost"), "committed")
+
+    def _usage_steps(self, ops: HoldOps, tokens: tuple[int, int, int, int]) -> Steps[Receipt]:
+        if self.model is None:
+            raise InvalidInputError("commit_usage() needs a reservation made with model=...")
+        return ops.settle_usage(self, _check_tokens(*tokens))
+
+    def _exit_steps(self, ops: HoldOps, failed: bool) -> Steps[Receipt] | None:
+        """The settlement leaving a with-block makes (None: settled already)."""
+        if self.state != "held":
+            return None
+        if failed and self.on_error == "release":
+            return ops.settle(self, 0, "released")
+        return ops.settle(self, self.estimate_nano, "committed")
+
+    def _exit_failed(self, error: BudgetError) -> None:
+        log.warning("Could not settle reservation %s on exit: %s", self.id, error)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.id} user={self.user_id!r} project={self.project_id!r} "
+            f"estimate=${self.estimate_usd} state={self.state}>"
+        )
+
+
+class Reservation(Hold):
+    """
+    A hold on the estimate in every scope, taken when ``reserve()`` returned.
+
+    Thread-safe: settling from two threads settles once.
+    """
+
+    __slots__ = ("_lock", "_ops", "_run")
+
+    def __init__(
+        self,
+        ops: HoldOps,
+        run: Callable[[Steps[Receipt]], Receipt],
+        reservation_id: str,
+        held: Held,
+        *,
+        user_id: str,
+        project_id: str | None,
+        model: str | None,
+        on_error: OnError,
+    ) -> None:
+        super().__init__(
+            reservation_id,
+            held,
+            user_id=user_id,
+            project_id=project_id,
+            model=model,
+            on_error=on_error,
+        )
+        self._ops = ops
+        self._run = run
+        self._lock = threading.Lock()
 
     def commit(self, actual_cost: float | Decimal) -> Receipt:
         """
@@ -155,11 +184,11 @@ class Reservation(SettlesOnExit):
         when the store is back. Without a spool this raises
         BudgetUnavailableError and the hold stays as it is: commit again later.
         """
-        return self._settle(to_nano(actual_cost, "actual_cost"), "committed")
+        return self._settle(self._commit_steps(self._ops, actual_cost))
 
     def release(self) -> Receipt:
         """Give the whole hold back (the call was not made). A no-op once settled."""
-        return self._settle(0, "released")
+        return self._settle(self._ops.settle(self, 0, "released"))
 
     def commit_usage(
         self,
@@ -175,56 +204,133 @@ class Reservation(SettlesOnExit):
         Cache reads (*cached_input_tokens*) and writes (*cache_creation_input_tokens*)
         are counted within *input_tokens*, see :meth:`PricingEngine.calculate`.
         """
-        if self.model is None:
-            raise InvalidInputError("commit_usage() needs a reservation made with model=...")
-        cost = self._manager.pricing.calculate(
-            self.model,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cached_input_tokens=cached_input_tokens,
-            cache_creation_input_tokens=cache_creation_input_tokens,
-        )
-        return self.commit(cost)  # through commit's checks: a price can exceed any single amount
+        tokens = (input_tokens, output_tokens, cached_input_tokens, cache_creation_input_tokens)
+        return self._settle(self._usage_steps(self._ops, tokens))
 
-    def _settle(self, actual: int, state: str) -> Receipt:
-        kind: Kind = "commit" if state == "committed" else "release"
-        with self._lock:
-            if (settled := self._already_settled(kind)) is not None:
-                return settled
+    def _settle(self, steps: Steps[Receipt]) -> Receipt:
+        with self._lock:  # the steps start here: their "settled already?" runs under the lock
+            return self._run(steps)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        steps = self._exit_steps(self._ops, failed=exc_type is not None)
+        if steps is not None:
             try:
-                reply = self._ledger.settle(self._scopes, self.id, self.day, actual, state)
-            except BudgetUnavailableError as e:
-                e.reservation_id = self.id
-                self._keeper.keep(e, "settle", self.id, self.day, self._scopes, actual, state)
-                self.state = state
-                self.receipt = Receipt("spooled", kind, self.id, actual)
-                return self.receipt
-            if reply == ("GONE", "expired"):
-                log.warning(
-                    "Reservation %s settled after its day's ledger expired; not recorded", self.id
-                )
-            status = "duplicate" if reply[0] == "DONE" else _SETTLED[reply[1]]
-            self.state = reply[1] if reply[0] == "DONE" else state
-            self.receipt = Receipt(status, kind, self.id, actual if status == "recorded" else 0)
-        return self.receipt
+                self._settle(steps)
+            except BudgetError as e:
+                self._exit_failed(e)
 
-    def _settle_on_exit(self, release: bool) -> None:
-        if release:
-            self._settle(0, "released")
-        else:
-            self._settle(self.estimate_nano, "committed")
 
-    def __repr__(self) -> str:
-        return (
-            f"<Reservation {self.id} user={self.user_id!r} project={self.project_id!r} "
-            f"estimate=${self.estimate_usd} state={self.state}>"
+class AsyncReservation(Hold):
+    """
+    :class:`Reservation`'s async twin: ``await r.commit(x)``, ``async with``.
+
+    Every settlement runs to its end even if the awaiting task is cancelled
+    (it lands once, or is spooled; a retry returns its receipt), and leaving
+    an ``async with`` block by a cancellation settles as ``on_error`` says.
+    """
+
+    __slots__ = ("_lock", "_ops", "_run")
+
+    def __init__(
+        self,
+        ops: HoldOps,
+        run: Callable[[Steps[Receipt]], Awaitable[Receipt]],
+        reservation_id: str,
+        held: Held,
+        *,
+        user_id: str,
+        project_id: str | None,
+        model: str | None,
+        on_error: OnError,
+    ) -> None:
+        super().__init__(
+            reservation_id,
+            held,
+            user_id=user_id,
+            project_id=project_id,
+            model=model,
+            on_error=on_error,
         )
+        self._ops = ops
+        self._run = run
+        self._lock = asyncio.Lock()
+
+    async def commit(self, actual_cost: float | Decimal) -> Receipt:
+        """As :meth:`Reservation.commit`, awaited."""
+        return await self._settle(self._commit_steps(self._ops, actual_cost))
+
+    async def release(self) -> Receipt:
+        """As :meth:`Reservation.release`, awaited."""
+        return await self._settle(self._ops.settle(self, 0, "released"))
+
+    async def commit_usage(
+        self,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
+    ) -> Receipt:
+        """As :meth:`Reservation.commit_usage`, awaited (litellm's table loads off the loop)."""
+        tokens = (input_tokens, output_tokens, cached_input_tokens, cache_creation_input_tokens)
+        return await self._settle(self._usage_steps(self._ops, tokens))
+
+    async def _settle(self, steps: Steps[Receipt]) -> Receipt:
+        async def locked() -> Receipt:
+            async with self._lock:
+                return await self._run(steps)
+
+        return await shielded(locked())
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        steps = self._exit_steps(self._ops, failed=exc_type is not None)
+        if steps is not None:
+            try:
+                await self._settle(steps)
+            except BudgetError as e:
+                self._exit_failed(e)
 
 
-#: A settlement's reply word (OK's state, or GONE's) -> what became of the money.
-_SETTLED: dict[str, Status] = {
-    "committed": "recorded",
-    "released": "recorded",
-    "recorded": "recorded",
-    "expired": "expired",
-}
+class ReservationRequest:
+    """
+    What :meth:`AsyncBudgetManager.reserve` returns: await it for the handle,
+    or use it in ``async with`` (the hold is taken on entry, settled on exit).
+    """
+
+    __slots__ = ("_handle", "_take")
+
+    def __init__(self, take: Callable[[], Coroutine[Any, Any, AsyncReservation]]) -> None:
+        self._take = take
+        self._handle: AsyncReservation | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncReservation]:
+        return self._take().__await__()
+
+    async def __aenter__(self) -> AsyncReservation:
+        self._handle = await self._take()
+        return self._handle
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            await self._handle.__aexit__(exc_type, exc, tb)

@@ -35,7 +35,7 @@
 --
 -- Replies: the day the operation was booked on (an integer) when it did what
 -- was asked; otherwise a list whose first word says why (NO, DUP, DONE, GONE,
--- DAY, CONFLICT: the id was used for another payload, BIG: a counter would
+-- DAY, NONE: no such reservation to settle by id, CONFLICT: the id was used for another payload, BIG: a counter would
 -- pass what Redis can count, WRONGDAY: a settlement naming another day than its
 -- reservation's), or usage's values.
 --
@@ -217,6 +217,9 @@ elseif op == 'reserve' then
 elseif op == 'commit' or op == 'release' then
     local state = op == 'commit' and 'committed' or 'released'
     local rec = redis.call('GET', record)
+    if not rec and n == 0 then
+        return {'NONE'}  -- settled by id alone (no scopes to record it in): unknown
+    end
     if not rec then
         -- No record: the store lost it (restart without persistence, flush) or
         -- the day is past retention. The spend happened, so record it on its

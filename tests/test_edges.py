@@ -109,7 +109,7 @@ class TestCounterOverflow:
     """A counter near 2^63 refuses before the first write, never half an operation."""
 
     def near_the_top(self, budget: BudgetManager, redis_client: redis.Redis, field: str) -> None:
-        key = budget._ledger.day_key(budget._ledger.today())
+        key = budget._core.ledger.day_key(budget._core.ledger.today())
         redis_client.hset(key, field, str(2**63 - 10))
 
     @pytest.mark.parametrize("field", ["g", "u:alice", "p:p", "m:gpt-4o"])
@@ -140,7 +140,7 @@ class TestCounterOverflow:
         marker is written (it was half written, then a "duplicate" for ever),
         and a spooled copy is quarantined, not a replay stopped at it for ever.
         """
-        key = budget._ledger.day_key(budget._ledger.today())
+        key = budget._core.ledger.day_key(budget._core.ledger.today())
         redis_client.hset(key, "u:alice", "abc")
         before = snapshot(redis_client)
         with pytest.raises(InvalidInputError, match="not a count"):
@@ -204,7 +204,11 @@ class TestWrongDay:
         held = budget.reserve("alice", 1.0, reservation_id="r1")
         before = snapshot(redis_client)
         with pytest.raises(InvalidInputError, match="belongs to day"):
-            budget._ledger.settle(held._scopes, "r1", held.day - 1, 0, "released")
+            budget._run(
+                budget._core.ledger.settle(
+                    budget._core.scopes("alice", None, None), "r1", held.day - 1, 0, "released"
+                )
+            )
         assert snapshot(redis_client) == before
 
 
@@ -302,7 +306,7 @@ class TestReportReadsIncrementally:
     """A report on a day of many counters never holds the store in one long command."""
 
     def test_many_users(self, budget: BudgetManager, redis_client: redis.Redis) -> None:
-        key = budget._ledger.day_key(budget._ledger.today())
+        key = budget._core.ledger.day_key(budget._core.ledger.today())
         spent = {f"user-{i:05d}": (i * 7919) % 1000 for i in range(20_000)}
         pipe = redis_client.pipeline(transaction=False)
         for user, nano in spent.items():
@@ -310,7 +314,7 @@ class TestReportReadsIncrementally:
         pipe.hset(key, "g", sum(spent.values()))
         pipe.execute()
         expected = sorted(spent.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-        redis_client.hset(budget._ledger._limits_key, f"u:{expected[1][0]}", 123)
+        redis_client.hset(budget._core.ledger._limits_key, f"u:{expected[1][0]}", 123)
         redis_client.config_resetstat()
 
         report = budget.report(top=5)

@@ -147,7 +147,7 @@ class TestInterruptedReserve:
     def test_the_hold_is_released(
         self, budget: BudgetManager, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        ledger: Any = budget._ledger
+        ledger: Any = budget._driver
         script = ledger._script
 
         def taken_then_interrupted(**kwargs: Any) -> Any:

@@ -450,7 +450,7 @@ class BudgetMachine(RuleBasedStateMachine):
         """
         if self.manager is None:
             return
-        ledger = self.m._ledger
+        ledger = self.m._core.ledger
         day_key = ledger.day_key(int(FIXED_NOW * 1000) // DAY_MS)
         with redis.Redis.from_url(self.url, decode_responses=True) as r:
             for model in MODELS:

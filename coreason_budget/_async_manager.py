@@ -1,0 +1,222 @@
+"""
+AsyncBudgetManager: the BudgetManager for asyncio code, on redis.asyncio.
+
+The same core (:mod:`._budget`) as the sync manager, run by the async driver:
+the same checks, scopes, script, keys and answers, so a sync and an async
+manager on one store are one ledger. Only how it waits differs: nothing here
+blocks the event loop (spool writes, starting an embedded store and the first
+import of litellm run in worker threads), and a write whose caller is
+cancelled runs to its end (it lands once, or is spooled) instead of being cut
+off with its outcome unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+from collections.abc import Callable, Coroutine
+from decimal import Decimal
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ._budget import BudgetCore, ScopeName
+from ._config import BudgetConfig
+from ._drivers import AsyncDriver
+from ._receipt import Receipt
+from ._reservation import AsyncReservation, OnError, ReservationRequest
+from ._spool import ReplaySummary
+from ._steps import Steps, T, shielded
+from ._usage import Report, ScopeUsage
+
+if TYPE_CHECKING:
+    from ._pricing import PricingEngine
+    from ._store import AsyncStore
+
+
+class AsyncBudgetManager:
+    """
+    :class:`BudgetManager`'s methods, awaited; for FastAPI, AsyncOpenAI, agents.
+
+    One per process (per event loop) is enough. The store is connected on the
+    first call, or on ``async with``; close it with ``await budget.aclose()``.
+    """
+
+    def __init__(self, config: BudgetConfig, *, clock: Callable[[], float] | None = None) -> None:
+        """*clock*: as :class:`BudgetManager`'s (for tests)."""
+        self.config = config
+        self._core = BudgetCore(config, clock)
+        self._store: AsyncStore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._driver = AsyncDriver(self._connect, config.pool_size, config.pool_timeout)
+        self._handle = functools.partial(AsyncReservation, self._core, self._driver.run)
+
+    @classmethod
+    def from_env(cls) -> AsyncBudgetManager:
+        """A manager configured from ``COREASON_BUDGET_*`` variables and ``.env``."""
+        return cls(BudgetConfig.from_env())
+
+    @property
+    def pricing(self) -> PricingEngine:
+        """
+        Model prices, as :attr:`BudgetManager.pricing`. The first priced call
+        imports litellm (seconds): ``commit_usage`` does that in a worker thread;
+        call ``await budget.load_pricing()`` at start-up to do it up front.
+        """
+        return self._core.pricing()
+
+    async def load_pricing(self) -> PricingEngine:
+        """Load litellm's price table now, in a worker thread (not on the loop)."""
+        engine = self._core.pricing()
+        await asyncio.to_thread(engine.preload)
+        return engine
+
+    # -- the guard ------------------------------------------------------------
+
+    async def check_availability(
+        self, user_id: str, estimated_cost: float | Decimal, project_id: str | None = None
+    ) -> None:
+        """As :meth:`BudgetManager.check_availability`: raise if *estimated_cost* does not fit."""
+        await self._driver.run(self._core.check_availability(user_id, estimated_cost, project_id))
+
+    async def record_spend(
+        self,
+        user_id: str,
+        cost: float | Decimal,
+        project_id: str | None = None,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Receipt:
+        """
+        As :meth:`BudgetManager.record_spend`. Cancelled while in flight, the
+        spend still lands once (or is spooled): retry it with the same key.
+        """
+        return await self._write(
+            self._core.record_spend(user_id, cost, project_id, model, idempotency_key)
+        )
+
+    def reserve(
+        self,
+        user_id: str,
+        estimate: float | Decimal,
+        project_id: str | None = None,
+        model: str | None = None,
+        *,
+        on_error: OnError = "charge",
+        reservation_id: str | None = None,
+    ) -> ReservationRequest:
+        """
+        As :meth:`BudgetManager.reserve`: ``r = await budget.reserve(...)`` takes
+        the hold when awaited, ``async with budget.reserve(...) as r:`` on entry
+        (and settles it on exit, as the sync with-block does).
+
+        A task cancelled while its reserve is in flight holds nothing: a hold
+        the store took meanwhile is released by id.
+        """
+
+        def take() -> Coroutine[Any, Any, AsyncReservation]:
+            steps = self._core.reserve(
+                self._handle, user_id, estimate, project_id, model, on_error, reservation_id
+            )
+            return shielded(self._driver.run(steps), self._abandoned)
+
+        return ReservationRequest(take)
+
+    def _abandoned(self, hold: AsyncReservation) -> None:
+        """A hold whose taker was cancelled before it got the handle: nobody will settle it."""
+        if hold.abandoned:
+            scopes = self._core.scopes(hold.user_id, hold.project_id, hold.model)
+            self._driver.detach(
+                self._core.release_quietly(scopes, hold.id, hold.day), "coreason-budget-undo"
+            )
+
+    # -- reporting and administration -------------------------------------------
+
+    async def usage(self, user_id: str, project_id: str | None = None) -> dict[str, ScopeUsage]:
+        """As :meth:`BudgetManager.usage`."""
+        return await self._driver.run(self._core.usage(user_id, project_id))
+
+    async def report(self, top: int | None = None) -> Report:
+        """As :meth:`BudgetManager.report`."""
+        return await self._driver.run(self._core.report(top))
+
+    async def reservation(
+        self,
+        reservation_id: str,
+        *,
+        user_id: str | None = None,
+        project_id: str | None = None,
+        model: str | None = None,
+        date: datetime.date | None = None,
+    ) -> AsyncReservation:
+        """As :meth:`BudgetManager.reservation`."""
+        return await self._driver.run(
+            self._core.reservation(self._handle, reservation_id, user_id, project_id, model, date)
+        )
+
+    async def set_limit(
+        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+    ) -> None:
+        """As :meth:`BudgetManager.set_limit`."""
+        await self._write(self._core.set_limit(scope, entity_id, limit_usd))
+
+    def seconds_until_reset(self) -> int:
+        """As :meth:`BudgetManager.seconds_until_reset` (no I/O, so not awaited)."""
+        return self._core.ledger.seconds_to_next_day()
+
+    async def ping(self) -> None:
+        """Raise BudgetUnavailableError unless the store answers (for health checks)."""
+        await self._driver.run(self._core.ledger.ping())
+
+    async def replay_spool(self) -> ReplaySummary:
+        """As :meth:`BudgetManager.replay_spool`; the files are read in a worker thread."""
+        await self._driver.run(self._core.ledger.ping())  # connected (or unavailable) first
+        return await asyncio.to_thread(self._core.keeper.replay_now)
+
+    async def aclose(self) -> None:
+        """
+        Let background releases finish (bounded), stop replaying, close the pool
+        (and stop an embedded store no one else uses). Spooled charges stay on disk.
+        """
+        await self._driver.wait_detached(self._call_bound())
+        await asyncio.to_thread(self._core.keeper.close)
+        store, self._store = self._store, None
+        if store is not None:
+            await store.aclose()
+
+    async def __aenter__(self) -> AsyncBudgetManager:
+        await self._driver.run(self._core.ledger.ping())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    async def _write(self, steps: Steps[T]) -> T:
+        return await shielded(self._driver.run(steps))
+
+    async def _connect(self) -> Any:
+        """The store, opened in a worker thread (an embedded store starts a server)."""
+        from ._store import open_async_store
+
+        self._store = store = await asyncio.to_thread(open_async_store, self.config)
+        self._loop = asyncio.get_running_loop()
+        self._core.keeper.run = self._run_from_thread
+        return store.client
+
+    def _run_from_thread(self, steps: Steps[T]) -> T:
+        """For the spool's replay thread: run a ledger operation on this manager's loop."""
+        loop = self._loop
+        assert loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._driver.run(steps), loop)
+        return future.result(self._call_bound())
+
+    def _call_bound(self) -> float:
+        c = self.config
+        return c.pool_timeout + (c.retries + 1) * (c.connect_timeout + c.socket_timeout) + 1.0

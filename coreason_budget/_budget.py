@@ -1,0 +1,386 @@
+"""
+The budget's logic, once, for the sync and the async manager.
+
+:class:`BudgetCore` validates input, turns it into scopes and nano-dollars,
+calls the ledger, decides what is spooled and what is undone, and builds the
+answers; every method returns the steps of one operation (see
+:mod:`._steps`), which the manager's driver runs with blocking calls or with
+awaits. The faces (:class:`BudgetManager`, :class:`AsyncBudgetManager`) are
+thin: a signature, a docstring, and the driver.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from decimal import Decimal
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+from ._config import BudgetConfig
+from ._ledger import UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe, field
+from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
+from ._receipt import Kind, Receipt, Status
+from ._replay import SpoolKeeper
+from ._reservation import Hold, OnError
+from ._steps import Blocking, Detach, Steps
+from ._usage import ModelSpend, Report, ScopeUsage
+from .exceptions import (
+    BudgetError,
+    BudgetUnavailableError,
+    InvalidInputError,
+    UnknownReservationError,
+)
+
+if TYPE_CHECKING:
+    from ._pricing import PricingEngine
+
+log = logging.getLogger("coreason_budget")
+
+ScopeName = Literal["user", "project", "global"]
+H = TypeVar("H", bound=Hold)
+#: Makes a face's reservation handle: (reservation id, what is held, ids, on_error).
+MakeHandle = Callable[..., H]
+
+
+class BudgetCore:
+    """Everything a manager decides, as steps; one per manager."""
+
+    def __init__(self, config: BudgetConfig, clock: Callable[[], float] | None) -> None:
+        self.config = config
+        self.ledger = Ledger(
+            prefix=config.key_prefix,
+            retention_seconds=config.retention_seconds,
+            idempotency_ttl_seconds=config.idempotency_ttl_seconds,
+            clock=clock,
+        )
+        self._limits = {
+            "user": to_nano(config.daily_user_limit_usd, maximum=MAX_LIMIT_NANO),
+            "project": to_nano(config.daily_project_limit_usd, maximum=MAX_LIMIT_NANO),
+            "global": to_nano(config.daily_global_limit_usd, maximum=MAX_LIMIT_NANO),
+        }
+        self._scopes_seen: dict[tuple[str, str | None, str | None], Scopes] = {}
+        self._pricing: PricingEngine | None = None
+        self._pricing_lock = threading.Lock()
+        if config.pricing_file is not None:
+            # A malformed price file must stop start-up, not the first priced call;
+            # reading it is cheap and does not import litellm.
+            self._pricing = self._new_pricing()
+        self.keeper = SpoolKeeper(config, self.ledger)
+        # After any call the store answers, the spool (if it holds anything) replays.
+        self.ledger.on_reached = self.keeper.replay_if_due
+
+    # -- pricing ---------------------------------------------------------------
+
+    def pricing(self) -> PricingEngine:
+        """Model prices (litellm's table plus overrides); made on first use."""
+        if self._pricing is None:
+            with self._pricing_lock:
+                if self._pricing is None:
+                    self._pricing = self._new_pricing()
+        return self._pricing
+
+    def _new_pricing(self) -> PricingEngine:
+        from ._pricing import PricingEngine
+
+        return PricingEngine(self.config.pricing_file)
+
+    def _price(self, model: str, tokens: tuple[int, int, int, int]) -> Steps[Decimal]:
+        """A price, loading litellm's table first (in a worker thread, for async) if need be."""
+        engine = self._pricing
+        if engine is None or not engine.loaded():
+            engine = self.pricing()
+            yield Blocking(engine.preload)
+        return engine.calculate(model, *tokens)
+
+    # -- the guard ---------------------------------------------------------------
+
+    def check_availability(
+        self, user_id: str, estimated_cost: float | Decimal, project_id: str | None
+    ) -> Steps[None]:
+        amount = to_nano(estimated_cost, "estimated_cost")
+        yield from self.ledger.check(self.scopes(user_id, project_id, None), amount)
+
+    def record_spend(
+        self,
+        user_id: str,
+        cost: float | Decimal,
+        project_id: str | None,
+        model: str | None,
+        idempotency_key: str | None,
+    ) -> Steps[Receipt]:
+        amount = to_nano(cost, "cost")
+        scopes = self.scopes(user_id, project_id, model)
+        op = new_id() if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
+        day = self.ledger.today()  # the day this spend is made on, should it be spooled
+        status: Status
+        try:
+            status = yield from self.ledger.spend(scopes, amount, op)
+        except BudgetUnavailableError as e:
+            e.idempotency_key = op
+            yield Blocking(functools.partial(self.keeper.keep, e, "spend", op, day, scopes, amount))
+            return Receipt("spooled", "spend", op, amount)
+        return Receipt(status, "spend", op, 0 if status == "duplicate" else amount)
+
+    def reserve(
+        self,
+        make: MakeHandle[H],
+        user_id: str,
+        estimate: float | Decimal,
+        project_id: str | None,
+        model: str | None,
+        on_error: OnError,
+        reservation_id: str | None,
+    ) -> Steps[H]:
+        if on_error not in ("charge", "release"):
+            raise InvalidInputError(f"on_error must be 'charge' or 'release', got {on_error!r}")
+        amount = to_nano(estimate, "estimate")
+        scopes = self.scopes(user_id, project_id, model)
+        rid = new_id() if reservation_id is None else check_id(reservation_id, "reservation_id")
+        day = self.ledger.today()
+        try:
+            held = yield from self.ledger.reserve(scopes, amount, rid)
+        except BudgetUnavailableError as e:
+            yield from self._undo_reserve(e, scopes, rid, day)
+            raise
+        except Exception:  # the ledger's answers: nothing was written
+            raise
+        except BaseException as e:
+            # Interrupted (KeyboardInterrupt, a gevent-style timeout) after the script
+            # may have run: as unknown as a lost reply, so undone the same way.
+            lost = BudgetUnavailableError(f"reserve interrupted ({type(e).__name__})")
+            try:
+                yield from self._undo_reserve(lost, scopes, rid, day)
+            except BudgetError:
+                pass
+            e.add_note("".join(getattr(lost, "__notes__", [])))
+            raise
+        return make(
+            rid, held, user_id=user_id, project_id=project_id, model=model, on_error=on_error
+        )
+
+    def _undo_reserve(
+        self, error: BudgetUnavailableError, scopes: Scopes, rid: str, day: int
+    ) -> Steps[None]:
+        """
+        A reserve that failed may still have taken its hold (only the reply was
+        lost); nobody would ever settle it. Release it by id: through the spool
+        (the store just failed us; the release lands with the next call that
+        reaches it), else directly, once, in the background (the caller's
+        error must not wait for a store that just failed it). A release that
+        finds no hold leaves a tombstone, so a reserve of this id arriving late
+        takes nothing either.
+        """
+        error.reservation_id = rid
+        error.add_note(
+            f"Reservation {rid!r} is being released in case the store took it before failing; "
+            "reserving again needs a new reservation_id."
+        )
+        keep = functools.partial(self.keeper.keep, error, "settle", rid, day, scopes, 0, "released")
+        try:
+            yield Blocking(keep)
+        except BudgetUnavailableError:  # no spool
+            yield Detach(self.release_quietly(scopes, rid, day), "coreason-budget-undo")
+
+    def release_quietly(self, scopes: Scopes, rid: str, day: int) -> Steps[None]:
+        """Release a hold nobody will settle (its reserve failed, or its caller went away)."""
+        try:
+            yield from self.ledger.settle(scopes, rid, day, 0, "released")
+        except BudgetError as e:
+            log.warning(
+                "Could not release reservation %s (nobody will settle it); if the store "
+                "took it, it stays held until its day ends: %s",
+                rid,
+                e,
+            )
+
+    # -- settling a hold -----------------------------------------------------------
+
+    def settle(self, hold: Hold, actual: int, state: str) -> Steps[Receipt]:
+        """Settle *hold* to *actual* (0 for a release), once; spooled if the store is away."""
+        kind: Kind = "commit" if state == "committed" else "release"
+        if (settled := hold.already_settled(kind)) is not None:
+            return settled
+        scopes = self.scopes(hold.user_id, hold.project_id, hold.model)
+        try:
+            reply = yield from self.ledger.settle(scopes, hold.id, hold.day, actual, state)
+        except BudgetUnavailableError as e:
+            e.reservation_id = hold.id
+            yield Blocking(
+                functools.partial(
+                    self.keeper.keep, e, "settle", hold.id, hold.day, scopes, actual, state
+                )
+            )
+            hold.state = state
+            hold.receipt = Receipt("spooled", kind, hold.id, actual)
+            return hold.receipt
+        if reply == ("GONE", "expired"):
+            log.warning(
+                "Reservation %s settled after its day's ledger expired; not recorded", hold.id
+            )
+        status = "duplicate" if reply[0] == "DONE" else _SETTLED[reply[1]]
+        hold.state = reply[1] if reply[0] == "DONE" else state
+        hold.receipt = Receipt(status, kind, hold.id, actual if status == "recorded" else 0)
+        return hold.receipt
+
+    def settle_usage(self, hold: Hold, tokens: tuple[int, int, int, int]) -> Steps[Receipt]:
+        """Commit the price of *tokens* (input, output, cache reads, cache writes)."""
+        if hold.model is None:
+            raise InvalidInputError("commit_usage() needs a reservation made with model=...")
+        cost = yield from self._price(hold.model, tokens)
+        # Through commit's checks: a price can exceed any single amount.
+        receipt = yield from self.settle(hold, to_nano(cost, "actual_cost"), "committed")
+        return receipt
+
+    def reservation(
+        self,
+        make: MakeHandle[H],
+        reservation_id: str,
+        user_id: str | None,
+        project_id: str | None,
+        model: str | None,
+        date: datetime.date | None,
+    ) -> Steps[H]:
+        rid = check_id(reservation_id, "reservation_id")
+        try:
+            found = yield from self.ledger.lookup(rid)
+        except BudgetUnavailableError as e:
+            if user_id is None or date is None:
+                e.reservation_id = rid  # as every "unavailable" about a reservation does
+                raise
+            found = None
+        if found is None:
+            if user_id is None or date is None:
+                raise UnknownReservationError(f"no reservation {rid!r} (never made, or expired)")
+            if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
+                raise InvalidInputError(f"date must be a datetime.date, got {date!r}")
+            held = Held(state="held", day=date_day(date), held_nano=0)
+        else:
+            held, fields = found
+            try:
+                ids = dict(describe(f) for f in fields)
+            except ValueError:
+                ids = {}
+            user_id, project_id, model = ids.get("user"), ids.get("project"), ids.get("model")
+            if user_id is None:
+                raise UnknownReservationError(f"reservation {rid!r} names no user (not ours?)")
+        self.scopes(user_id, project_id, model)  # validated as a reserve's would be
+        return make(rid, held, user_id=user_id, project_id=project_id, model=model, on_error="charge")
+
+    # -- reporting and administration -------------------------------------------
+
+    def usage(self, user_id: str, project_id: str | None) -> Steps[dict[str, ScopeUsage]]:
+        scopes = self.scopes(user_id, project_id, None)
+        values = yield from self.ledger.usage(scopes)
+        named = [describe(field) for field in scopes.fields]
+        return {
+            name: ScopeUsage(name, entity, spent, limit)
+            for (name, entity), (spent, limit) in zip(named, values, strict=True)
+        }
+
+    def report(self, top: int | None) -> Steps[Report]:
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+            raise InvalidInputError(f"top must be None or a whole number >= 0, got {top!r}")
+        day = yield from self.ledger.today_by_store()
+        # Biggest first; each list pruned to its top as it grows, so that a day
+        # of a million users costs a report memory for *top* rows, not for all.
+        rows: dict[str, list[tuple[int, str]]] = {"user": [], "project": [], "model": []}
+        total = 0
+        cursor = 0
+        while True:
+            cursor, page = yield from self.ledger.counters(day, cursor)
+            for counter, spent in page:
+                try:
+                    scope, entity = describe(counter)
+                except ValueError:
+                    continue  # not a counter of ours: nothing to report
+                if entity is None:
+                    total = spent
+                else:
+                    kept = rows[scope]
+                    kept.append((-spent, entity))
+                    if top is not None and len(kept) > 2 * top + _REPORT_SLACK:
+                        kept.sort()
+                        del kept[top:]
+            if cursor == 0:
+                break
+        for kept in rows.values():
+            kept.sort()
+            if top is not None:
+                del kept[top:]
+        limited = [field(s, entity) for s in ("user", "project") for _, entity in rows[s]]
+        overrides = yield from self.ledger.overrides([*limited, field("global")])
+
+        def scope_usage(scope: str, entity: str | None, spent: int) -> ScopeUsage:
+            limit = overrides.get(field(scope, entity), self._limits[scope])
+            return ScopeUsage(scope, entity, spent, limit)
+
+        return Report(
+            day=day_date(day),
+            total=scope_usage("global", None, total),
+            users=tuple(scope_usage("user", entity, -neg) for neg, entity in rows["user"]),
+            projects=tuple(scope_usage("project", e, -neg) for neg, e in rows["project"]),
+            models=tuple(ModelSpend(entity, -neg) for neg, entity in rows["model"]),
+        )
+
+    def set_limit(
+        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+    ) -> Steps[None]:
+        counter = self._field(scope, entity_id)
+        limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
+        yield from self.ledger.set_limit(counter, limit)
+
+    # -- scopes ------------------------------------------------------------------
+
+    def _field(self, name: str, entity_id: str | None) -> str:
+        """The counter field of a user, project or the global scope; validates the id."""
+        if name == "global":
+            if entity_id is not None:
+                raise InvalidInputError("the global scope takes no entity id (pass None)")
+            return field("global")
+        if name in ("user", "project"):
+            return field(name, check_id(entity_id, f"{name}_id"))
+        raise InvalidInputError(f"scope must be 'user', 'project' or 'global', got {name!r}")
+
+    def scopes(self, user_id: str, project_id: str | None, model: str | None) -> Scopes:
+        """
+        Narrowest first: the first scope that refuses is the one reported.
+
+        Remembered per (user, project, model), ids validated once: the same
+        callers come back all day, and building the wire form is most of the
+        Python a call would otherwise spend.
+        """
+        key = (user_id, project_id, model)
+        try:
+            known = self._scopes_seen.get(key)
+        except TypeError:  # an unhashable id: let the validation below say what is wrong
+            known = None
+        if known is not None:
+            return known
+        limits = self._limits
+        pairs = [(self._field("user", user_id), limits["user"])]
+        if project_id is not None:
+            pairs.append((self._field("project", project_id), limits["project"]))
+        pairs.append((field("global"), limits["global"]))
+        if model is not None:
+            pairs.append((field("model", check_id(model, "model")), UNLIMITED))
+        scopes = Scopes.of(pairs)
+        if len(self._scopes_seen) >= _SCOPES_REMEMBERED:
+            self._scopes_seen.clear()  # cheaper than LRU bookkeeping on every call
+        self._scopes_seen[key] = scopes
+        return scopes
+
+
+#: A settlement's reply word (OK's state, or GONE's) -> what became of the money.
+_SETTLED: dict[str, Status] = {
+    "committed": "recorded",
+    "released": "recorded",
+    "recorded": "recorded",
+    "expired": "expired",
+}
+#: How far past 2 x top a report's list may grow before it is pruned back to top.
+_REPORT_SLACK = 1024
+#: How many (user, project, model) combinations a manager remembers at most.
+_SCOPES_REMEMBERED = 10_000

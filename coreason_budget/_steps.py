@@ -1,0 +1,92 @@
+"""
+The steps of an operation: what the sans-IO core asks its driver to do.
+
+Every operation (validate, call the ledger script, decode its answer, spool
+what the store could not take, settle a reservation) is written once, as a
+generator that *yields* the I/O it needs and is *sent* its result; an
+exception the I/O raised is thrown into it at the ``yield``. A driver runs
+the generator: the synchronous one with blocking calls, the asynchronous one
+with awaits. So the sync and async faces share every decision and differ
+only in how they wait, as h11 and httpcore split protocol from I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, NamedTuple, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("coreason_budget")
+
+
+class Script(NamedTuple):
+    """One call of the ledger script; sent back its reply (an int or a list)."""
+
+    keys: list[bytes]
+    args: list[str | bytes]
+
+
+class Command(NamedTuple):
+    """One Redis command by its redis-py method name (``get``, ``hscan``...); sent its reply."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}  # noqa: RUF012 (never mutated: a NamedTuple default)
+
+
+class Blocking(NamedTuple):
+    """
+    A call that may block for a while (a spool fsync, the first import of
+    litellm, starting a store): run as is by the sync driver, in a worker
+    thread by the async one, so that it never stalls an event loop.
+    """
+
+    fn: Callable[[], Any]
+
+
+class Detach(NamedTuple):
+    """
+    Steps to run in the background (a thread, or a task), not waited for: a
+    caller's error must not wait on a store that just failed it. The steps
+    handle (log) their own errors.
+    """
+
+    steps: Steps[None]
+    name: str
+
+
+Step = Script | Command | Blocking | Detach
+Steps = Generator[Any, Any, T]
+
+
+async def shielded(
+    work: Coroutine[Any, Any, T], on_orphan: Callable[[T], None] | None = None
+) -> T:
+    """
+    Await *work* run to its end even if the caller is cancelled meanwhile.
+
+    For every write of the async faces: a spend, a settlement or a reserve
+    cut off by a cancellation would leave its outcome unknown (the store may
+    have taken it); run on, it lands exactly once or is spooled, and a retry
+    finds it. *on_orphan* gets what it returned when nobody awaits it any
+    more (a reserve's hold, to release); an error it ends with is logged.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(functools.partial(_orphaned, on_orphan))
+        raise
+
+
+def _orphaned(on_orphan: Callable[[Any], None] | None, task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.warning("A budget call whose caller was cancelled failed: %s", error)
+    elif on_orphan is not None:
+        on_orphan(task.result())
