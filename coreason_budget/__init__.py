@@ -12,6 +12,7 @@ from ._async_manager import AsyncBudgetManager
 from ._config import BudgetConfig
 from ._manager import BudgetManager
 from ._pricing import PricingEngine
+from ._protocols import AsyncBudget, Budget
 from ._receipt import Receipt
 from ._reservation import AsyncReservation, Reservation, ReservationRequest
 from ._spool import ReplaySummary
@@ -28,8 +29,10 @@ from .exceptions import (
 )
 
 __all__ = [
+    "AsyncBudget",
     "AsyncBudgetManager",
     "AsyncReservation",
+    "Budget",
     "BudgetConfig",
     "BudgetError",
     "BudgetExceededError",

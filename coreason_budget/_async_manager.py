@@ -148,10 +148,13 @@ class AsyncBudgetManager:
         project_id: str | None = None,
         model: str | None = None,
         date: datetime.date | None = None,
+        lookup: bool = True,
     ) -> AsyncReservation:
         """As :meth:`BudgetManager.reservation`."""
         return await self._driver.run(
-            self._core.reservation(self._handle, reservation_id, user_id, project_id, model, date)
+            self._core.reservation(
+                self._handle, reservation_id, user_id, project_id, model, date, lookup
+            )
         )
 
     async def set_limit(

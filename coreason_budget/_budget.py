@@ -11,16 +11,17 @@ thin: a signature, a docstring, and the driver.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
 import threading
 from collections.abc import Callable
 from decimal import Decimal
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._config import BudgetConfig
-from ._ledger import UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe, field
+from ._ledger import NO_SCOPES, UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe, field
 from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
 from ._receipt import Kind, Receipt, Status
 from ._replay import SpoolKeeper
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("coreason_budget")
 
 ScopeName = Literal["user", "project", "global"]
-H = TypeVar("H", bound=Hold)
+H = TypeVar("H", bound=Hold[Any])
 #: Makes a face's reservation handle: (reservation id, what is held, ids, on_error).
 MakeHandle = Callable[..., H]
 
@@ -151,10 +152,8 @@ class BudgetCore:
             # Interrupted (KeyboardInterrupt, a gevent-style timeout) after the script
             # may have run: as unknown as a lost reply, so undone the same way.
             lost = BudgetUnavailableError(f"reserve interrupted ({type(e).__name__})")
-            try:
+            with contextlib.suppress(BudgetError):
                 yield from self._undo_reserve(lost, scopes, rid, day)
-            except BudgetError:
-                pass
             e.add_note("".join(getattr(lost, "__notes__", [])))
             raise
         return make(
@@ -198,16 +197,21 @@ class BudgetCore:
 
     # -- settling a hold -----------------------------------------------------------
 
-    def settle(self, hold: Hold, actual: int, state: str) -> Steps[Receipt]:
+    def settle(self, hold: Hold[Any], actual: int, state: str) -> Steps[Receipt]:
         """Settle *hold* to *actual* (0 for a release), once; spooled if the store is away."""
         kind: Kind = "commit" if state == "committed" else "release"
         if (settled := hold.already_settled(kind)) is not None:
             return settled
-        scopes = self.scopes(hold.user_id, hold.project_id, hold.model)
+        if hold.user_id:
+            scopes, day = self.scopes(hold.user_id, hold.project_id, hold.model), hold.day
+        else:  # a handle made without asking: settled by its record alone
+            scopes, day = NO_SCOPES, None
         try:
-            reply = yield from self.ledger.settle(scopes, hold.id, hold.day, actual, state)
+            reply = yield from self.ledger.settle(scopes, hold.id, day, actual, state)
         except BudgetUnavailableError as e:
             e.reservation_id = hold.id
+            if day is None:  # nothing to spool it by: the store alone knows whose it is
+                raise
             yield Blocking(
                 functools.partial(
                     self.keeper.keep, e, "settle", hold.id, hold.day, scopes, actual, state
@@ -225,7 +229,7 @@ class BudgetCore:
         hold.receipt = Receipt(status, kind, hold.id, actual if status == "recorded" else 0)
         return hold.receipt
 
-    def settle_usage(self, hold: Hold, tokens: tuple[int, int, int, int]) -> Steps[Receipt]:
+    def settle_usage(self, hold: Hold[Any], tokens: tuple[int, int, int, int]) -> Steps[Receipt]:
         """Commit the price of *tokens* (input, output, cache reads, cache writes)."""
         if hold.model is None:
             raise InvalidInputError("commit_usage() needs a reservation made with model=...")
@@ -242,8 +246,11 @@ class BudgetCore:
         project_id: str | None,
         model: str | None,
         date: datetime.date | None,
+        lookup: bool = True,
     ) -> Steps[H]:
         rid = check_id(reservation_id, "reservation_id")
+        if not lookup:
+            return self._described(make, rid, user_id, project_id, model, date)
         try:
             found = yield from self.ledger.lookup(rid)
         except BudgetUnavailableError as e:
@@ -267,7 +274,34 @@ class BudgetCore:
             if user_id is None:
                 raise UnknownReservationError(f"reservation {rid!r} names no user (not ours?)")
         self.scopes(user_id, project_id, model)  # validated as a reserve's would be
-        return make(rid, held, user_id=user_id, project_id=project_id, model=model, on_error="charge")
+        return make(
+            rid, held, user_id=user_id, project_id=project_id, model=model, on_error="charge"
+        )
+
+    def _described(
+        self,
+        make: MakeHandle[H],
+        rid: str,
+        user_id: str | None,
+        project_id: str | None,
+        model: str | None,
+        date: datetime.date | None,
+    ) -> H:
+        """A handle made from what the caller says, without asking the store."""
+        if user_id is None:
+            if project_id is not None or model is not None or date is not None:
+                raise InvalidInputError("describe a hold with its user_id and date, or not at all")
+            held = Held(state="held", day=-1, held_nano=0)
+            return make(rid, held, user_id="", project_id=None, model=None, on_error="charge")
+        if date is None:
+            raise InvalidInputError("a hold described by its user_id needs its date too")
+        if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
+            raise InvalidInputError(f"date must be a datetime.date, got {date!r}")
+        self.scopes(user_id, project_id, model)  # validated as a reserve's would be
+        held = Held(state="held", day=date_day(date), held_nano=0)
+        return make(
+            rid, held, user_id=user_id, project_id=project_id, model=model, on_error="charge"
+        )
 
     # -- reporting and administration -------------------------------------------
 

@@ -41,7 +41,7 @@ class SyncDriver:
             while True:
                 try:
                     value = self._do(step)
-                except BaseException as e:  # noqa: BLE001 (thrown in: the steps decide)
+                except BaseException as e:
                     step = steps.throw(e)
                 else:
                     step = steps.send(value)
@@ -105,7 +105,7 @@ class AsyncDriver:
             while True:
                 try:
                     value = await self._do(step)
-                except BaseException as e:  # noqa: BLE001 (thrown in: the steps decide)
+                except BaseException as e:
                     step = steps.throw(e)
                 else:
                     step = steps.send(value)

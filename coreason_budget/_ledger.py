@@ -286,7 +286,7 @@ class Ledger:
 
     def today_by_store(self) -> Steps[int]:
         """Today's day number by the store's clock (the one every worker shares)."""
-        day: int = yield from self._call("today", 0, _NO_SCOPES, ())  # only ever the int day
+        day: int = yield from self._call("today", 0, NO_SCOPES, ())  # only ever the int day
         return day
 
     def counters(self, day: int, cursor: int) -> Steps[tuple[int, list[tuple[str, int]]]]:
@@ -296,7 +296,9 @@ class Ledger:
         never holds the store for other callers. A field written meanwhile may
         be read with either value.
         """
-        reply = yield Command("hscan", (self.day_key(day),), {"cursor": cursor, "count": _SCAN_COUNT})
+        reply = yield Command(
+            "hscan", (self.day_key(day),), {"cursor": cursor, "count": _SCAN_COUNT}
+        )
         self.on_reached()
         with _decoding(reply):
             after, values = reply
@@ -410,7 +412,7 @@ class Ledger:
 
 #: What a spend's call answers: "recorded" now, or "duplicate" (this id paid before).
 Spent = Literal["recorded", "duplicate"]
-_NO_SCOPES = Scopes.of([])
+NO_SCOPES = Scopes.of([])
 #: Fields per HSCAN step of a report: each step stays well under a millisecond of server time.
 _SCAN_COUNT = 1000
 #: The settled state a reservation ends in -> the script operation that settles it.
@@ -430,7 +432,9 @@ STATES = frozenset({"held", "committed", "released"})
 #: values in them are checked where they are read.
 _ANSWERS: dict[str, Callable[[list[Any]], bool]] = {
     "reserve": _shapes(("NO", 4), ("DUP", 4), _DAY, ("CONFLICT", 1), ("BIG", 2)),
-    "commit": lambda r: _settled(r) or (r[0] in ("BIG", "WRONGDAY") and len(r) == 2) or r == ["NONE"],
+    "commit": lambda r: (
+        _settled(r) or (r[0] in ("BIG", "WRONGDAY") and len(r) == 2) or r == ["NONE"]
+    ),
     "release": lambda r: _settled(r) or (r[0] == "WRONGDAY" and len(r) == 2) or r == ["NONE"],
     "spend": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
     "replay": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
@@ -449,7 +453,9 @@ def _settled(reply: list[Any]) -> bool:
     return reply[0] == "GONE" and reply[1] in ("recorded", "expired")
 
 
-def store_unavailable(exc: Exception, pool_size: int, pool_timeout: float) -> BudgetUnavailableError:
+def store_unavailable(
+    exc: Exception, pool_size: int, pool_timeout: float
+) -> BudgetUnavailableError:
     """
     What any failure of the store's client means to a caller: BudgetUnavailableError
     (fail closed), in words that say what would fix it. Every driver maps

@@ -95,9 +95,7 @@ class BudgetManager:
         raises BudgetUnavailableError naming the key: the spend may or may not
         have reached the store, and only a retry with that key is safe.
         """
-        return self._run(
-            self._core.record_spend(user_id, cost, project_id, model, idempotency_key)
-        )
+        return self._run(self._core.record_spend(user_id, cost, project_id, model, idempotency_key))
 
     def reserve(
         self,
@@ -145,6 +143,7 @@ class BudgetManager:
         project_id: str | None = None,
         model: str | None = None,
         date: datetime.date | None = None,
+        lookup: bool = True,
     ) -> Reservation:
         """
         The handle of an existing reservation, by id, from any process.
@@ -160,9 +159,17 @@ class BudgetManager:
         the store cannot be asked about now, so that its settlement can be
         spooled. (The store settles a reservation in the scopes its record
         names, whatever the handle says.)
+
+        With ``lookup=False`` the store is not asked: the handle is made from
+        what is passed (*user_id* and *date*, or nothing: then it settles by
+        the store's record alone), for relaying a settlement in one round trip
+        (the HTTP service does). Its estimate is unknown (0): settle it
+        explicitly; a retry of a settled one answers "duplicate".
         """
         return self._run(
-            self._core.reservation(self._handle, reservation_id, user_id, project_id, model, date)
+            self._core.reservation(
+                self._handle, reservation_id, user_id, project_id, model, date, lookup
+            )
         )
 
     def set_limit(

@@ -21,7 +21,6 @@ import redis
 
 from ._config import BudgetConfig
 from ._ledger import Ledger, Scopes
-from ._steps import Steps
 from ._spool import (
     Entry,
     Kind,
@@ -33,6 +32,7 @@ from ._spool import (
     spool_for,
     store_identity,
 )
+from ._steps import Steps
 from .exceptions import BudgetError, BudgetUnavailableError, ConfigError
 
 log = logging.getLogger("coreason_budget")

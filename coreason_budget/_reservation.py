@@ -11,7 +11,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
 from ._ledger import Held, day_date
 from ._money import nano_to_usd, to_nano
@@ -23,17 +23,21 @@ from .exceptions import BudgetError, InvalidInputError
 log = logging.getLogger("coreason_budget")
 
 OnError = Literal["charge", "release"]
+#: What running a handle's steps gives: a Receipt, or (async) an awaitable of one.
+R = TypeVar("R")
 
 
 class HoldOps(Protocol):
     """What a handle's settlements are made of: the manager's core, or a client's."""
 
-    def settle(self, hold: Hold, actual: int, state: str) -> Steps[Receipt]: ...
+    def settle(self, hold: Hold[Any], actual: int, state: str) -> Steps[Receipt]: ...
 
-    def settle_usage(self, hold: Hold, tokens: tuple[int, int, int, int]) -> Steps[Receipt]: ...
+    def settle_usage(
+        self, hold: Hold[Any], tokens: tuple[int, int, int, int]
+    ) -> Steps[Receipt]: ...
 
 
-class Hold:
+class Hold(Generic[R]):
     """
     A reservation as its handle knows it: the hold, and how it was settled.
 
@@ -52,6 +56,9 @@ class Hold:
     # One per LLM call: slots keep it small.
     __slots__ = (
         "_fresh",
+        "_lock",
+        "_ops",
+        "_run",
         "day",
         "estimate_nano",
         "id",
@@ -63,8 +70,15 @@ class Hold:
         "user_id",
     )
 
+    @staticmethod
+    def _new_lock() -> Any:
+        """The lock that settles a hold once: a thread's, or a task's."""
+        raise NotImplementedError
+
     def __init__(
         self,
+        ops: HoldOps,
+        run: Callable[[Steps[Receipt]], R],
         reservation_id: str,
         held: Held,
         *,
@@ -73,6 +87,9 @@ class Hold:
         model: str | None,
         on_error: OnError,
     ) -> None:
+        self._ops = ops
+        self._run = run
+        self._lock = self._new_lock()
         self.id = reservation_id
         self.user_id = user_id
         self.project_id = project_id
@@ -138,38 +155,15 @@ class Hold:
         )
 
 
-class Reservation(Hold):
+class Reservation(Hold[Receipt]):
     """
     A hold on the estimate in every scope, taken when ``reserve()`` returned.
 
     Thread-safe: settling from two threads settles once.
     """
 
-    __slots__ = ("_lock", "_ops", "_run")
-
-    def __init__(
-        self,
-        ops: HoldOps,
-        run: Callable[[Steps[Receipt]], Receipt],
-        reservation_id: str,
-        held: Held,
-        *,
-        user_id: str,
-        project_id: str | None,
-        model: str | None,
-        on_error: OnError,
-    ) -> None:
-        super().__init__(
-            reservation_id,
-            held,
-            user_id=user_id,
-            project_id=project_id,
-            model=model,
-            on_error=on_error,
-        )
-        self._ops = ops
-        self._run = run
-        self._lock = threading.Lock()
+    __slots__ = ()
+    _new_lock = staticmethod(threading.Lock)
 
     def commit(self, actual_cost: float | Decimal) -> Receipt:
         """
@@ -228,7 +222,7 @@ class Reservation(Hold):
                 self._exit_failed(e)
 
 
-class AsyncReservation(Hold):
+class AsyncReservation(Hold[Awaitable[Receipt]]):
     """
     :class:`Reservation`'s async twin: ``await r.commit(x)``, ``async with``.
 
@@ -237,31 +231,8 @@ class AsyncReservation(Hold):
     an ``async with`` block by a cancellation settles as ``on_error`` says.
     """
 
-    __slots__ = ("_lock", "_ops", "_run")
-
-    def __init__(
-        self,
-        ops: HoldOps,
-        run: Callable[[Steps[Receipt]], Awaitable[Receipt]],
-        reservation_id: str,
-        held: Held,
-        *,
-        user_id: str,
-        project_id: str | None,
-        model: str | None,
-        on_error: OnError,
-    ) -> None:
-        super().__init__(
-            reservation_id,
-            held,
-            user_id=user_id,
-            project_id=project_id,
-            model=model,
-            on_error=on_error,
-        )
-        self._ops = ops
-        self._run = run
-        self._lock = asyncio.Lock()
+    __slots__ = ()
+    _new_lock = staticmethod(asyncio.Lock)
 
     async def commit(self, actual_cost: float | Decimal) -> Receipt:
         """As :meth:`Reservation.commit`, awaited."""

@@ -62,9 +62,7 @@ Step = Script | Command | Blocking | Detach
 Steps = Generator[Any, Any, T]
 
 
-async def shielded(
-    work: Coroutine[Any, Any, T], on_orphan: Callable[[T], None] | None = None
-) -> T:
+async def shielded(work: Coroutine[Any, Any, T], on_orphan: Callable[[T], None] | None = None) -> T:
     """
     Await *work* run to its end even if the caller is cancelled meanwhile.
 
