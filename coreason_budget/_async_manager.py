@@ -13,6 +13,7 @@ off with its outcome unknown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 from collections.abc import Callable, Coroutine
@@ -28,6 +29,7 @@ from ._reservation import AsyncReservation, OnError, ReservationRequest
 from ._spool import ReplaySummary
 from ._steps import Steps, T, shielded
 from ._usage import Report, ScopeUsage
+from .exceptions import BudgetUnavailableError
 
 if TYPE_CHECKING:
     from ._pricing import PricingEngine
@@ -38,8 +40,9 @@ class AsyncBudgetManager:
     """
     :class:`BudgetManager`'s methods, awaited; for FastAPI, AsyncOpenAI, agents.
 
-    One per process (per event loop) is enough. The store is connected on the
-    first call, or on ``async with``; close it with ``await budget.aclose()``.
+    One per event loop is enough (its connections belong to the loop that
+    made them). The store is opened on the first call, in a worker thread;
+    close it with ``await budget.aclose()`` (or ``async with``).
     """
 
     def __init__(self, config: BudgetConfig, *, clock: Callable[[], float] | None = None) -> None:
@@ -173,7 +176,8 @@ class AsyncBudgetManager:
 
     async def replay_spool(self) -> ReplaySummary:
         """As :meth:`BudgetManager.replay_spool`; the files are read in a worker thread."""
-        await self._driver.run(self._core.ledger.ping())  # connected (or unavailable) first
+        with contextlib.suppress(BudgetUnavailableError):  # else the summary says why
+            await self._driver.run(self._core.ledger.ping())  # connected first
         return await asyncio.to_thread(self._core.keeper.replay_now)
 
     async def aclose(self) -> None:
@@ -188,7 +192,7 @@ class AsyncBudgetManager:
             await store.aclose()
 
     async def __aenter__(self) -> AsyncBudgetManager:
-        await self._driver.run(self._core.ledger.ping())
+        # Not a ping: a store that is down must fail calls closed, not the start-up.
         return self
 
     async def __aexit__(

@@ -11,6 +11,10 @@ from decimal import Decimal
 from typing import Literal, assert_type
 
 from coreason_budget import (
+    AsyncBudget,
+    AsyncBudgetManager,
+    AsyncReservation,
+    Budget,
     BudgetConfig,
     BudgetError,
     BudgetExceededError,
@@ -21,6 +25,7 @@ from coreason_budget import (
     Reservation,
     ScopeUsage,
 )
+from coreason_budget.client import AsyncBudgetClient, BudgetClient
 
 
 def guarded_call(budget: BudgetManager, prompt: str) -> str | None:
@@ -67,3 +72,50 @@ def configure() -> BudgetManager:
     with BudgetManager(config) as budget:
         admin(budget)
     return BudgetManager.from_env()
+
+
+def on_any_face(budget: Budget, user: str) -> Receipt:
+    """Written against the protocol: the manager and the HTTP client both fit."""
+    with budget.reserve(user, 0.05, model="gpt-4o") as r:
+        assert_type(r, Reservation)
+        return r.commit(0.01)
+
+
+def both_sync_faces(local: BudgetManager, remote: BudgetClient) -> None:
+    on_any_face(local, "alice")
+    on_any_face(remote, "alice")
+
+
+async def guarded_async_call(budget: AsyncBudget, prompt: str) -> str | None:
+    try:
+        async with budget.reserve("user_123", 0.05, project_id="proj", model="gpt-4o") as r:
+            assert_type(r, AsyncReservation)
+            receipt = await r.commit(Decimal("0.031"))
+            assert_type(receipt, Receipt)
+            return prompt.upper()
+    except BudgetExceededError:
+        return None
+
+
+async def async_admin(budget: AsyncBudgetManager) -> float:
+    await budget.check_availability("user_123", 0.05, project_id="proj")
+    receipt = await budget.record_spend("user_123", 0.045, idempotency_key="k")
+    assert_type(receipt, Receipt)
+    r = await budget.reserve("user_123", 1, on_error="release", reservation_id="r-1")
+    assert_type(r, AsyncReservation)
+    assert_type(await r.release(), Receipt)
+    again = await budget.reservation("r-1")
+    assert_type(again.state, str)
+    await budget.set_limit("user", "user_123", 25.0)
+    usage = await budget.usage("user_123")
+    assert_type(usage, dict[str, ScopeUsage])
+    await budget.ping()
+    return usage["global"].remaining_usd
+
+
+async def both_async_faces(config: BudgetConfig, remote: AsyncBudgetClient) -> None:
+    async with AsyncBudgetManager(config) as local:
+        await guarded_async_call(local, "hi")
+        await async_admin(local)
+    await guarded_async_call(remote, "hi")
+    await remote.aclose()
