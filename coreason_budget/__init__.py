@@ -8,6 +8,8 @@ processes and machines sharing one Redis.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._async_manager import AsyncBudgetManager
 from ._config import BudgetConfig
 from ._manager import BudgetManager
@@ -28,11 +30,16 @@ from .exceptions import (
     UnknownReservationError,
 )
 
+if TYPE_CHECKING:
+    from .client import AsyncBudgetClient, BudgetClient
+
 __all__ = [
     "AsyncBudget",
+    "AsyncBudgetClient",
     "AsyncBudgetManager",
     "AsyncReservation",
     "Budget",
+    "BudgetClient",
     "BudgetConfig",
     "BudgetError",
     "BudgetExceededError",
@@ -55,12 +62,17 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> str:
+def __getattr__(name: str) -> Any:
     """
     ``__version__``: the installed distribution's (setup.cfg is the one place it
     is written), read on first use, so that importing the package does not pay
-    for importlib.metadata.
+    for importlib.metadata. The HTTP clients, on first use too: they need the
+    ``client`` extra (httpx), which a library user may not have.
     """
+    if name in ("AsyncBudgetClient", "BudgetClient"):
+        from . import client
+
+        return getattr(client, name)
     if name != "__version__":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib.metadata

@@ -27,7 +27,7 @@ from ._drivers import AsyncDriver
 from ._receipt import Receipt
 from ._reservation import AsyncReservation, OnError, ReservationRequest
 from ._spool import ReplaySummary
-from ._steps import Steps, T, shielded
+from ._steps import Steps, T
 from ._usage import Report, ScopeUsage
 from .exceptions import BudgetUnavailableError
 
@@ -52,7 +52,7 @@ class AsyncBudgetManager:
         self._store: AsyncStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._driver = AsyncDriver(self._connect, config.pool_size, config.pool_timeout)
-        self._handle = functools.partial(AsyncReservation, self._core, self._driver.run)
+        self._handle = functools.partial(AsyncReservation, self._core, self._driver)
 
     @classmethod
     def from_env(cls) -> AsyncBudgetManager:
@@ -121,7 +121,7 @@ class AsyncBudgetManager:
             steps = self._core.reserve(
                 self._handle, user_id, estimate, project_id, model, on_error, reservation_id
             )
-            return shielded(self._driver.run(steps), self._abandoned)
+            return self._driver.write(self._driver.run(steps), self._abandoned)
 
         return ReservationRequest(take)
 
@@ -185,7 +185,7 @@ class AsyncBudgetManager:
         Let background releases finish (bounded), stop replaying, close the pool
         (and stop an embedded store no one else uses). Spooled charges stay on disk.
         """
-        await self._driver.wait_detached(self._call_bound())
+        await self._driver.wait_background(self._call_bound())
         await asyncio.to_thread(self._core.keeper.close)
         store, self._store = self._store, None
         if store is not None:
@@ -206,7 +206,7 @@ class AsyncBudgetManager:
     # -- plumbing ------------------------------------------------------------------
 
     async def _write(self, steps: Steps[T]) -> T:
-        return await shielded(self._driver.run(steps))
+        return await self._driver.write(self._driver.run(steps))
 
     async def _connect(self) -> Any:
         """The store, opened in a worker thread (an embedded store starts a server)."""

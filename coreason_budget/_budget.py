@@ -20,6 +20,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import attrs
+
 from ._config import BudgetConfig
 from ._ledger import NO_SCOPES, UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe, field
 from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
@@ -89,12 +91,16 @@ class BudgetCore:
         return PricingEngine(self.config.pricing_file)
 
     def _price(self, model: str, tokens: tuple[int, int, int, int]) -> Steps[Decimal]:
-        """A price, loading litellm's table first (in a worker thread, for async) if need be."""
-        engine = self._pricing
-        if engine is None or not engine.loaded():
-            engine = self.pricing()
-            yield Blocking(engine.preload)
-        return engine.calculate(model, *tokens)
+        """
+        A price. Until litellm's table is loaded, priced as a Blocking step (in a
+        worker thread, for async): it may import litellm, for seconds, unless
+        the model has a price of its own.
+        """
+        engine = self.pricing()
+        if engine.loaded():
+            return engine.calculate(model, *tokens)
+        cost: Decimal = yield Blocking(functools.partial(engine.calculate, model, *tokens))
+        return cost
 
     # -- the guard ---------------------------------------------------------------
 
@@ -146,7 +152,7 @@ class BudgetCore:
         except BudgetUnavailableError as e:
             yield from self._undo_reserve(e, scopes, rid, day)
             raise
-        except Exception:  # the ledger's answers: nothing was written
+        except (Exception, GeneratorExit):  # the ledger's answers (nothing written); closed
             raise
         except BaseException as e:
             # Interrupted (KeyboardInterrupt, a gevent-style timeout) after the script
@@ -156,6 +162,10 @@ class BudgetCore:
                 yield from self._undo_reserve(lost, scopes, rid, day)
             e.add_note("".join(getattr(lost, "__notes__", [])))
             raise
+        if reservation_id is None and not held.fresh:
+            # A generated id is this call's alone: an earlier attempt of it took the
+            # hold (its reply lost, the client retried), so the hold is this call's.
+            held = attrs.evolve(held, fresh=True)
         return make(
             rid, held, user_id=user_id, project_id=project_id, model=model, on_error=on_error
         )

@@ -1,5 +1,5 @@
 """
-The two drivers of the sans-IO core (see :mod:`._steps`): blocking and asyncio.
+The drivers of the sans-IO core (see :mod:`._steps`): blocking and asyncio.
 
 Each runs an operation's steps against a redis-py client, sync or
 ``redis.asyncio``, and maps whatever that client raises to
@@ -11,9 +11,10 @@ They hold no budget logic: only how to wait.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis
@@ -25,13 +26,8 @@ from .exceptions import BudgetError
 log = logging.getLogger("coreason_budget")
 
 
-class SyncDriver:
-    """Runs steps with blocking calls: the BudgetManager's driver, thread-safe."""
-
-    def __init__(self, client: redis.Redis, pool_size: int, pool_timeout: float) -> None:
-        self._client = client
-        self._script = client.register_script(LUA)
-        self._bounds = (pool_size, pool_timeout)
+class SyncRunner:
+    """Runs steps with blocking calls; a subclass adds its I/O steps in :meth:`_do`."""
 
     def run(self, steps: Steps[T]) -> T:
         """Run *steps* to the end: their value, or what they raise."""
@@ -48,6 +44,26 @@ class SyncDriver:
         except StopIteration as stop:
             result: T = stop.value
             return result
+
+    def _do(self, step: Any) -> Any:
+        kind = type(step)
+        if kind is Blocking:
+            return step.fn()
+        if kind is Detach:
+            threading.Thread(
+                target=self.run, args=(step.steps,), name=step.name, daemon=True
+            ).start()
+            return None
+        raise TypeError(f"not a step: {step!r}")
+
+
+class SyncDriver(SyncRunner):
+    """The BudgetManager's driver: steps on a redis-py client; thread-safe."""
+
+    def __init__(self, client: redis.Redis, pool_size: int, pool_timeout: float) -> None:
+        self._client = client
+        self._script = client.register_script(LUA)
+        self._bounds = (pool_size, pool_timeout)
 
     def _do(self, step: Any) -> Any:
         kind = type(step)
@@ -68,34 +84,21 @@ class SyncDriver:
                 return getattr(self._client, step.name)(*step.args, **step.kwargs)
             except Exception as e:
                 raise store_unavailable(e, *self._bounds) from e
-        if kind is Blocking:
-            return step.fn()
-        if kind is Detach:
-            threading.Thread(
-                target=self.run, args=(step.steps,), name=step.name, daemon=True
-            ).start()
-            return None
-        raise TypeError(f"not a step: {step!r}")
+        return super()._do(step)
 
 
-class AsyncDriver:
+class AsyncRunner:
     """
-    Runs steps with awaits on ``redis.asyncio``: the AsyncBudgetManager's driver.
+    Runs steps with awaits; a subclass adds its I/O steps in :meth:`_do`.
 
-    The store is opened on the first call (*open_client*, which does its
-    blocking part in a worker thread). Blocking steps run in a worker thread;
-    detached steps run as tasks that :meth:`wait_detached` lets finish on close.
+    Blocking steps run in a worker thread; detached steps run as tasks that
+    :meth:`wait_background` lets finish on close.
     """
 
-    def __init__(
-        self, open_client: Callable[[], Awaitable[Any]], pool_size: int, pool_timeout: float
-    ) -> None:
-        self._open_client = open_client
-        self._client: Any = None
-        self._script: Any = None
-        self._opening = asyncio.Lock()
-        self._bounds = (pool_size, pool_timeout)
-        self._detached: set[asyncio.Task[None]] = set()
+    def __init__(self) -> None:
+        #: Tasks that run on without a caller: detached steps, and writes whose
+        #: caller was cancelled. Kept (the loop holds tasks weakly), and waited for on close.
+        self._background: set[asyncio.Future[Any]] = set()
 
     async def run(self, steps: Steps[T]) -> T:
         """Run *steps* to the end: their value, or what they raise."""
@@ -115,6 +118,83 @@ class AsyncDriver:
 
     async def _do(self, step: Any) -> Any:
         kind = type(step)
+        if kind is Blocking:
+            return await asyncio.to_thread(step.fn)
+        if kind is Detach:
+            self.detach(step.steps, step.name)
+            return None
+        raise TypeError(f"not a step: {step!r}")
+
+    async def write(
+        self, work: Coroutine[Any, Any, T], on_orphan: Callable[[T], None] | None = None
+    ) -> T:
+        """
+        Await *work* run to its end even if the caller is cancelled meanwhile.
+
+        For every write of the async faces: a spend, a settlement or a reserve
+        cut off by a cancellation would leave its outcome unknown (the store may
+        have taken it); run on, it lands exactly once or is spooled, and a retry
+        finds it. *on_orphan* gets what it returned when nobody awaits it any
+        more (a reserve's hold, to release); an error it ends with is logged.
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._keep(task)
+            task.add_done_callback(functools.partial(_orphaned, on_orphan))
+            raise
+
+    def detach(self, steps: Steps[None], name: str) -> None:
+        """Run *steps* in a task of their own, not waited for."""
+        self._keep(asyncio.get_running_loop().create_task(self.run(steps), name=name))
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_background(self, timeout: float) -> None:
+        """
+        Let what runs without a caller finish (a release an orphaned reserve
+        starts as it ends, too), for at most *timeout* seconds.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._background:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(set(self._background), timeout=left)
+            await asyncio.sleep(0)  # the done callbacks (which may detach a release) run
+
+
+def _orphaned(on_orphan: Callable[[Any], None] | None, task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.warning("A budget call whose caller was cancelled failed: %s", error)
+    elif on_orphan is not None:
+        on_orphan(task.result())
+
+
+class AsyncDriver(AsyncRunner):
+    """
+    The AsyncBudgetManager's driver: steps on ``redis.asyncio``. The store is
+    opened on the first call (*open_client* does its blocking part in a worker thread).
+    """
+
+    def __init__(
+        self, open_client: Callable[[], Awaitable[Any]], pool_size: int, pool_timeout: float
+    ) -> None:
+        super().__init__()
+        self._open_client = open_client
+        self._client: Any = None
+        self._script: Any = None
+        self._opening = asyncio.Lock()
+        self._bounds = (pool_size, pool_timeout)
+
+    async def _do(self, step: Any) -> Any:
+        kind = type(step)
         if kind is Script:
             try:
                 script = self._script or await self._open()
@@ -122,7 +202,7 @@ class AsyncDriver:
                     return await script(keys=step.keys, args=step.args)
                 except redis.exceptions.NoScriptError:
                     return await script(keys=step.keys, args=step.args)
-            except BudgetError:
+            except BudgetError:  # a ConfigError opening it: not the store being away
                 raise
             except Exception as e:
                 raise store_unavailable(e, *self._bounds) from e
@@ -135,12 +215,7 @@ class AsyncDriver:
                 raise
             except Exception as e:
                 raise store_unavailable(e, *self._bounds) from e
-        if kind is Blocking:
-            return await asyncio.to_thread(step.fn)
-        if kind is Detach:
-            self.detach(step.steps, step.name)
-            return None
-        raise TypeError(f"not a step: {step!r}")
+        return await super()._do(step)
 
     async def _open(self) -> Any:
         async with self._opening:
@@ -149,14 +224,3 @@ class AsyncDriver:
                 self._client = client
                 self._script = client.register_script(LUA)
         return self._script
-
-    def detach(self, steps: Steps[None], name: str) -> None:
-        """Run *steps* in a task of their own, kept until done (the loop holds tasks weakly)."""
-        task = asyncio.get_running_loop().create_task(self.run(steps), name=name)
-        self._detached.add(task)
-        task.add_done_callback(self._detached.discard)
-
-    async def wait_detached(self, timeout: float) -> None:
-        """Let background steps (undoing a reserve...) finish, for at most *timeout* seconds."""
-        if self._detached:
-            await asyncio.wait(set(self._detached), timeout=timeout)

@@ -1,6 +1,9 @@
 """
 A deadline on each whole HTTP attempt of :class:`~coreason_budget.client.BudgetClient`.
 
+(:class:`~coreason_budget.client.AsyncBudgetClient` needs none of this: it bounds
+each attempt with ``asyncio.timeout``, which cancels however the peer trickles.)
+
 httpx's timeouts bound each socket operation, not a request: a peer that sends
 one byte every 0.1 s never trips a 1 s read timeout and holds the caller for as
 long as it likes. Here every socket operation of an attempt gets at most the
@@ -35,7 +38,7 @@ from typing import Any
 import httpcore
 import httpx
 
-__all__ = ["DeadlineTransport", "attempt_deadline"]
+__all__ = ["DeadlineTransport", "attempt_deadline", "deadline_exceeded"]
 
 #: ``(monotonic end, seconds)`` of the current attempt, or None outside one.
 _deadline: ContextVar[tuple[float, float] | None] = ContextVar(
@@ -71,6 +74,14 @@ def _limit(
 
 def _message(seconds: float) -> str:
     return f"no complete answer within the {seconds:g} s deadline of this attempt"
+
+
+def deadline_exceeded(seconds: float) -> httpx.TimeoutException:
+    """
+    The error of an attempt past its *seconds*, for AsyncBudgetClient: a
+    transport error (so retried), worded as the deadline transport words it.
+    """
+    return httpx.TimeoutException(_message(seconds))
 
 
 class _DeadlineStream(httpcore.NetworkStream):

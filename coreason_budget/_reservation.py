@@ -8,22 +8,23 @@ import asyncio
 import datetime
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
+from ._drivers import AsyncRunner
 from ._ledger import Held, day_date
 from ._money import nano_to_usd, to_nano
 from ._pricing import _check_tokens
 from ._receipt import Kind, Receipt
-from ._steps import Steps, shielded
+from ._steps import Steps
 from .exceptions import BudgetError, InvalidInputError
 
 log = logging.getLogger("coreason_budget")
 
 OnError = Literal["charge", "release"]
-#: What running a handle's steps gives: a Receipt, or (async) an awaitable of one.
+#: What runs a handle's steps: a sync driver's run, or an async runner.
 R = TypeVar("R")
 
 
@@ -78,7 +79,7 @@ class Hold(Generic[R]):
     def __init__(
         self,
         ops: HoldOps,
-        run: Callable[[Steps[Receipt]], R],
+        run: R,
         reservation_id: str,
         held: Held,
         *,
@@ -155,7 +156,7 @@ class Hold(Generic[R]):
         )
 
 
-class Reservation(Hold[Receipt]):
+class Reservation(Hold[Callable[[Steps[Receipt]], Receipt]]):
     """
     A hold on the estimate in every scope, taken when ``reserve()`` returned.
 
@@ -222,7 +223,7 @@ class Reservation(Hold[Receipt]):
                 self._exit_failed(e)
 
 
-class AsyncReservation(Hold[Awaitable[Receipt]]):
+class AsyncReservation(Hold[AsyncRunner]):
     """
     :class:`Reservation`'s async twin: ``await r.commit(x)``, ``async with``.
 
@@ -257,9 +258,9 @@ class AsyncReservation(Hold[Awaitable[Receipt]]):
     async def _settle(self, steps: Steps[Receipt]) -> Receipt:
         async def locked() -> Receipt:
             async with self._lock:
-                return await self._run(steps)
+                return await self._run.run(steps)
 
-        return await shielded(locked())
+        return await self._run.write(locked())
 
     async def __aenter__(self) -> Self:
         return self
@@ -291,10 +292,15 @@ class ReservationRequest:
         self._handle: AsyncReservation | None = None
 
     def __await__(self) -> Generator[Any, None, AsyncReservation]:
-        return self._take().__await__()
+        return self._taken().__await__()
 
     async def __aenter__(self) -> AsyncReservation:
-        self._handle = await self._take()
+        return await self._taken()
+
+    async def _taken(self) -> AsyncReservation:
+        """The hold, taken once: awaiting the request again gives the same handle."""
+        if self._handle is None:
+            self._handle = await self._take()
         return self._handle
 
     async def __aexit__(

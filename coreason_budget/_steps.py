@@ -12,14 +12,10 @@ only in how they wait, as h11 and httpcore split protocol from I/O.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import logging
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger("coreason_budget")
 
 
 class Script(NamedTuple):
@@ -60,31 +56,3 @@ class Detach(NamedTuple):
 
 Step = Script | Command | Blocking | Detach
 Steps = Generator[Any, Any, T]
-
-
-async def shielded(work: Coroutine[Any, Any, T], on_orphan: Callable[[T], None] | None = None) -> T:
-    """
-    Await *work* run to its end even if the caller is cancelled meanwhile.
-
-    For every write of the async faces: a spend, a settlement or a reserve
-    cut off by a cancellation would leave its outcome unknown (the store may
-    have taken it); run on, it lands exactly once or is spooled, and a retry
-    finds it. *on_orphan* gets what it returned when nobody awaits it any
-    more (a reserve's hold, to release); an error it ends with is logged.
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(functools.partial(_orphaned, on_orphan))
-        raise
-
-
-def _orphaned(on_orphan: Callable[[Any], None] | None, task: asyncio.Future[Any]) -> None:
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None:
-        log.warning("A budget call whose caller was cancelled failed: %s", error)
-    elif on_orphan is not None:
-        on_orphan(task.result())

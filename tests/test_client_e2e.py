@@ -9,7 +9,6 @@ threads, and through a store outage.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import socket
@@ -35,14 +34,16 @@ from coreason_budget import (
     ConfigError,
     IdempotencyConflictError,
     InvalidInputError,
+    Reservation,
     UnknownModelError,
     UnknownReservationError,
 )
-from coreason_budget.client import BudgetClient, RemoteReservation
+from coreason_budget.client import BudgetClient
 from coreason_budget.server import ServerSettings, create_app
 
 from .conftest import ManagerFactory
 from .redis_server import RedisServer, free_port
+from .service_support import async_managers
 
 USER_KEY = "e2e-user-key"
 ADMIN_KEY = "e2e-admin-key"
@@ -183,9 +184,15 @@ LiveFactory = Callable[..., Live]
 
 
 @pytest.fixture
-def live(make_manager: ManagerFactory) -> Iterator[LiveFactory]:
-    """Serve the app with uvicorn in a thread: real HTTP, without a process to start."""
+def live(redis_url: str, spool_dir: Path) -> Iterator[LiveFactory]:
+    """
+    Serve the app with uvicorn in a thread: real HTTP, without a process to start.
+
+    Each app has an AsyncBudgetManager of its own, as the service does (on the
+    test's store unless ``redis_url`` is given); the app closes it when it stops.
+    """
     started: list[Live] = []
+    make_manager = async_managers(redis_url, spool_dir)
 
     def start(settings: ServerSettings | None = None, **config: Any) -> Live:
         manager = make_manager(**{**LIMITS, **config})
@@ -212,7 +219,7 @@ class TestAgainstTheService:
 
     def test_reserve_commit_and_usage(self, client: BudgetClient) -> None:
         with client.reserve("u", 0.05, project_id="p", model="house-llm") as r:
-            assert isinstance(r, RemoteReservation)
+            assert isinstance(r, Reservation)
             assert r.state == "held"
             assert len(r.id) == 32
             assert client.usage("u", "p")["user"].spent_nano == 50_000_000
@@ -324,7 +331,7 @@ class TestAgainstTheService:
     def test_settling_on_exit_with_the_service_down_keeps_the_callers_error(
         self, live: LiveFactory, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
     ) -> None:
-        handles: list[RemoteReservation] = []
+        handles: list[Reservation] = []
 
         def failing_call(c: BudgetClient) -> None:
             with c.reserve("u", 1) as r:
@@ -535,13 +542,13 @@ class TestValidatedBeforeSending:
         ],
     )
     def test_invalid_token_counts(self, kwargs: dict[str, Any], message: str) -> None:
-        with unreachable() as c:
-            r = RemoteReservation(
-                c, "r", estimate_nano=1, state="held", user_id="u", project_id=None,
-                model="house-llm", on_error="charge", day=datetime.date(2026, 1, 1),
-            )  # fmt: skip
+        held = {"reservation_id": "r", "state": "held", "estimate_usd": 1.0, "day": DAY}
+        c, sent = scripted(lambda _: httpx.Response(200, json=held))
+        with c:
+            r = c.reserve("u", 1, model="house-llm", reservation_id="r")
             with pytest.raises(InvalidInputError, match=message):
                 r.commit_usage(**kwargs)
+        assert [s.url.path for s in sent] == ["/reservations"]  # the commit was never sent
 
     @pytest.mark.parametrize(
         "kwargs",

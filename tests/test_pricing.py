@@ -1132,8 +1132,9 @@ class TestCacheWrites:
 
     def test_commit_usage_through_the_http_service(self, make_manager: Any) -> None:
         """
-        RemoteReservation.commit_usage sends the writes (only when there are some), and
-        the service's commit prices them; more writes than input is refused at both ends.
+        A BudgetClient reservation's commit_usage sends the writes (only when there are
+        some), and the service's commit prices them; more writes than input is refused at
+        both ends.
         """
         testclient = pytest.importorskip("fastapi.testclient")
         import httpx
