@@ -192,16 +192,23 @@ class AsyncDriver(AsyncRunner):
         self._script: Any = None
         self._opening = asyncio.Lock()
         self._bounds = (pool_size, pool_timeout)
+        # First come, first served: redis.asyncio's pool gives a freed connection to
+        # whichever task asks next, so with more tasks than connections some would
+        # wait past pool_timeout, and fail, on a healthy store.
+        self._gate = asyncio.Semaphore(pool_size)
 
     async def _do(self, step: Any) -> Any:
         kind = type(step)
         if kind is Script:
             try:
                 script = self._script or await self._open()
+                await self._enter()
                 try:
                     return await script(keys=step.keys, args=step.args)
                 except redis.exceptions.NoScriptError:
                     return await script(keys=step.keys, args=step.args)
+                finally:
+                    self._gate.release()
             except BudgetError:  # a ConfigError opening it: not the store being away
                 raise
             except Exception as e:
@@ -210,12 +217,29 @@ class AsyncDriver(AsyncRunner):
             try:
                 if self._client is None:
                     await self._open()
-                return await getattr(self._client, step.name)(*step.args, **step.kwargs)
+                await self._enter()
+                try:
+                    return await getattr(self._client, step.name)(*step.args, **step.kwargs)
+                finally:
+                    self._gate.release()
             except BudgetError:
                 raise
             except Exception as e:
                 raise store_unavailable(e, *self._bounds) from e
         return await super()._do(step)
+
+    async def _enter(self) -> None:
+        """A turn at the pool, in the order asked for, within pool_timeout."""
+        gate = self._gate
+        if not gate.locked():
+            await gate.acquire()  # free: no wait, no timer
+            return
+        try:
+            async with asyncio.timeout(self._bounds[1]):
+                await gate.acquire()
+        except TimeoutError:
+            # redis-py's words for it, which store_unavailable explains.
+            raise redis.ConnectionError("No connection available.") from None
 
     async def _open(self) -> Any:
         async with self._opening:
