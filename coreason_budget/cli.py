@@ -265,6 +265,8 @@ def _serve(args: argparse.Namespace) -> int:
     # starts. An unreachable store is only a warning: it may come up after us (compose,
     # Kubernetes), and until it does /health says 503 and every request is refused.
     # Held open while serving, which also keeps an embedded store's server up between workers.
+    # A sync manager: it only pings and holds the store, outside any event loop; each worker
+    # serves on an AsyncBudgetManager of its own (app_from_env), opened on its own loop.
     with BudgetManager(config) as budget, multiprocess_metrics(args.workers):
         try:
             budget.ping()

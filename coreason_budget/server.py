@@ -1,9 +1,11 @@
 """
 The FinOps microservice: the budget guard over HTTP (``pip install coreason-budget[server]``).
 
-Every handler is a thin, synchronous call into one shared
-:class:`~coreason_budget.BudgetManager` (FastAPI runs sync handlers in its
-thread pool, which is what the manager is built for). Status codes are the
+Every handler is a thin ``async def`` awaiting one shared
+:class:`~coreason_budget.AsyncBudgetManager` on the worker's event loop: no
+thread hop per request, and nothing in a handler blocks the loop (opening the
+store, spool writes, litellm's price table and a multiprocess metrics scrape
+run in worker threads). Status codes are the
 same everywhere: 429 over budget, 503 store unavailable (fail closed: a caller
 must treat it as "no"), 422 bad input, 404 unknown reservation, 401/403 auth,
 413 a body over :data:`MAX_BODY_BYTES`.
@@ -27,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -47,12 +49,12 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from ._async_manager import AsyncBudgetManager
 from ._config import ENV_PREFIX, BudgetConfig, env_values
-from ._manager import BudgetManager
 from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_USD, format_usd
 from ._outage import StoreWatch, Watched
 from ._receipt import Kind, Receipt, Status
-from ._reservation import Reservation
+from ._reservation import AsyncReservation
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -336,15 +338,24 @@ class ReserveBody(_Body):
 
 class HoldBody(_Body):
     """
-    The hold as the client knows it (from its reserve answer): optional, and
-    only read when the store has lost the reservation's record (restarted
-    empty), so that its settlement is still recorded once, on its day.
+    The hold as the client knows it (from its reserve answer): optional.
+
+    With ``user_id`` and ``day`` (and the ``project_id`` and ``model`` it was
+    reserved with) the settlement is one store round trip, and is still
+    recorded once, on its day, if the store has lost the reservation's record
+    (restarted empty). Without them the store's record alone says whose hold
+    it is (unknown id: 404). Where they disagree with the record, the record's
+    scopes and day are settled (token usage is priced for the model named here).
     """
 
     user_id: Id | None = None
     project_id: Id | None = None
     model: Id | None = None
     day: Day | None = None
+
+
+#: A settlement's body that describes no hold.
+_NO_HOLD = HoldBody()
 
 
 class CommitBody(HoldBody):
@@ -454,8 +465,13 @@ class _Metrics:
             self.store_seconds.labels(operation).observe(time.perf_counter() - start)
 
 
-def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
-    """The HTTP API over *manager*; the app closes the manager when it shuts down."""
+def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI:
+    """
+    The HTTP API over *manager*; the app closes the manager when it shuts down.
+
+    The manager is used on the event loop that serves the app (its store is
+    opened there on the first request): give each app a manager of its own.
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -464,12 +480,13 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
                 "!!! AUTHENTICATION IS DISABLED: anyone who can reach this port can spend !!!"
             )
         # Import litellm's table in the background: the first priced commit
-        # would otherwise take seconds, longer than a client's timeout.
-        threading.Thread(target=manager.pricing.preload, daemon=True).start()
+        # would otherwise take seconds, longer than a client's timeout. A daemon
+        # thread, not the loop's executor, so that shutting down never waits for it.
+        threading.Thread(target=lambda: manager.pricing.preload(), daemon=True).start()
         log.info("Worker %d started", os.getpid())
         yield
         log.info("Worker %d stopping", os.getpid())
-        manager.close()
+        await manager.aclose()
         metrics.process_exit()
 
     app = FastAPI(
@@ -499,10 +516,13 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             return _HTTPError(403, "API key not allowed here")
         return _HTTPError(401, "bad API key")
 
-    def _auth(keys: list[bytes]) -> Callable[..., None]:
+    def _auth(keys: list[bytes]) -> Callable[..., Awaitable[None]]:
         # The guard has already checked the key; this checks it again where the route is
         # declared (defence in depth) and puts the bearer scheme in the OpenAPI schema.
-        def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        # async: FastAPI would run a sync dependency in its thread pool, a hop per request.
+        async def check(
+            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        ) -> None:
             refused = _refusal(None if creds is None else creds.credentials, keys)
             if refused is not None:
                 raise refused
@@ -543,18 +563,19 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
 
     app.add_middleware(_Guard, refuse=_guard, limit=MAX_BODY_BYTES, seconds=BODY_SECONDS)
 
+    # Handlers are async: Starlette runs sync ones in its thread pool.
     @app.exception_handler(_HTTPError)
-    def _http_error(_: Request, e: _HTTPError) -> JSONResponse:
+    async def _http_error(_: Request, e: _HTTPError) -> JSONResponse:
         return e.response()
 
     @app.exception_handler(RequestValidationError)
-    def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         # Not FastAPI's default, which echoes the input back and cannot echo a NaN.
         problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
         return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
     @app.exception_handler(BudgetError)
-    def _budget_error(_: Request, e: BudgetError) -> JSONResponse:
+    async def _budget_error(_: Request, e: BudgetError) -> JSONResponse:
         if isinstance(e, BudgetExceededError):
             return JSONResponse(
                 {"detail": str(e), **e.to_json()},
@@ -586,20 +607,20 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             }
         },
     )
-    def health() -> JSONResponse:
+    async def health() -> JSONResponse:
         """Unauthenticated, for load balancers: 503 when the store does not answer."""
         try:
             with metrics.store("ping"):
-                manager.ping()
+                await manager.ping()
         except BudgetUnavailableError:
             return JSONResponse({"status": "unhealthy", "redis": "disconnected"}, status_code=503)
         return JSONResponse({"status": "healthy", "redis": "connected"})
 
     @app.post("/check", dependencies=user, responses=_GUARDED | _BODY | _errors(429))
-    def check(body: CheckBody) -> CheckAnswer:
+    async def check(body: CheckBody) -> CheckAnswer:
         """Would *estimated_cost* fit today? 200 allowed, 429 not. Writes nothing."""
         with metrics.store("check"):
-            manager.check_availability(body.user_id, body.estimated_cost, body.project_id)
+            await manager.check_availability(body.user_id, body.estimated_cost, body.project_id)
         metrics.decided("allowed", "all", body.estimated_cost)
         return CheckAnswer(status="allowed")
 
@@ -609,14 +630,14 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         response_model=ReceiptAnswer,
         responses=_GUARDED | _BODY | _errors(409) | _SPOOLED,
     )
-    def spend(body: SpendBody) -> JSONResponse:
+    async def spend(body: SpendBody) -> JSONResponse:
         """
         Record money already spent; once per idempotency_key. 200 "recorded" or
         "duplicate"; 202 "spooled": the store is unreachable, the service saved
         the spend and records it exactly once when it is back.
         """
         with metrics.store("spend") as watched:
-            receipt = manager.record_spend(
+            receipt = await manager.record_spend(
                 body.user_id, body.cost, body.project_id, body.model, body.idempotency_key
             )
             watched.spooled = receipt.spooled
@@ -625,10 +646,10 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         return _receipt(receipt)
 
     @app.post("/reservations", dependencies=user, responses=_GUARDED | _BODY | _errors(409, 429))
-    def reserve(body: ReserveBody) -> ReservationAnswer:
+    async def reserve(body: ReserveBody) -> ReservationAnswer:
         """Hold the estimate in every scope (429 if it does not fit)."""
         with metrics.store("reserve"):
-            r = manager.reserve(
+            r = await manager.reserve(
                 body.user_id,
                 body.estimate,
                 body.project_id,
@@ -645,9 +666,9 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         dependencies=user,
         responses=_GUARDED | _errors(404),
     )
-    def get_reservation(reservation_id: Id) -> ReservationInfo:
+    async def get_reservation(reservation_id: Id) -> ReservationInfo:
         with metrics.store("lookup"):
-            r = manager.reservation(reservation_id)
+            r = await manager.reservation(reservation_id)
         return ReservationInfo(
             reservation_id=r.id,
             state=r.state,
@@ -658,15 +679,46 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
             day=r.date,
         )
 
-    def _held(reservation_id: str, body: HoldBody) -> Reservation:
-        """The reservation, or (its record lost) the hold as the client describes it."""
-        return manager.reservation(
-            reservation_id,
+    async def _held(rid: str, body: HoldBody, *, lookup: bool) -> AsyncReservation:
+        return await manager.reservation(
+            rid,
             user_id=body.user_id,
             project_id=body.project_id,
             model=body.model,
             date=body.day,
+            lookup=lookup,
         )
+
+    async def _settled(
+        rid: str,
+        body: HoldBody,
+        settle: Callable[[AsyncReservation], Awaitable[Receipt]],
+        *,
+        priced: bool = False,
+    ) -> tuple[AsyncReservation, Receipt]:
+        """
+        Settle reservation *rid* as *settle* says: the handle and its receipt.
+
+        One store round trip (the settlement) when the body describes the hold
+        (``user_id`` and ``day``, as clients send it) or describes nothing (the
+        store's record alone says whose it is; no record: 404). The
+        reservation is looked up first only when that cannot do: half a
+        description, or token usage without the model to price it for.
+        """
+        described = body.user_id is not None and body.day is not None
+        bare = all(v is None for v in (body.user_id, body.project_id, body.model, body.day))
+        if (described or bare) and not (priced and body.model is None):
+            r = await _held(rid, body, lookup=False)
+            try:
+                return r, await settle(r)
+            except InvalidInputError as e:
+                if not described or isinstance(e, IdempotencyConflictError):
+                    raise
+                # Nothing was written: the body named another day than the record's (or
+                # an amount its scopes cannot take). Settled as the record says, as a
+                # looked-up handle is (the same error again if that is what it was).
+        r = await _held(rid, body, lookup=True)
+        return r, await settle(r)
 
     @app.post(
         "/reservations/{reservation_id:budget_id}/commit",
@@ -674,7 +726,7 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         response_model=ReceiptAnswer,
         responses=_GUARDED | _BODY | _errors(404, 409) | _SPOOLED,
     )
-    def commit(reservation_id: Id, body: CommitBody) -> JSONResponse:
+    async def commit(reservation_id: Id, body: CommitBody) -> JSONResponse:
         """
         Settle to the actual cost (or priced token usage). Repeats are no-ops
         ("duplicate"); 202 "spooled" when the store is unreachable (recorded once
@@ -683,17 +735,19 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         tokens = body.input_tokens is not None or body.output_tokens is not None
         if (body.actual_cost is None) == (not tokens):
             raise InvalidInputError("send either actual_cost or input_tokens and output_tokens")
-        with metrics.store("commit") as watched:
-            r = _held(reservation_id, body)
+
+        async def settle(r: AsyncReservation) -> Receipt:
             if body.actual_cost is not None:
-                receipt = r.commit(body.actual_cost)
-            else:
-                receipt = r.commit_usage(
-                    input_tokens=body.input_tokens or 0,
-                    output_tokens=body.output_tokens or 0,
-                    cached_input_tokens=body.cached_input_tokens,
-                    cache_creation_input_tokens=body.cache_creation_input_tokens,
-                )
+                return await r.commit(body.actual_cost)
+            return await r.commit_usage(
+                input_tokens=body.input_tokens or 0,
+                output_tokens=body.output_tokens or 0,
+                cached_input_tokens=body.cached_input_tokens,
+                cache_creation_input_tokens=body.cache_creation_input_tokens,
+            )
+
+        with metrics.store("commit") as watched:
+            r, receipt = await _settled(reservation_id, body, settle, priced=tokens)
             watched.spooled = receipt.spooled
         if receipt.status == "recorded":
             metrics.decided("recorded", "all", receipt.amount_usd)
@@ -705,33 +759,32 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         response_model=ReceiptAnswer,
         responses=_GUARDED | _BODY | _errors(404, 409) | _SPOOLED,
     )
-    def release(reservation_id: Id, body: HoldBody | None = None) -> JSONResponse:
+    async def release(reservation_id: Id, body: HoldBody | None = None) -> JSONResponse:
         """Give the hold back. Repeats (and release after commit) are no-ops."""
         with metrics.store("release") as watched:
-            r = _held(reservation_id, body or HoldBody())
-            receipt = r.release()
+            r, receipt = await _settled(reservation_id, body or _NO_HOLD, lambda r: r.release())
             watched.spooled = receipt.spooled
         return _receipt(receipt, r.state)
 
     @app.get("/usage/{user_id:budget_id}", dependencies=user, responses=_GUARDED)
-    def usage(user_id: Id, project_id: Id | None = None) -> UsageAnswer:
+    async def usage(user_id: Id, project_id: Id | None = None) -> UsageAnswer:
         """Spent, limit and remaining per scope today (open holds count as spent)."""
         with metrics.store("usage"):
-            usage = manager.usage(user_id, project_id)
+            usage = await manager.usage(user_id, project_id)
         return {scope: ScopeUsageAnswer(**u.to_json()) for scope, u in usage.items()}
 
     @app.get("/report", dependencies=admin, responses=_GUARDED)
-    def report(top: Annotated[int, Query(ge=1, le=1000)] = 10) -> ReportAnswer:
+    async def report(top: Annotated[int, Query(ge=1, le=1000)] = 10) -> ReportAnswer:
         """Today's spend: the total, then the top users, projects and models (admin key)."""
         with metrics.store("report"):
-            r = manager.report(top)
+            r = await manager.report(top)
         return ReportAnswer.model_validate(r.to_json())
 
     @app.put("/limits", dependencies=admin, responses=_GUARDED | _BODY)
-    def set_limit(body: LimitBody) -> LimitAnswer:
+    async def set_limit(body: LimitBody) -> LimitAnswer:
         """Override (or with ``limit_usd: null`` remove the override of) a daily limit."""
         with metrics.store("set_limit"):
-            manager.set_limit(body.scope, body.entity_id, body.limit_usd)
+            await manager.set_limit(body.scope, body.entity_id, body.limit_usd)
         return LimitAnswer(status="updated", scope=body.scope, entity_id=body.entity_id)
 
     @app.get(
@@ -740,8 +793,10 @@ def create_app(manager: BudgetManager, settings: ServerSettings) -> FastAPI:
         response_class=PlainTextResponse,
         responses=_TEXT | _errors(401, 403),
     )
-    def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus() -> PlainTextResponse:
+        # In multiprocess mode a scrape reads every worker's files: off the loop.
+        text = await asyncio.to_thread(metrics.scrape)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -1003,4 +1058,4 @@ def app_from_env() -> FastAPI:
     """The app as each uvicorn worker builds it: everything from ``COREASON_BUDGET_*``."""
     config = BudgetConfig.from_env()
     configure_logging(config.log_path, config.log_format)
-    return create_app(BudgetManager(config), ServerSettings.from_env())
+    return create_app(AsyncBudgetManager(config), ServerSettings.from_env())

@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from coreason_budget import BudgetConfig, ConfigError
 from coreason_budget.server import ServerSettings, configure_logging, create_app
 
-from .conftest import ManagerFactory
 from .redis_server import RedisServer
+from .service_support import async_managers
 
 KEY = "log-key"
 LIMITS = {"daily_user_limit_usd": 1.0, "daily_project_limit_usd": 5.0}
@@ -40,8 +40,8 @@ def restore_logging() -> Iterator[None]:
 
 
 @pytest.fixture
-def app(managers: ManagerFactory, own_redis: RedisServer) -> Iterator[TestClient]:
-    manager = managers(own_redis.url, **LIMITS)
+def app(own_redis: RedisServer, spool_dir: Path) -> Iterator[TestClient]:
+    manager = async_managers(own_redis.url, spool_dir)(**LIMITS)
     settings = ServerSettings(api_keys=frozenset({KEY}))
     with TestClient(create_app(manager, settings), headers={"Authorization": f"Bearer {KEY}"}) as c:
         yield c

@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from coreason_budget import BudgetConfig
 from coreason_budget.server import ServerSettings, create_app, multiprocess_metrics
 
-from .conftest import ManagerFactory
 from .redis_server import free_port
+from .service_support import async_managers
 
 KEY = "metrics-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -129,10 +129,11 @@ def test_a_scrape_counts_every_workers_decisions(served: Served) -> None:
     assert served.proc.returncode == 0, served.log.read_text()
 
 
-def test_one_process_keeps_its_own_registry(make_manager: ManagerFactory) -> None:
+def test_one_process_keeps_its_own_registry(redis_url: str, spool_dir: Path) -> None:
     """create_app without PROMETHEUS_MULTIPROC_DIR (tests, one worker): in-process counters."""
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-    app = create_app(make_manager(), ServerSettings(api_keys=frozenset({KEY})))
+    manager = async_managers(redis_url, spool_dir)()
+    app = create_app(manager, ServerSettings(api_keys=frozenset({KEY})))
     with TestClient(app, headers=AUTH) as api:
         for _ in range(3):
             assert (

@@ -18,7 +18,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from coreason_budget import BudgetManager, ConfigError
+from coreason_budget import AsyncBudgetManager, ConfigError
 from coreason_budget.cli import main
 from coreason_budget.server import (
     ServerSettings,
@@ -27,8 +27,8 @@ from coreason_budget.server import (
     multiprocess_metrics,
 )
 
-from .conftest import ManagerFactory
 from .redis_server import snapshot
+from .service_support import async_managers
 from .test_client_e2e import USER_KEY as SERVICE_KEY
 from .test_client_e2e import Service
 
@@ -39,12 +39,12 @@ SETTINGS = ServerSettings(api_keys=frozenset({USER_KEY}), admin_api_keys=frozens
 
 
 @pytest.fixture
-def manager(make_manager: ManagerFactory) -> BudgetManager:
-    return make_manager(daily_user_limit_usd=10.0)
+def manager(redis_url: str, spool_dir: Path) -> AsyncBudgetManager:
+    return async_managers(redis_url, spool_dir)(daily_user_limit_usd=10.0)
 
 
 @pytest.fixture
-def app(manager: BudgetManager) -> FastAPI:
+def app(manager: AsyncBudgetManager) -> FastAPI:
     return create_app(manager, SETTINGS)
 
 
@@ -81,7 +81,7 @@ class TestApiKeysMustBeSendable:
         assert main(["serve", "--port", "1"]) == 2
         assert "COREASON_BUDGET_API_KEYS" in capsys.readouterr().err
 
-    def test_printable_ascii_keys_still_work(self, manager: BudgetManager) -> None:
+    def test_printable_ascii_keys_still_work(self, manager: AsyncBudgetManager) -> None:
         app = create_app(manager, ServerSettings(api_keys=frozenset({"a key ~!#"})))
         with TestClient(app) as api:
             r = api.get("/usage/u", headers={"Authorization": "Bearer a key ~!#"})

@@ -13,17 +13,18 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from coreason_budget import BudgetManager, ConfigError
+from coreason_budget import AsyncBudgetManager, BudgetManager, ConfigError
 from coreason_budget.server import ServerSettings, create_app
 
-from .conftest import ManagerFactory
 from .redis_server import RedisServer, snapshot
+from .service_support import async_managers
 
 USER_KEY = "user-key-1"
 ADMIN_KEY = "admin-key-1"
@@ -40,12 +41,15 @@ Serve = Callable[..., TestClient]
 
 
 @pytest.fixture
-def serve(make_manager: ManagerFactory) -> Iterator[Serve]:
+def serve(redis_url: str, spool_dir: Path) -> Iterator[Serve]:
     """Start apps on managers of the test store; each is shut down after the test."""
     clients: list[TestClient] = []
+    make_manager = async_managers(redis_url, spool_dir)
 
     def start(
-        settings: ServerSettings | None = None, manager: BudgetManager | None = None, **config: Any
+        settings: ServerSettings | None = None,
+        manager: AsyncBudgetManager | None = None,
+        **config: Any,
     ) -> TestClient:
         if manager is None:
             manager = make_manager(**{**LIMITS, **config})
@@ -392,6 +396,140 @@ class TestReservations:
         assert r.status_code == 404
         assert r.json()["detail"] == "no reservation 'nope' (never made, or expired)"
         assert snapshot(redis_client) == before
+
+
+class StoreCalls:
+    """
+    The commands the service sent the store, as the redis-server saw them.
+
+    INFO commandstats counts the commands a script runs as well (its GETs
+    too), so what the service itself sent is read from the slow log, set to
+    log every command: it names the connection each came from (the service's
+    are named "coreason-budget"; a script's own calls come from none).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        setting = client.config_get("slowlog-log-slower-than")
+        self.slower_than = str(setting["slowlog-log-slower-than"])
+        client.config_set("slowlog-log-slower-than", 0)
+
+    def reset(self) -> None:
+        self.client.config_resetstat()
+        self.client.slowlog_reset()
+
+    def sent(self) -> list[str]:
+        """The service's commands since reset(), oldest first (EVALSHA, GET...)."""
+        entries = self.client.slowlog_get(1000)
+        return [
+            bytes(e["command"]).split(b" ", 1)[0].decode().upper()
+            for e in reversed(entries)
+            if e["client_name"] == b"coreason-budget"
+        ]
+
+    def evalsha(self) -> int:
+        """Script calls since reset(), by INFO commandstats."""
+        stat = self.client.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
+        return int(stat["calls"])
+
+    def close(self) -> None:
+        self.client.config_set("slowlog-log-slower-than", self.slower_than)
+
+
+class TestOneRoundTrip:
+    """
+    Commit and release by id are one store round trip: the ledger script (one
+    EVALSHA), no GET of the reservation first, whether the body describes the
+    hold (as clients send it) or not (the store's record says whose it is).
+    """
+
+    @pytest.fixture
+    def store(self, redis_client: redis.Redis) -> Iterator[StoreCalls]:
+        calls = StoreCalls(redis_client)
+        yield calls
+        calls.close()
+
+    def settle(
+        self, api: TestClient, store: StoreCalls, rid: str, action: str, body: Any
+    ) -> tuple[Any, list[str]]:
+        store.reset()
+        r = api.post(f"/reservations/{rid}/{action}", json=body)
+        sent = store.sent()
+        assert store.evalsha() == sent.count("EVALSHA")
+        return r, sent
+
+    @pytest.mark.parametrize(
+        ("action", "settlement", "described", "state"),
+        [
+            ("commit", {"actual_cost": 0.75}, True, "committed"),
+            ("commit", {"actual_cost": 0.75}, False, "committed"),
+            # Token usage is priced for the model the body names (without it: see below).
+            ("commit", {"input_tokens": 1000, "output_tokens": 500}, True, "committed"),
+            ("release", None, True, "released"),
+            ("release", None, False, "released"),
+        ],
+        ids=["commit-hold", "commit-no-hold", "usage-hold", "release-hold", "release-no-hold"],
+    )
+    def test_one_evalsha_and_no_get(
+        self,
+        api: TestClient,
+        store: StoreCalls,
+        action: str,
+        settlement: dict[str, Any] | None,
+        described: bool,
+        state: str,
+    ) -> None:
+        made = api.post(
+            "/reservations",
+            json={"user_id": "u", "estimate": 2, "project_id": "p", "model": "gpt-4"},
+        ).json()
+        hold = {"user_id": "u", "project_id": "p", "model": "gpt-4", "day": made["day"]}
+        body = {**(settlement or {}), **(hold if described else {})} or None
+        r, calls = self.settle(api, store, made["reservation_id"], action, body)
+        assert r.status_code == 200, r.text
+        assert (r.json()["status"], r.json()["state"]) == ("recorded", state)
+        assert calls == ["EVALSHA"]
+        # A repeat is one round trip too, and answers "duplicate" with the state it left.
+        r, calls = self.settle(api, store, made["reservation_id"], action, body)
+        assert (r.json()["status"], r.json()["state"]) == ("duplicate", state)
+        assert calls == ["EVALSHA"]
+
+    def test_an_unknown_id_without_a_hold_is_404_in_one_round_trip(
+        self, api: TestClient, store: StoreCalls, redis_client: redis.Redis
+    ) -> None:
+        api.post("/check", json={"user_id": "u", "estimated_cost": 1})  # connected, script loaded
+        before = snapshot(redis_client)
+        r, calls = self.settle(api, store, "nope", "commit", {"actual_cost": 1})
+        assert r.status_code == 404
+        assert r.json()["detail"] == "no reservation 'nope' (never made, or expired)"
+        assert calls == ["EVALSHA"]
+        assert snapshot(redis_client) == before
+
+    def test_token_usage_without_the_model_is_looked_up_first(
+        self, api: TestClient, store: StoreCalls
+    ) -> None:
+        """The model prices the tokens: a body without it costs a GET of the record first."""
+        made = api.post("/reservations", json={"user_id": "u", "estimate": 2, "model": "gpt-4"})
+        rid, day = made.json()["reservation_id"], made.json()["day"]
+        tokens = {"input_tokens": 1000, "output_tokens": 500}
+        r, calls = self.settle(api, store, rid, "commit", {**tokens, "user_id": "u", "day": day})
+        assert r.status_code == 200, r.text
+        assert r.json()["amount_nano"] > 0
+        assert calls == ["GET", "EVALSHA"]
+
+    def test_a_hold_described_on_the_wrong_day_is_settled_as_the_record_says(
+        self, api: TestClient, store: StoreCalls
+    ) -> None:
+        """The record wins over a wrong description: the script refuses (nothing written), then
+        the reservation is looked up and settled on its own day."""
+        made = api.post("/reservations", json={"user_id": "u", "estimate": 2}).json()
+        wrong = datetime.date.fromisoformat(made["day"]) - datetime.timedelta(days=1)
+        body = {"actual_cost": 0.5, "user_id": "u", "day": wrong.isoformat()}
+        r, calls = self.settle(api, store, made["reservation_id"], "commit", body)
+        assert r.status_code == 200, r.text
+        assert (r.json()["status"], r.json()["state"]) == ("recorded", "committed")
+        assert calls == ["EVALSHA", "GET", "EVALSHA"]
+        assert spent(api, "u")["user"] == 500_000_000
 
 
 class TestUsageAndReport:

@@ -23,12 +23,13 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from coreason_budget import BudgetManager, ConfigError, server
+from coreason_budget import AsyncBudgetManager, ConfigError, server
 from coreason_budget.cli import main
 from coreason_budget.server import MAX_BODY_BYTES, ServerSettings, create_app
 
 from .conftest import ManagerFactory
 from .redis_server import snapshot
+from .service_support import async_managers
 
 USER_KEY = "user-key-1"
 ADMIN_KEY = "admin-key-1"
@@ -43,7 +44,7 @@ NANO = 1_000_000_000
 class Spy:
     """Counts the manager calls that reach it: a handler that ran calls one."""
 
-    def __init__(self, manager: BudgetManager) -> None:
+    def __init__(self, manager: AsyncBudgetManager) -> None:
         self.calls = 0
         self.manager = manager
         original = manager.record_spend
@@ -56,15 +57,20 @@ class Spy:
 
 
 @pytest.fixture
-def manager(make_manager: ManagerFactory) -> BudgetManager:
-    return make_manager(
+def manager(redis_url: str, spool_dir: Path) -> AsyncBudgetManager:
+    return async_managers(redis_url, spool_dir)(
         daily_user_limit_usd=10.0, daily_project_limit_usd=20.0, daily_global_limit_usd=50.0
     )
 
 
 @pytest.fixture
-def app(manager: BudgetManager) -> FastAPI:
-    return create_app(manager, SETTINGS)
+def app(manager: AsyncBudgetManager) -> Iterator[FastAPI]:
+    """The app; requests sent with :func:`call` are served on one event loop of its own."""
+    app = create_app(manager, SETTINGS)
+    with asyncio.Runner() as runner:
+        app.state.runner = runner
+        yield app
+        runner.run(manager.aclose())  # what its lifespan would do
 
 
 @pytest.fixture
@@ -105,7 +111,9 @@ def call(
         elif message["type"] == "http.response.body":
             sent.body += message.get("body", b"")
 
-    asyncio.run(app(http_scope(method, path, headers), receive, send))  # type: ignore[arg-type]
+    # The app's loop: its manager's store is bound to the loop that first used it.
+    runner: asyncio.Runner = app.state.runner
+    runner.run(app(http_scope(method, path, headers), receive, send))  # type: ignore[arg-type]
     return sent
 
 
@@ -139,7 +147,7 @@ class TestBodiesAreBoundedAndReadAfterAuth:
 
     @pytest.mark.parametrize("auth", [None, "Bearer wrong"])
     def test_unauthenticated_big_body_is_401_unread(
-        self, app: FastAPI, manager: BudgetManager, auth: str | None
+        self, app: FastAPI, manager: AsyncBudgetManager, auth: str | None
     ) -> None:
         spy = Spy(manager)
         headers = {"content-type": "application/json"}
@@ -155,7 +163,7 @@ class TestBodiesAreBoundedAndReadAfterAuth:
         assert json.loads(sent.body) == {"detail": detail}
 
     def test_authenticated_big_body_is_413_after_the_limit(
-        self, app: FastAPI, manager: BudgetManager, redis_client: redis.Redis
+        self, app: FastAPI, manager: AsyncBudgetManager, redis_client: redis.Redis
     ) -> None:
         spy = Spy(manager)
         sent = call(app, "POST", "/spend", {**USER, "content-type": "application/json"}, big_body())
@@ -180,7 +188,7 @@ class TestBodiesAreBoundedAndReadAfterAuth:
         assert json.loads(sent.body) == {"detail": "API key not allowed here"}
 
     def test_a_body_in_many_small_chunks_is_read_whole(
-        self, app: FastAPI, manager: BudgetManager
+        self, app: FastAPI, make_manager: ManagerFactory
     ) -> None:
         raw = json.dumps({"user_id": "chunked", "cost": 1.5}).encode()
         sent = call(
@@ -191,7 +199,8 @@ class TestBodiesAreBoundedAndReadAfterAuth:
             iter([raw[i : i + 3] for i in range(0, len(raw), 3)]),
         )
         assert sent.status == 200, sent.body
-        assert manager.usage("chunked")["user"].spent_nano == 1_500_000_000
+        # Read with a sync manager on the same store: one ledger.
+        assert make_manager().usage("chunked")["user"].spent_nano == 1_500_000_000
 
     def test_the_longest_valid_body_fits(self, api: TestClient) -> None:
         # Four ids of 256 astral characters, each escaped as a 12-byte surrogate pair.
@@ -350,12 +359,16 @@ class TestSettingsFromDotEnv:
 class TestRetryAfter:
     """Issue 11.10: a 429 says when the refusing day ends."""
 
-    def test_seconds_until_the_day_resets(self, make_manager: ManagerFactory) -> None:
+    def test_seconds_until_the_day_resets(
+        self, make_manager: ManagerFactory, redis_url: str, spool_dir: Path
+    ) -> None:
         """By the clock that decides the day (injected here; the store's otherwise)."""
         midnight = datetime.datetime(2026, 3, 1, tzinfo=datetime.UTC).timestamp()
+        make_async = async_managers(redis_url, spool_dir)  # the service's: no I/O, not awaited
         for now, left in ((-0.5, 1), (-3600, 3600), (0, 86400), (1.5, 86399)):
-            budget = make_manager(clock=lambda now=now: midnight + now)
-            assert budget.seconds_until_reset() == left
+            for make in (make_manager, make_async):
+                budget = make(clock=lambda now=now: midnight + now)
+                assert budget.seconds_until_reset() == left
 
     def test_429_has_retry_after(self, api: TestClient) -> None:
         api.post("/spend", json={"user_id": "u", "cost": 10})
@@ -418,7 +431,7 @@ class TestSlowBodies:
     )
     def test_408(
         self,
-        manager: BudgetManager,
+        manager: AsyncBudgetManager,
         monkeypatch: pytest.MonkeyPatch,
         path: str,
         headers: dict[str, str],
