@@ -29,7 +29,7 @@ from ._receipt import Kind, Receipt, Status
 from ._replay import SpoolKeeper
 from ._reservation import Hold, OnError
 from ._steps import Blocking, Detach, Steps
-from ._usage import ModelSpend, Report, ScopeUsage
+from ._usage import ModelSpend, Report, ScopeUsage, check_top
 from .exceptions import (
     BudgetError,
     BudgetUnavailableError,
@@ -325,8 +325,7 @@ class BudgetCore:
         }
 
     def report(self, top: int | None) -> Steps[Report]:
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-            raise InvalidInputError(f"top must be None or a whole number >= 0, got {top!r}")
+        check_top(top)
         day = yield from self.ledger.today_by_store()
         # Biggest first; each list pruned to its top as it grows, so that a day
         # of a million users costs a report memory for *top* rows, not for all.

@@ -32,7 +32,7 @@ from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, new_id, to_nano
 from ._receipt import Kind, Receipt, Status
 from ._reservation import Hold, OnError
 from ._steps import Detach, Steps
-from ._usage import ModelSpend, Report, ScopeUsage
+from ._usage import MAX_REPORT_TOP, ModelSpend, Report, ScopeUsage, check_top
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -48,8 +48,6 @@ log = logging.getLogger("coreason_budget")
 
 #: The service's bound on token counts (a larger count is a bug, not usage).
 MAX_TOKENS = 100_000_000
-#: The service's bound on report lengths; ``report(top=None)`` asks for this many.
-MAX_REPORT_TOP = 1000
 
 # A 422 names its error class when the service sends one ("error"); these may be
 # rebuilt from a name alone. Any other name falls back to the status code.
@@ -326,12 +324,9 @@ class ClientCore:
             _unexpected("GET /usage", answer)
 
     def report(self, top: int | None) -> Steps[Report]:
-        if top is not None and (
-            isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_REPORT_TOP
-        ):
-            raise InvalidInputError(f"top must be a whole number from 1 to 1000, got {top!r}")
+        top = check_top(top)
         answer = yield from self.call(
-            Request("GET", "/report", params={"top": top or MAX_REPORT_TOP})
+            Request("GET", "/report", params={"top": MAX_REPORT_TOP if top is None else top})
         )
         try:
             return Report(
@@ -366,11 +361,8 @@ class ClientCore:
         else:
             raise InvalidInputError(f"scope must be 'user', 'project' or 'global', got {scope!r}")
         limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
-        body = {
-            "scope": scope,
-            "entity_id": entity_id,
-            "limit_usd": None if limit is None else nano_to_usd(limit),
-        }
+        # Exact: a float cannot hold every nano-precise limit above $1M.
+        body = {"scope": scope, "entity_id": entity_id, "limit_nano": limit}
         yield from self.call(Request("PUT", "/limits", body), expect="updated")
 
     def ping(self) -> Steps[None]:

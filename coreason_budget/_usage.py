@@ -13,6 +13,22 @@ from typing import Any
 import attrs
 
 from ._money import nano_to_usd
+from .exceptions import InvalidInputError
+
+#: The longest list a report gives (per scope kind), on every face: the service's
+#: answers stay bounded, and the manager's and the client's agree.
+MAX_REPORT_TOP = 1000
+
+
+def check_top(top: object) -> int | None:
+    """A report's *top*: None (every row; a client asks for MAX_REPORT_TOP) or 0 to 1000."""
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_REPORT_TOP
+    ):
+        raise InvalidInputError(
+            f"top must be None or a whole number from 0 to {MAX_REPORT_TOP}, got {top!r}"
+        )
+    return top
 
 
 @attrs.frozen

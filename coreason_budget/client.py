@@ -39,13 +39,13 @@ from typing import Any
 import httpx
 
 from ._budget import ScopeName
-from ._client_core import MAX_REPORT_TOP, MAX_TOKENS, Answer, ClientCore, Request, Wait
+from ._client_core import MAX_TOKENS, Answer, ClientCore, Request, Wait
 from ._drivers import AsyncRunner, SyncRunner
 from ._http_deadline import DeadlineTransport, attempt_deadline, deadline_exceeded
 from ._receipt import Receipt
 from ._reservation import AsyncReservation, OnError, Reservation, ReservationRequest
 from ._steps import Steps, T
-from ._usage import Report, ScopeUsage
+from ._usage import MAX_REPORT_TOP, Report, ScopeUsage
 
 __all__ = ["MAX_REPORT_TOP", "MAX_TOKENS", "AsyncBudgetClient", "BudgetClient"]
 

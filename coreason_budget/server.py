@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -43,7 +44,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,10 +59,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from ._async_manager import AsyncBudgetManager
 from ._config import ENV_PREFIX, BudgetConfig, env_values
-from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_USD, format_usd
+from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_NANO, MAX_LIMIT_USD, format_usd
 from ._outage import StoreWatch, Watched
 from ._receipt import Kind, Receipt, Status
 from ._reservation import AsyncReservation
+from ._usage import MAX_REPORT_TOP
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -83,6 +92,7 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 # A JSON integer is still a valid amount.
 Usd = Annotated[float, Field(strict=True, ge=0, le=MAX_AMOUNT_USD, allow_inf_nan=False)]
 LimitUsd = Annotated[float, Field(strict=True, ge=0, le=MAX_LIMIT_USD, allow_inf_nan=False)]
+LimitNano = Annotated[int, Field(strict=True, ge=0, le=MAX_LIMIT_NANO)]
 Tokens = Annotated[int, Field(strict=True, ge=0, le=100_000_000)]
 
 
@@ -371,7 +381,21 @@ class CommitBody(HoldBody):
 class LimitBody(_Body):
     scope: Literal["user", "project", "global"]
     entity_id: Id | None = None
-    limit_usd: LimitUsd | None
+    limit_usd: LimitUsd | None = None
+    #: The limit exact, instead of limit_usd (what the clients send: a float cannot
+    #: hold every nano-precise limit above $1M). Exactly one of the two; null removes.
+    limit_nano: LimitNano | None = None
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> Self:
+        if len({"limit_usd", "limit_nano"} & self.model_fields_set) != 1:
+            raise ValueError("send exactly one of limit_usd and limit_nano (null removes it)")
+        return self
+
+    def limit(self) -> Decimal | float | None:
+        if "limit_usd" in self.model_fields_set or self.limit_nano is None:
+            return self.limit_usd
+        return Decimal(self.limit_nano).scaleb(-9)
 
 
 class _Metrics:
@@ -774,7 +798,7 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
         return {scope: ScopeUsageAnswer(**u.to_json()) for scope, u in usage.items()}
 
     @app.get("/report", dependencies=admin, responses=_GUARDED)
-    async def report(top: Annotated[int, Query(ge=1, le=1000)] = 10) -> ReportAnswer:
+    async def report(top: Annotated[int, Query(ge=0, le=MAX_REPORT_TOP)] = 10) -> ReportAnswer:
         """Today's spend: the total, then the top users, projects and models (admin key)."""
         with metrics.store("report"):
             r = await manager.report(top)
@@ -784,7 +808,7 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
     async def set_limit(body: LimitBody) -> LimitAnswer:
         """Override (or with ``limit_usd: null`` remove the override of) a daily limit."""
         with metrics.store("set_limit"):
-            await manager.set_limit(body.scope, body.entity_id, body.limit_usd)
+            await manager.set_limit(body.scope, body.entity_id, body.limit())
         return LimitAnswer(status="updated", scope=body.scope, entity_id=body.entity_id)
 
     @app.get(

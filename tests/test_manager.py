@@ -497,7 +497,9 @@ class TestReservationById:
 
         r = budget.reserve("alice", 4.0, project_id="alpha")
         budget._run(
-            budget._core.ledger.settle(Scopes.tracked(["u:bob", "g"]), r.id, r.day, NANO, "committed")
+            budget._core.ledger.settle(
+                Scopes.tracked(["u:bob", "g"]), r.id, r.day, NANO, "committed"
+            )
         )
         assert spent(budget, "alice", "alpha") == {"user": NANO, "project": NANO, "global": NANO}
         assert spent(budget, "bob")["user"] == 0

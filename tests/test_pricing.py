@@ -1130,7 +1130,7 @@ class TestCacheWrites:
         exact = (inp - read - write) * input_price + read * Decimal("0.1") + write * per_write
         assert engine.calculate_nano("m", inp, 0, read, write) == ceil_nano(exact / 10**6)
 
-    def test_commit_usage_through_the_http_service(self, make_manager: Any) -> None:
+    def test_commit_usage_through_the_http_service(self, redis_url: str, spool_dir: Any) -> None:
         """
         A BudgetClient reservation's commit_usage sends the writes (only when there are
         some), and the service's commit prices them; more writes than input is refused at
@@ -1142,7 +1142,9 @@ class TestCacheWrites:
         from coreason_budget.client import BudgetClient
         from coreason_budget.server import ServerSettings, create_app
 
-        manager = make_manager(daily_user_limit_usd=10.0)
+        from .service_support import async_managers
+
+        manager = async_managers(redis_url, spool_dir)(daily_user_limit_usd=10.0)
         manager.pricing.set_price(
             "claude-house",
             input_per_mtok=3,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from coreason_budget import BudgetConfig, BudgetManager, BudgetUnavailableError
+from coreason_budget import AsyncBudgetManager, BudgetConfig, BudgetManager, BudgetUnavailableError
 from coreason_budget.server import ServerSettings, create_app
 
 from .redis_server import free_port
@@ -39,8 +39,9 @@ def python_blocks() -> list[str]:
 @pytest.fixture
 def service() -> Iterator[str]:
     """README's service (``coreason-budget serve`` with key ``agent-key``), on its default store."""
-    manager = BudgetManager(BudgetConfig())
-    app = create_app(manager, ServerSettings(api_keys=frozenset({"agent-key"})))
+    app = create_app(
+        AsyncBudgetManager(BudgetConfig()), ServerSettings(api_keys=frozenset({"agent-key"}))
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -52,8 +53,7 @@ def service() -> Iterator[str]:
         time.sleep(0.01)
     yield f"http://localhost:{port}"
     server.should_exit = True
-    thread.join(20)
-    manager.close()  # the app closes it too; closing twice is harmless
+    thread.join(20)  # the app closed its manager
 
 
 class TestReadme:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from coreason_budget import (
+    AsyncBudgetManager,
     BudgetManager,
     BudgetUnavailableError,
 )
@@ -24,6 +26,7 @@ from coreason_budget.client import BudgetClient
 from coreason_budget.server import ServerSettings, create_app
 
 from .conftest import ManagerFactory
+from .service_support import async_managers
 from .tcp_proxy import TcpProxy
 from .test_client_e2e import USER_KEY, LiveFactory, live  # noqa: F401 (a fixture)
 from .test_faults import FAST, counters
@@ -33,11 +36,11 @@ AUTH = {"Authorization": f"Bearer {USER_KEY}"}
 
 
 @pytest.fixture
-def http(managers: ManagerFactory) -> Iterator[Callable[[BudgetManager], TestClient]]:
+def http() -> Iterator[Callable[[AsyncBudgetManager], TestClient]]:
     """The HTTP service over a given manager (in-process)."""
     made: list[TestClient] = []
 
-    def start(manager: BudgetManager) -> TestClient:
+    def start(manager: AsyncBudgetManager) -> TestClient:
         app = create_app(manager, ServerSettings(api_keys=frozenset({USER_KEY})))
         client = TestClient(app, headers=AUTH)
         client.__enter__()
@@ -66,10 +69,10 @@ class TestUnavailableNamesTheReservation:
     def test_http_commit_and_get(
         self,
         proxy: TcpProxy,
-        managers: ManagerFactory,
-        http: Callable[[BudgetManager], TestClient],
+        spool_dir: Path,
+        http: Callable[[AsyncBudgetManager], TestClient],
     ) -> None:
-        api = http(managers(proxy.url, **{**FAST, "retries": 0}))
+        api = http(async_managers(proxy.url, spool_dir)(**{**FAST, "retries": 0}))
         proxy.refuse()
         for answer in (
             api.post("/reservations/r1/commit", json={"actual_cost": 1.0}),

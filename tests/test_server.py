@@ -583,7 +583,7 @@ class TestUsageAndReport:
         assert [p["entity_id"] for p in body["projects"]] == ["p"]
         assert [(m["model"], m["spent_usd"]) for m in body["models"]] == [("m", 6.0)]
 
-    @pytest.mark.parametrize("top", ["0", "1001", "-1", "x"])
+    @pytest.mark.parametrize("top", ["1001", "-1", "x"])
     def test_report_top_out_of_range_is_422(self, api: TestClient, top: str) -> None:
         r = api.get("/report", params={"top": top}, headers=ADMIN)
         assert r.status_code == 422
