@@ -448,8 +448,27 @@ def main() -> None:
     text = render(
         info, runs, trips, paired, pytest_text, speedup, races, boot, ladders, profile, args
     )
+    if args.output.exists():
+        text = text.rstrip("\n") + "\n" + kept_sections(args.output.read_text(encoding="utf-8"))
     args.output.write_text(text, encoding="utf-8")
     print(f"wrote {args.output}", file=sys.stderr)
+
+
+#: Sections other scripts write (``benchmarks.async_ops --write``, ``benchmarks.service``):
+#: a rewrite keeps them as they are.
+OTHER_SCRIPTS = ("## Async manager vs the async floor", "## Service: before and after async routes")
+
+
+def kept_sections(old: str) -> str:
+    """The sections of *old* that other scripts own, each up to the next ``## `` heading."""
+    kept = []
+    for heading in OTHER_SCRIPTS:
+        start = old.find("\n" + heading + "\n")
+        if start < 0:
+            continue
+        end = old.find("\n## ", start + 1)
+        kept.append(old[start : len(old) if end < 0 else end].rstrip("\n") + "\n")
+    return "".join(kept)
 
 
 if __name__ == "__main__":
