@@ -36,11 +36,9 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import datetime
 import gc
 import io
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -874,31 +872,12 @@ def ladder_text(ladders: list[Ladder], costs: dict[str, float], prof: str) -> st
 
 
 def machine(url: str) -> dict[str, str]:
-    from importlib.metadata import version
+    """The report's machine facts, and the event loop."""
+    from benchmarks.report import machine as report_machine
 
-    import redis.utils
-
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    client = redis.Redis.from_url(url)
-    server = client.info("server")
-    client.close()
-    return {
-        "date (UTC)": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
-        "cores": str(os.cpu_count()),
-        "CPU": cpu,
-        "load average at start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "Python": platform.python_version(),
-        "event loop": f"asyncio ({type(asyncio.new_event_loop()).__name__})",
-        "Redis server": str(server["redis_version"]),
-        "redis-py": version("redis") + (" + hiredis" if redis.utils.HIREDIS_AVAILABLE else ""),
-    }
+    info = report_machine(url)
+    info["event loop"] = f"asyncio ({type(asyncio.new_event_loop()).__name__})"
+    return info
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
