@@ -374,7 +374,7 @@ class TestErrors:
             (lambda c: c.reservation(""), "reservation_id must not be empty"),
             (lambda c: c.usage("u", "x" * 300), "project_id is 300 characters"),
             (lambda c: c.set_limit("org", "x", 1), "scope must be 'user', 'project' or"),
-            (lambda c: c.report(top=1001), "top must be a whole number"),
+            (lambda c: c.report(top=1001), "top must be None or a whole number"),
         ],
     )
     def test_invalid_input_is_refused_before_sending(
