@@ -755,12 +755,12 @@ def section(res: Results, info: dict[str, str], extra: str = "") -> str:
         "",
         "Reading the 64-task rows: `redis.asyncio`'s BlockingConnectionPool gives a released "
         "connection to whichever task asks next, not to the task that waited longest. A task "
-        "that asks again without yielding to the loop in between (the floor always; ours on "
-        "`check_availability`, which awaits nothing else) takes its connection straight back, "
-        "so 32 tasks keep the 32 connections and the others wait until the run ends or the "
-        "pool's 0.5 s timeout fails them. Their p50 then measures only the tasks that were "
-        "served, and their p99 the starved ones: compare *time per op* (throughput) at 64 "
-        "tasks, and see the starvation runs below.",
+        "that asks again without yielding to the loop in between (the floor) takes its "
+        "connection straight back, so 32 tasks keep the 32 connections and the others wait "
+        "until the run ends or the pool's 0.5 s timeout fails them; ours takes turns first "
+        "come, first served (the driver's gate), so every task is served and its p50 is the "
+        "wait of all 64. Compare *time per op* (throughput) at 64 tasks, and see the "
+        "starvation runs below.",
         "",
         *starvation(res),
         "",
