@@ -54,5 +54,5 @@ class Detach(NamedTuple):
     name: str
 
 
-Step = Script | Command | Blocking | Detach
+#: An operation: yields the steps above (and a client's requests), returns its answer.
 Steps = Generator[Any, Any, T]
