@@ -40,9 +40,10 @@ class AsyncBudgetManager:
     """
     :class:`BudgetManager`'s methods, awaited; for FastAPI, AsyncOpenAI, agents.
 
-    One per event loop is enough (its connections belong to the loop that
-    made them). The store is opened on the first call, in a worker thread;
-    close it with ``await budget.aclose()`` (or ``async with``).
+    One per process is enough. The store is opened on the first call, in a
+    worker thread, and again if a call comes from another event loop (a script
+    calling ``asyncio.run`` twice): connections belong to the loop that made
+    them. Close it with ``await budget.aclose()`` (or ``async with``).
     """
 
     def __init__(self, config: BudgetConfig, *, clock: Callable[[], float] | None = None) -> None:
@@ -212,6 +213,10 @@ class AsyncBudgetManager:
         """The store, opened in a worker thread (an embedded store starts a server)."""
         from ._store import open_async_store
 
+        old = self._store
+        if old is not None:  # opened on a loop now gone (asyncio.run again): let go of it
+            with contextlib.suppress(Exception):
+                await old.aclose()
         self._store = store = await asyncio.to_thread(open_async_store, self.config)
         self._loop = asyncio.get_running_loop()
         self._core.keeper.run = self._run_from_thread

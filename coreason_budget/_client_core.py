@@ -427,6 +427,14 @@ class ClientCore:
                     f"budget service at {self.base_url} gave an unreadable answer to {what} "
                     f"({type(e).__name__}: {e}); refusing, as if over budget"
                 ) from e
+            except Exception as e:
+                # The HTTP library itself failing (its own bugs, a closed event loop): the
+                # service could not say yes. Not retried: it may fail the same way again.
+                failures.append(e)
+                raise BudgetUnavailableError(
+                    f"budget service at {self.base_url} could not be asked {what}: its HTTP "
+                    f"client failed ({type(e).__name__}: {e}); refusing, as if over budget"
+                ) from e
             # Short: the point is to ride out a dropped keep-alive connection or a
             # restarting worker, not to wait for an outage to end.
             yield Wait(0.05 * 2 ** (len(failures) - 1))

@@ -188,10 +188,12 @@ class AsyncDriver(AsyncRunner):
     ) -> None:
         super().__init__()
         self._open_client = open_client
+        self._bounds = (pool_size, pool_timeout)
+        #: The loop the client (and everything below) belongs to.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._script: Any = None
         self._opening = asyncio.Lock()
-        self._bounds = (pool_size, pool_timeout)
         # First come, first served: redis.asyncio's pool gives a freed connection to
         # whichever task asks next, so with more tasks than connections some would
         # wait past pool_timeout, and fail, on a healthy store.
@@ -201,7 +203,7 @@ class AsyncDriver(AsyncRunner):
         kind = type(step)
         if kind is Script:
             try:
-                script = self._script or await self._open()
+                script = await self._ready()
                 await self._enter()
                 try:
                     return await script(keys=step.keys, args=step.args)
@@ -215,8 +217,7 @@ class AsyncDriver(AsyncRunner):
                 raise store_unavailable(e, *self._bounds) from e
         if kind is Command:
             try:
-                if self._client is None:
-                    await self._open()
+                await self._ready()
                 await self._enter()
                 try:
                     return await getattr(self._client, step.name)(*step.args, **step.kwargs)
@@ -241,7 +242,24 @@ class AsyncDriver(AsyncRunner):
             # redis-py's words for it, which store_unavailable explains.
             raise redis.ConnectionError("No connection available.") from None
 
+    async def _ready(self) -> Any:
+        """The script, registered on a client of the running loop."""
+        if self._loop is asyncio.get_running_loop() and self._script is not None:
+            return self._script
+        return await self._open()
+
     async def _open(self) -> Any:
+        """
+        Open the store: on first use, and again on another loop (``asyncio.run``
+        twice in a script): connections, locks and tasks belong to their loop,
+        and the old one's are unusable once it is closed.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._client, self._script = loop, None, None
+            self._opening = asyncio.Lock()
+            self._gate = asyncio.Semaphore(self._bounds[0])
+            self._background = set()
         async with self._opening:
             if self._script is None:
                 client = await self._open_client()

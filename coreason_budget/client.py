@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from types import TracebackType
 from typing import Any
@@ -217,8 +217,10 @@ class AsyncBudgetClient:
         """As :class:`BudgetClient`'s; *transport* replaces httpx's async network transport."""
         self._core = core = ClientCore(base_url, api_key, timeout, retries, pool_size)
         self.base_url, self.retries, self.timeout = core.base_url, core.retries, core.timeout
-        self._http = httpx.AsyncClient(transport=transport, **core.http_options())
-        self._driver = _AsyncHttp(self._http, core.timeout)
+        self._driver = _AsyncHttp(
+            functools.partial(httpx.AsyncClient, transport=transport, **core.http_options()),
+            core.timeout,
+        )
         self._handle = functools.partial(AsyncReservation, core, self._driver)
 
     # -- the guard ------------------------------------------------------------
@@ -303,7 +305,7 @@ class AsyncBudgetClient:
     async def aclose(self) -> None:
         """Let background releases finish (bounded), then close the connection pool."""
         await self._driver.wait_background(self._core.call_bound())
-        await self._http.aclose()
+        await self._driver.http.aclose()
 
     async def __aenter__(self) -> AsyncBudgetClient:
         return self
@@ -353,11 +355,17 @@ class _SyncHttp(SyncRunner):
 
 
 class _AsyncHttp(AsyncRunner):
-    """Awaited: the attempt is cancelled by ``asyncio.timeout``, however the peer trickles."""
+    """
+    Awaited: the attempt is cancelled by ``asyncio.timeout``, however the peer
+    trickles. The connection pool belongs to the loop it was made on: a call
+    from another loop (``asyncio.run`` twice in a script) gets a new one.
+    """
 
-    def __init__(self, http: httpx.AsyncClient, timeout: float) -> None:
+    def __init__(self, make_http: Callable[[], httpx.AsyncClient], timeout: float) -> None:
         super().__init__()
-        self._http = http
+        self._make_http = make_http
+        self.http = make_http()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timeout = timeout
 
     async def _do(self, step: Any) -> Any:
@@ -365,7 +373,7 @@ class _AsyncHttp(AsyncRunner):
         if kind is Request:
             try:
                 async with asyncio.timeout(self._timeout):
-                    response = await self._http.request(
+                    response = await self._pool().request(
                         step.method, step.path, json=step.body, params=step.params
                     )
             except TimeoutError as e:
@@ -375,3 +383,12 @@ class _AsyncHttp(AsyncRunner):
             await asyncio.sleep(step.seconds)
             return None
         return await super()._do(step)
+
+    def _pool(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:  # the old loop's connections die with it
+                self.http = self._make_http()
+                self._background = set()
+            self._loop = loop
+        return self.http

@@ -640,3 +640,44 @@ def test_repr_and_configuration() -> None:
         AsyncBudgetClient("localhost:8000", "k")
     with pytest.raises(BudgetError, match="retries must be"):
         AsyncBudgetClient("http://b", "k", retries=-1)
+
+
+class TestEventLoops:
+    """A client outlives the event loop it was first used on, as the manager does."""
+
+    def test_a_second_asyncio_run_uses_the_same_client(self, live: LiveFactory) -> None:
+        """
+        httpx's pooled connections belong to the loop that made them; a call
+        from a new loop gets a new pool instead of a RuntimeError from the old one.
+        """
+        client = AsyncBudgetClient(live().url, USER_KEY)
+
+        async def spend(key: str) -> str:
+            return (await client.record_spend("u", 0.25, idempotency_key=key)).status
+
+        assert run(lambda: spend("k1")) == "recorded"
+        assert run(lambda: spend("k2")) == "recorded"
+        assert run(lambda: spend("k1")) == "duplicate"
+
+        async def usage() -> int:
+            try:
+                return (await client.usage("u"))["user"].spent_nano
+            finally:
+                await client.aclose()
+
+        assert run(usage) == 500_000_000
+
+    def test_any_failure_of_the_http_library_is_unavailable(self) -> None:
+        """Principle 7: not only httpx's errors; whatever the library raises fails closed."""
+
+        class Broken(httpx.AsyncBaseTransport):
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                raise RuntimeError("Event loop is closed")
+
+        async def main() -> None:
+            async with AsyncBudgetClient("http://budget", "k", transport=Broken()) as c:
+                with pytest.raises(BudgetUnavailableError, match="HTTP client failed") as info:
+                    await c.record_spend("u", 1, idempotency_key="k")
+                assert info.value.idempotency_key == "k"
+
+        run(main)

@@ -1107,3 +1107,37 @@ class TestPoolFairness:
         calls = run(main())
         assert errors == []
         assert min(calls) > 0
+
+
+class TestEventLoops:
+    """A manager outlives the event loop it was first used on (``asyncio.run`` twice)."""
+
+    @pytest.mark.parametrize("store", ["redis", "embedded"])
+    def test_a_second_asyncio_run_uses_the_same_manager(
+        self,
+        store: str,
+        async_managers: AsyncFactory,
+        redis_url: str,
+        tmp_path: Path,
+    ) -> None:
+        """
+        Connections belong to the loop that made them; a call from a new loop
+        opens the store again instead of failing on the closed loop's sockets.
+        """
+        url = redis_url if store == "redis" else f"embedded://{tmp_path / 'ledger.rdb'}"
+        budget = async_managers(url, spool_dir="off")
+
+        async def spend(key: str) -> str:
+            return (await budget.record_spend("alice", Decimal("0.25"), idempotency_key=key)).status
+
+        assert run(spend("k1")) == "recorded"
+        assert run(spend("k2")) == "recorded"
+        assert run(spend("k1")) == "duplicate"
+
+        async def usage() -> dict[str, int]:
+            try:
+                return spent(await budget.usage("alice"))
+            finally:
+                await budget.aclose()
+
+        assert run(usage()) == {"user": 500_000_000, "global": 500_000_000}
