@@ -40,10 +40,10 @@ class AsyncBudgetManager:
     """
     :class:`BudgetManager`'s methods, awaited; for FastAPI, AsyncOpenAI, agents.
 
-    One per process is enough. The store is opened on the first call, in a
-    worker thread, and again if a call comes from another event loop (a script
-    calling ``asyncio.run`` twice): connections belong to the loop that made
-    them. Close it with ``await budget.aclose()`` (or ``async with``).
+    One per process is enough, used from one event loop at a time. The store
+    is opened on the first call, in a worker thread, and again if a call comes
+    from a new event loop (a script calling ``asyncio.run`` twice): connections
+    belong to the loop that made them. Close it with ``await budget.aclose()`` (or ``async with``).
     """
 
     def __init__(self, config: BudgetConfig, *, clock: Callable[[], float] | None = None) -> None:
