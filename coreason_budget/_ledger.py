@@ -366,9 +366,12 @@ class Ledger:
         """
         # Twice is enough: the second attempt uses the day the server named.
         for _ in range(2):
-            now = self._now_ms()
-            stamp = "-" if self._clock is None else str(now)
-            the_day = day if day is not None else now // DAY_MS
+            if day is not None and self._clock is None:
+                the_day, stamp = day, "-"  # a settlement's day, by the store's clock: no time read
+            else:
+                now = self._now_ms()
+                stamp = "-" if self._clock is None else str(now)
+                the_day = day if day is not None else now // DAY_MS
             keys = [self._day_wire(the_day), *keys_after_day]
             args: list[str | bytes] = [
                 f"{op} {the_day} {stamp} {amount} {self._ttls} {scopes.limits}",
