@@ -824,10 +824,17 @@ class TestNeverBlocksTheLoop:
     """Nothing the async manager does stalls the event loop."""
 
     def test_a_thousand_operations(self, async_managers: AsyncFactory, redis_url: str) -> None:
-        """1,000 mixed operations (50 at a time) on a real store: the loop keeps ticking."""
+        """
+        1,000 mixed operations (50 at a time) on a real store: the loop keeps
+        ticking. Best of three runs: a call that blocks the loop does so every
+        time, a busy machine's scheduling does not.
+        """
 
-        async def main() -> tuple[float, int, int]:
-            async with async_managers(redis_url, **ROBUST, **BIG) as budget, Ticker() as ticker:
+        async def main(prefix: str) -> tuple[float, int, int]:
+            async with (
+                async_managers(redis_url, key_prefix=prefix, **ROBUST, **BIG) as budget,
+                Ticker() as ticker,
+            ):
                 semaphore = asyncio.Semaphore(50)
 
                 async def one(i: int) -> int:
@@ -839,10 +846,15 @@ class TestNeverBlocksTheLoop:
                 assert used == total
             return ticker.max_lag, ticker.ticks, total
 
-        lag, ticks, total = run(main())
-        assert total > 0
-        assert ticks > 0
-        assert lag < LAG_BOUND, f"the loop was blocked for {lag:.3f}s"
+        lags = []
+        for attempt in range(3):
+            lag, ticks, total = run(main(f"lag-{attempt}"))
+            assert total > 0
+            assert ticks > 0
+            lags.append(lag)
+            if lag < LAG_BOUND:
+                break
+        assert min(lags) < LAG_BOUND, f"the loop was blocked in every run: {lags}"
 
     @pytest.mark.timeout(60)
     def test_a_stalled_store_blocks_the_sync_manager_not_the_async_one(
@@ -861,7 +873,7 @@ class TestNeverBlocksTheLoop:
         # Each attempt times out after 0.5 s: a blocking call stalls the loop >= 1 s.
         config: dict[str, Any] = {"connect_timeout": 0.5, "socket_timeout": 0.5, "retries": 1}
 
-        async def main() -> tuple[float, float, list[Any]]:
+        async def async_run() -> tuple[float, list[Any]]:
             budget = async_managers(blackhole.url, **config)
             async with Ticker() as ticker:
 
@@ -877,20 +889,27 @@ class TestNeverBlocksTheLoop:
 
                 results = await asyncio.gather(*(call(i) for i in range(30)))
                 await budget.aclose()
-            async_lag = ticker.max_lag
+            return ticker.max_lag, results
 
+        async def sync_run() -> float:
             sync = managers(blackhole.url, **config)
             async with Ticker() as ticker:
                 with pytest.raises(BudgetUnavailableError):
                     sync.check_availability("alice", 0.5)  # called on the loop: blocks it
-            return async_lag, ticker.max_lag, results
+            return ticker.max_lag
 
-        async_lag, sync_lag, results = run(main())
-        spooled = [r for r in results if isinstance(r, Receipt)]
-        assert len(spooled) == 10
-        assert all(r.status == "spooled" for r in spooled)
-        assert all(isinstance(r, BudgetUnavailableError) for r in results if r not in spooled)
-        assert async_lag < LAG_BOUND, f"the async manager blocked the loop for {async_lag:.3f}s"
+        lags = []
+        for _ in range(3):  # best of three: a block is systematic, a busy machine is not
+            async_lag, results = run(async_run())
+            spooled = [r for r in results if isinstance(r, Receipt)]
+            assert len(spooled) == 10
+            assert all(r.status == "spooled" for r in spooled)
+            assert all(isinstance(r, BudgetUnavailableError) for r in results if r not in spooled)
+            lags.append(async_lag)
+            if async_lag < LAG_BOUND:
+                break
+        sync_lag = run(sync_run())
+        assert min(lags) < LAG_BOUND, f"the async manager blocked the loop in every run: {lags}"
         assert sync_lag >= (config["retries"] + 1) * config["socket_timeout"] * 0.9
         assert sync_lag > LAG_BOUND  # which the bound above would have caught
 
