@@ -301,14 +301,14 @@ class BudgetCore:
         if user_id is None:
             if project_id is not None or model is not None or date is not None:
                 raise InvalidInputError("describe a hold with its user_id and date, or not at all")
-            held = Held(state="held", day=-1, held_nano=0)
+            held = Held(state="held", day=-1, held_nano=0, known=False)
             return make(rid, held, user_id="", project_id=None, model=None, on_error="charge")
         if date is None:
             raise InvalidInputError("a hold described by its user_id needs its date too")
         if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
             raise InvalidInputError(f"date must be a datetime.date, got {date!r}")
         self.scopes(user_id, project_id, model)  # validated as a reserve's would be
-        held = Held(state="held", day=date_day(date), held_nano=0)
+        held = Held(state="held", day=date_day(date), held_nano=0, known=False)
         return make(
             rid, held, user_id=user_id, project_id=project_id, model=model, on_error="charge"
         )

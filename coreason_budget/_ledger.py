@@ -109,6 +109,8 @@ class Held:
     held_nano: int
     #: Taken by this very call (not a retry's answer naming an earlier one's).
     fresh: bool = False
+    #: False when *held_nano* is not the store's (a handle made without asking it).
+    known: bool = True
 
 
 class Ledger:

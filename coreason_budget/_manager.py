@@ -164,7 +164,8 @@ class BudgetManager:
         what is passed (*user_id* and *date*, or nothing: then it settles by
         the store's record alone), for relaying a settlement in one round trip
         (the HTTP service does). Its estimate is unknown (0): settle it
-        explicitly; a retry of a settled one answers "duplicate".
+        explicitly (left unsettled, a with-block leaves the hold as the store
+        has it, which charges it); a retry of a settled one answers "duplicate".
         """
         return self._run(
             self._core.reservation(

@@ -57,6 +57,7 @@ class Hold(Generic[R]):
     # One per LLM call: slots keep it small.
     __slots__ = (
         "_fresh",
+        "_known",
         "_lock",
         "_ops",
         "_run",
@@ -105,6 +106,7 @@ class Hold(Generic[R]):
         #: What became of the settlement's money, once settled through this handle.
         self.receipt: Receipt | None = None
         self._fresh = held.fresh
+        self._known = held.known
 
     @property
     def abandoned(self) -> bool:
@@ -144,6 +146,10 @@ class Hold(Generic[R]):
             return None
         if failed and self.on_error == "release":
             return ops.settle(self, 0, "released")
+        if not self._known:
+            # An estimate this handle never learnt (made without asking the store):
+            # the hold stays as the store has it, which is what charging it does.
+            return None
         return ops.settle(self, self.estimate_nano, "committed")
 
     def _exit_failed(self, error: BudgetError) -> None:

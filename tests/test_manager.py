@@ -467,6 +467,28 @@ class TestReport:
 class TestReservationById:
     """A reservation can be settled by id from another manager (another worker)."""
 
+    def test_a_handle_made_without_asking_leaves_the_hold_on_exit(
+        self, budget: BudgetManager
+    ) -> None:
+        """
+        ``lookup=False`` does not know the estimate: leaving its with-block
+        unsettled must not commit 0 (a refund of the whole hold); the hold stays
+        charged, as leaving the block charges a known one. Settled explicitly,
+        it settles by the store's record.
+        """
+        r = budget.reserve("alice", 4.0, reservation_id="r-blind")
+        with budget.reservation("r-blind", lookup=False):
+            pass
+        assert spent(budget, "alice") == {"user": 4 * NANO, "global": 4 * NANO}
+        with budget.reservation("r-blind", user_id="alice", date=r.date, lookup=False) as again:
+            pass
+        assert again.state == "held"
+        assert spent(budget, "alice") == {"user": 4 * NANO, "global": 4 * NANO}
+        blind = budget.reservation("r-blind", lookup=False)
+        assert blind.commit(1.5).status == "recorded"
+        assert spent(budget, "alice") == {"user": 3 * NANO // 2, "global": 3 * NANO // 2}
+        assert budget.reservation("r-blind").state == "committed"
+
     def test_settle_elsewhere(self, budget: BudgetManager, make_manager: ManagerFactory) -> None:
         r = budget.reserve("alice", 4.0, project_id="alpha", model="gpt-4")
         other = make_manager(daily_user_limit_usd=10.0)
