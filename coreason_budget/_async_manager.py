@@ -95,8 +95,9 @@ class AsyncBudgetManager:
         As :meth:`BudgetManager.record_spend`. Cancelled while in flight, the
         spend still lands once (or is spooled): retry it with the same key.
         """
-        return await self._write(
-            self._core.record_spend(user_id, cost, project_id, model, idempotency_key)
+        return await self._driver.run(
+            self._core.record_spend(user_id, cost, project_id, model, idempotency_key),
+            resumable=True,
         )
 
     def reserve(
@@ -165,7 +166,7 @@ class AsyncBudgetManager:
         self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
     ) -> None:
         """As :meth:`BudgetManager.set_limit`."""
-        await self._write(self._core.set_limit(scope, entity_id, limit_usd))
+        await self._driver.run(self._core.set_limit(scope, entity_id, limit_usd), resumable=True)
 
     def seconds_until_reset(self) -> int:
         """As :meth:`BudgetManager.seconds_until_reset` (no I/O, so not awaited)."""
@@ -205,9 +206,6 @@ class AsyncBudgetManager:
         await self.aclose()
 
     # -- plumbing ------------------------------------------------------------------
-
-    async def _write(self, steps: Steps[T]) -> T:
-        return await self._driver.write(self._driver.run(steps))
 
     async def _connect(self) -> Any:
         """The store, opened in a worker thread (an embedded store starts a server)."""

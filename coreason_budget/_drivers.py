@@ -100,21 +100,65 @@ class AsyncRunner:
         #: caller was cancelled. Kept (the loop holds tasks weakly), and waited for on close.
         self._background: set[asyncio.Future[Any]] = set()
 
-    async def run(self, steps: Steps[T]) -> T:
-        """Run *steps* to the end: their value, or what they raise."""
-        value: Any = None
+    async def run(self, steps: Steps[T], *, resumable: bool = False) -> T:
+        """
+        Run *steps* to the end: their value, or what they raise.
+
+        *resumable*: :meth:`write`'s promise for a write whose every step may
+        be sent twice (a spend carries its idempotency key; a limit is set, not
+        added), without a task of its own. The steps run in the caller's task,
+        and only if the caller is cancelled are they finished in the
+        background, the interrupted step sent again (a blocking one, whose
+        thread runs on, is awaited instead): the write lands once, or is spooled.
+        """
         try:
             step = steps.send(None)
+        except StopIteration as stop:
+            first: T = stop.value
+            return first
+        return await self._drive(steps, step, resumable)
+
+    async def _drive(self, steps: Steps[T], step: Any, resumable: bool) -> T:
+        value: Any = None
+        try:
             while True:
+                pending = None
                 try:
-                    value = await self._do(step)
+                    if resumable and type(step) is Blocking:  # a spool write: never twice
+                        pending = asyncio.ensure_future(asyncio.to_thread(step.fn))
+                        value = await asyncio.shield(pending)
+                    else:
+                        value = await self._do(step)
+                except asyncio.CancelledError as e:
+                    if not resumable:
+                        step = steps.throw(e)
+                        continue
+                    self._keep(asyncio.ensure_future(self._finish(steps, step, pending)))
+                    raise
                 except BaseException as e:
                     step = steps.throw(e)
-                else:
-                    step = steps.send(value)
+                    continue
+                step = steps.send(value)
         except StopIteration as stop:
             result: T = stop.value
             return result
+
+    async def _finish(
+        self, steps: Steps[Any], step: Any, pending: asyncio.Future[Any] | None
+    ) -> None:
+        """The rest of a resumable write whose caller was cancelled at *step*."""
+        try:
+            try:
+                value = await (self._do(step) if pending is None else pending)
+            except BaseException as e:
+                step = steps.throw(e)
+            else:
+                step = steps.send(value)
+            await self._drive(steps, step, resumable=False)
+        except StopIteration:
+            pass
+        except Exception as e:
+            log.warning("A budget call whose caller was cancelled failed: %s", e)
 
     async def _do(self, step: Any) -> Any:
         kind = type(step)

@@ -44,7 +44,6 @@ from ._drivers import AsyncRunner, SyncRunner
 from ._http_deadline import DeadlineTransport, attempt_deadline, deadline_exceeded
 from ._receipt import Receipt
 from ._reservation import AsyncReservation, OnError, Reservation, ReservationRequest
-from ._steps import Steps, T
 from ._usage import MAX_REPORT_TOP, Report, ScopeUsage
 
 __all__ = ["MAX_REPORT_TOP", "MAX_TOKENS", "AsyncBudgetClient", "BudgetClient"]
@@ -196,9 +195,10 @@ class AsyncBudgetClient:
     :class:`BudgetClient`'s calls, awaited, on ``httpx.AsyncClient``: the
     :class:`~coreason_budget.AsyncBudgetManager` lookalike backed by the service.
 
-    One per event loop is enough. Each attempt is bounded by *timeout* as a
-    whole (``asyncio.timeout``), so a dead or trickling service fails a call
-    within about ``(retries + 1) * timeout`` seconds. A write whose task is
+    One per process is enough (a new event loop gets a new pool). Each attempt
+    is bounded by *timeout* as a whole (``asyncio.timeout``), so a dead or
+    trickling service fails a call within about ``(retries + 1) * timeout``
+    seconds. A write whose task is
     cancelled while in flight (a spend, a limit, a settlement, a reserve) runs
     to its end, so that it lands once; a reserve whose caller went away
     releases its hold. Close it with ``await client.aclose()`` or ``async with``.
@@ -243,8 +243,9 @@ class AsyncBudgetClient:
         As :meth:`BudgetClient.record_spend`. Cancelled while in flight, the
         request still runs to its end: retry with the receipt's key, never without.
         """
-        return await self._write(
-            self._core.record_spend(user_id, cost, project_id, model, idempotency_key)
+        return await self._driver.run(
+            self._core.record_spend(user_id, cost, project_id, model, idempotency_key),
+            resumable=True,
         )
 
     def reserve(
@@ -296,7 +297,7 @@ class AsyncBudgetClient:
         self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
     ) -> None:
         """As :meth:`BudgetClient.set_limit`."""
-        await self._write(self._core.set_limit(scope, entity_id, limit_usd))
+        await self._driver.run(self._core.set_limit(scope, entity_id, limit_usd), resumable=True)
 
     async def ping(self) -> None:
         """As :meth:`BudgetClient.ping`."""
@@ -320,9 +321,6 @@ class AsyncBudgetClient:
 
     def __repr__(self) -> str:
         return f"<AsyncBudgetClient {self.base_url}>"
-
-    async def _write(self, steps: Steps[T]) -> T:
-        return await self._driver.write(self._driver.run(steps))
 
 
 # -- the drivers: one attempt, and a pause ---------------------------------------------

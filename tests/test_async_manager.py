@@ -41,6 +41,7 @@ from coreason_budget import (
     _pricing,
 )
 from coreason_budget._money import to_nano
+from coreason_budget._spool import Spool
 
 from .conftest import ManagerFactory
 from .redis_server import free_port
@@ -724,6 +725,59 @@ class TestCancellation:
                 await budget.aclose()
 
         assert run(main()).status == "duplicate"
+        assert spent(make_manager().usage("alice")) == {
+            "user": 1_500_000_000,
+            "global": 1_500_000_000,
+        }
+
+    def test_spend_cancelled_while_it_is_spooled_is_spooled_once(
+        self,
+        proxy: TcpProxy,
+        async_managers: AsyncFactory,
+        make_manager: ManagerFactory,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """
+        The store refuses, the spend is being written to the spool (slowly), and
+        its caller is cancelled: the write finishes in the background with the
+        very same spool entry (its thread runs on), never a second one, and the
+        spend is charged once when the store is back.
+        """
+        budget = async_managers(proxy.url, **{**STALL, "retries": 0})
+        real_append = Spool.append
+
+        def slow_append(self: Spool, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.3)
+            real_append(self, *args, **kwargs)
+
+        monkeypatch.setattr(Spool, "append", slow_append)
+
+        async def main() -> int:
+            try:
+                await budget.ping()
+                proxy.refuse()
+                task = asyncio.get_running_loop().create_task(
+                    budget.record_spend("alice", 1.5, idempotency_key="k-spooled")
+                )
+                await asyncio.sleep(0.15)  # refused at once; now in the slow spool write
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                await settled_background()
+                spool = budget._core.keeper.spool
+                assert spool is not None
+                pending = spool.pending
+                proxy.pass_through()
+                await budget.replay_spool()  # (or the replay its ping starts in the background)
+                for _ in range(500):
+                    if not spool.pending:
+                        break
+                    await asyncio.sleep(0.01)
+                return pending
+            finally:
+                await budget.aclose()
+
+        assert run(main()) == 1
         assert spent(make_manager().usage("alice")) == {
             "user": 1_500_000_000,
             "global": 1_500_000_000,
