@@ -14,7 +14,7 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis
@@ -228,7 +228,10 @@ class AsyncDriver(AsyncRunner):
     """
 
     def __init__(
-        self, open_client: Callable[[], Awaitable[Any]], pool_size: int, pool_timeout: float
+        self,
+        open_client: Callable[[], Coroutine[Any, Any, Any]],
+        pool_size: int,
+        pool_timeout: float,
     ) -> None:
         super().__init__()
         self._open_client = open_client
@@ -237,7 +240,7 @@ class AsyncDriver(AsyncRunner):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._script: Any = None
-        self._opening = asyncio.Lock()
+        self._opening: asyncio.Task[Any] | None = None
         # First come, first served: redis.asyncio's pool gives a freed connection to
         # whichever task asks next, so with more tasks than connections some would
         # wait past pool_timeout, and fail, on a healthy store.
@@ -300,13 +303,17 @@ class AsyncDriver(AsyncRunner):
         """
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            self._loop, self._client, self._script = loop, None, None
-            self._opening = asyncio.Lock()
+            self._loop, self._client, self._script, self._opening = loop, None, None, None
             self._gate = asyncio.Semaphore(self._bounds[0])
             self._background = set()
-        async with self._opening:
-            if self._script is None:
-                client = await self._open_client()
-                self._client = client
-                self._script = client.register_script(LUA)
+        opening = self._opening
+        if opening is None or (
+            opening.done() and (opening.cancelled() or opening.exception() is not None)
+        ):
+            # One opening at a time, in a task of its own: a caller cancelled meanwhile
+            # leaves it to finish for the next one, not a store opened and dropped.
+            opening = self._opening = loop.create_task(self._open_client())
+        client = await asyncio.shield(opening)
+        if self._client is not client:
+            self._client, self._script = client, client.register_script(LUA)
         return self._script

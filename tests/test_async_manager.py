@@ -783,6 +783,55 @@ class TestCancellation:
             "global": 1_500_000_000,
         }
 
+    def test_first_spend_cancelled_while_the_store_opens_opens_it_once(
+        self,
+        async_managers: AsyncFactory,
+        redis_url: str,
+        make_manager: ManagerFactory,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """
+        The first call opens the store (in a worker thread); cancelled meanwhile,
+        the opening finishes for the spend that goes on in the background: one
+        store opened, not one per attempt, and the spend charged once.
+        """
+        from coreason_budget import _store
+
+        real_open = _store.open_async_store
+        opened: list[object] = []
+
+        def slow_open(config: BudgetConfig) -> Any:
+            time.sleep(0.3)
+            store = real_open(config)
+            opened.append(store)
+            return store
+
+        monkeypatch.setattr(_store, "open_async_store", slow_open)
+        budget = async_managers(redis_url, spool_dir="off")
+
+        async def main() -> None:
+            try:
+                task = asyncio.get_running_loop().create_task(
+                    budget.record_spend("alice", 1.5, idempotency_key="k-first")
+                )
+                await asyncio.sleep(0.1)  # opening the store
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                await settled_background()
+                assert (
+                    await budget.record_spend("alice", 1.5, idempotency_key="k-first")
+                ).status == ("duplicate")
+            finally:
+                await budget.aclose()
+
+        run(main())
+        assert len(opened) == 1
+        assert spent(make_manager().usage("alice")) == {
+            "user": 1_500_000_000,
+            "global": 1_500_000_000,
+        }
+
     def test_aclose_waits_for_a_cancelled_commit_in_flight(
         self, proxy: TcpProxy, async_managers: AsyncFactory, spool_dir: Path, redis_url: str
     ) -> None:
