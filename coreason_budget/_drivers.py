@@ -175,11 +175,13 @@ class AsyncRunner:
         """
         Await *work* run to its end even if the caller is cancelled meanwhile.
 
-        For every write of the async faces: a spend, a settlement or a reserve
-        cut off by a cancellation would leave its outcome unknown (the store may
-        have taken it); run on, it lands exactly once or is spooled, and a retry
-        finds it. *on_orphan* gets what it returned when nobody awaits it any
-        more (a reserve's hold, to release); an error it ends with is logged.
+        For the writes of the async faces that are not :meth:`run`'s resumable
+        ones (a settlement, whose retry must find its receipt; a reserve, whose
+        hold must be released): cut off by a cancellation, such a write would
+        leave its outcome unknown (the store may have taken it); run on, it
+        lands exactly once or is spooled, and a retry finds it. *on_orphan*
+        gets what it returned when nobody awaits it any more (a reserve's hold,
+        to release); an error it ends with is logged.
         """
         task = asyncio.ensure_future(work)
         try:
