@@ -271,18 +271,16 @@ class BudgetCore:
         if found is None:
             if user_id is None or date is None:
                 raise UnknownReservationError(f"no reservation {rid!r} (never made, or expired)")
-            if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
-                raise InvalidInputError(f"date must be a datetime.date, got {date!r}")
-            held = Held(state="held", day=date_day(date), held_nano=0)
-        else:
-            held, fields = found
-            try:
-                ids = dict(describe(f) for f in fields)
-            except ValueError:
-                ids = {}
-            user_id, project_id, model = ids.get("user"), ids.get("project"), ids.get("model")
-            if user_id is None:
-                raise UnknownReservationError(f"reservation {rid!r} names no user (not ours?)")
+            # Lost by the store (or it cannot be asked now): the hold as the caller knows it.
+            return self._handle(make, rid, user_id, project_id, model, date, known=True)
+        held, fields = found
+        try:
+            ids = dict(describe(f) for f in fields)
+        except ValueError:
+            ids = {}
+        user_id, project_id, model = ids.get("user"), ids.get("project"), ids.get("model")
+        if user_id is None:
+            raise UnknownReservationError(f"reservation {rid!r} names no user (not ours?)")
         self.scopes(user_id, project_id, model)  # validated as a reserve's would be
         return make(
             rid, held, user_id=user_id, project_id=project_id, model=model, on_error="charge"
@@ -305,10 +303,24 @@ class BudgetCore:
             return make(rid, held, user_id="", project_id=None, model=None, on_error="charge")
         if date is None:
             raise InvalidInputError("a hold described by its user_id needs its date too")
+        return self._handle(make, rid, user_id, project_id, model, date, known=False)
+
+    def _handle(
+        self,
+        make: MakeHandle[H],
+        rid: str,
+        user_id: str,
+        project_id: str | None,
+        model: str | None,
+        date: datetime.date,
+        *,
+        known: bool,
+    ) -> H:
+        """A handle for a hold the caller describes (its estimate: 0), its input checked."""
         if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
             raise InvalidInputError(f"date must be a datetime.date, got {date!r}")
         self.scopes(user_id, project_id, model)  # validated as a reserve's would be
-        held = Held(state="held", day=date_day(date), held_nano=0, known=False)
+        held = Held(state="held", day=date_day(date), held_nano=0, known=known)
         return make(
             rid, held, user_id=user_id, project_id=project_id, model=model, on_error="charge"
         )
