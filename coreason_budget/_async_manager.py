@@ -187,7 +187,7 @@ class AsyncBudgetManager:
         Let background releases finish (bounded), stop replaying, close the pool
         (and stop an embedded store no one else uses). Spooled charges stay on disk.
         """
-        await self._driver.wait_background(self._call_bound())
+        await self._driver.wait_background(self.config.call_bound())
         await asyncio.to_thread(self._core.keeper.close)
         store, self._store = self._store, None
         if store is not None:
@@ -225,8 +225,4 @@ class AsyncBudgetManager:
         loop = self._loop
         assert loop is not None
         future = asyncio.run_coroutine_threadsafe(self._driver.run(steps), loop)
-        return future.result(self._call_bound())
-
-    def _call_bound(self) -> float:
-        c = self.config
-        return c.pool_timeout + (c.retries + 1) * (c.connect_timeout + c.socket_timeout) + 1.0
+        return future.result(self.config.call_bound())

@@ -166,6 +166,15 @@ class BudgetConfig:
     #: "off": no spool (such a charge only raises BudgetUnavailableError).
     spool_dir: str | None = attrs.field(default=None, validator=_text)
 
+    def call_bound(self) -> float:
+        """
+        About the longest one store call can take: the wait for a pooled
+        connection, every attempt's connect and reply timeouts, and a second
+        to spare. What waiting for a call in flight (on close) is bounded by.
+        """
+        attempts = (self.retries + 1) * (self.connect_timeout + self.socket_timeout)
+        return self.pool_timeout + attempts + 1.0
+
     @classmethod
     def from_env(
         cls,

@@ -122,8 +122,7 @@ class SpoolKeeper:
         replayer = self._replayer
         if replayer is not None:
             # Stops after the entry in flight, itself bounded by the store's timeouts.
-            c = self._config
-            replayer.join((c.retries + 1) * (c.connect_timeout + c.socket_timeout) + 1.0)
+            replayer.join(self._config.call_bound())
 
     def _replay_in_background(self, spool: Spool) -> None:
         """In its own thread, so that a caller never waits for someone else's backlog."""
