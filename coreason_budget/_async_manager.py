@@ -120,20 +120,15 @@ class AsyncBudgetManager:
         """
 
         def take() -> Coroutine[Any, Any, AsyncReservation]:
-            steps = self._core.reserve(
-                self._handle, user_id, estimate, project_id, model, on_error, reservation_id
+            # In the caller's task: a cancellation thrown into the core's steps
+            # releases the id in the background, whichever way the reserve went.
+            return self._driver.run(
+                self._core.reserve(
+                    self._handle, user_id, estimate, project_id, model, on_error, reservation_id
+                )
             )
-            return self._driver.write(self._driver.run(steps), self._abandoned)
 
         return ReservationRequest(take)
-
-    def _abandoned(self, hold: AsyncReservation) -> None:
-        """A hold whose taker was cancelled before it got the handle: nobody will settle it."""
-        if hold.abandoned:
-            scopes = self._core.scopes(hold.user_id, hold.project_id, hold.model)
-            self._driver.detach(
-                self._core.release_quietly(scopes, hold.id, hold.day), "coreason-budget-undo"
-            )
 
     # -- reporting and administration -------------------------------------------
 

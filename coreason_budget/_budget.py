@@ -11,6 +11,7 @@ thin: a signature, a docstring, and the driver.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import functools
@@ -19,8 +20,6 @@ import threading
 from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-
-import attrs
 
 from ._config import BudgetConfig
 from ._ledger import NO_SCOPES, UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe, field
@@ -155,30 +154,36 @@ class BudgetCore:
         except (Exception, GeneratorExit):  # the ledger's answers (nothing written); closed
             raise
         except BaseException as e:
-            # Interrupted (KeyboardInterrupt, a gevent-style timeout) after the script
-            # may have run: as unknown as a lost reply, so undone the same way.
+            # Interrupted (KeyboardInterrupt, a gevent-style timeout, a cancelled
+            # task) after the script may have run: as unknown as a lost reply, so
+            # undone the same way, except that a cancelled task's store is well:
+            # released at once, in the background, not through the spool.
             lost = BudgetUnavailableError(f"reserve interrupted ({type(e).__name__})")
             with contextlib.suppress(BudgetError):
-                yield from self._undo_reserve(lost, scopes, rid, day)
+                yield from self._undo_reserve(
+                    lost, scopes, rid, day, spool=not isinstance(e, asyncio.CancelledError)
+                )
             e.add_note("".join(getattr(lost, "__notes__", [])))
             raise
-        if reservation_id is None and not held.fresh:
-            # A generated id is this call's alone: an earlier attempt of it took the
-            # hold (its reply lost, the client retried), so the hold is this call's.
-            held = attrs.evolve(held, fresh=True)
         return make(
             rid, held, user_id=user_id, project_id=project_id, model=model, on_error=on_error
         )
 
     def _undo_reserve(
-        self, error: BudgetUnavailableError, scopes: Scopes, rid: str, day: int
+        self,
+        error: BudgetUnavailableError,
+        scopes: Scopes,
+        rid: str,
+        day: int,
+        *,
+        spool: bool = True,
     ) -> Steps[None]:
         """
         A reserve that failed may still have taken its hold (only the reply was
         lost); nobody would ever settle it. Release it by id: through the spool
-        (the store just failed us; the release lands with the next call that
-        reaches it), else directly, once, in the background (the caller's
-        error must not wait for a store that just failed it). A release that
+        if *spool* (the store just failed us; the release lands with the next
+        call that reaches it), else directly, once, in the background (the
+        caller's error must not wait for a store that just failed it). A release that
         finds no hold leaves a tombstone, so a reserve of this id arriving late
         takes nothing either.
         """
@@ -187,11 +192,16 @@ class BudgetCore:
             f"Reservation {rid!r} is being released in case the store took it before failing; "
             "reserving again needs a new reservation_id."
         )
-        keep = functools.partial(self.keeper.keep, error, "settle", rid, day, scopes, 0, "released")
-        try:
-            yield Blocking(keep)
-        except BudgetUnavailableError:  # no spool
-            yield Detach(self.release_quietly(scopes, rid, day), "coreason-budget-undo")
+        if spool:
+            keep = functools.partial(
+                self.keeper.keep, error, "settle", rid, day, scopes, 0, "released"
+            )
+            try:
+                yield Blocking(keep)
+                return
+            except BudgetUnavailableError:  # no spool
+                pass
+        yield Detach(self.release_quietly(scopes, rid, day), "coreason-budget-undo")
 
     def release_quietly(self, scopes: Scopes, rid: str, day: int) -> Steps[None]:
         """Release a hold nobody will settle (its reserve failed, or its caller went away)."""

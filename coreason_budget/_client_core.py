@@ -209,7 +209,7 @@ class ClientCore:
             e.add_note("".join(getattr(lost, "__notes__", [])))
             raise
         return self._handle(
-            make, "POST /reservations", answer, rid, user_id, project_id, model, on_error, True
+            make, "POST /reservations", answer, rid, user_id, project_id, model, on_error
         )
 
     def _undo_reserve(
@@ -232,10 +232,6 @@ class ClientCore:
         except BudgetError as e:
             log.warning("Could not release reservation %s (nobody will settle it): %s", rid, e)
 
-    def release_abandoned(self, hold: Hold[Any]) -> Steps[None]:
-        """Release the hold of a reserve whose caller went away before getting its handle."""
-        return self.release_quietly(hold.id, _hold_body(hold))
-
     def reservation(self, make: Callable[..., H], reservation_id: str) -> Steps[H]:
         rid = check_id(reservation_id, "reservation_id")
         answer = yield from self.call(
@@ -250,7 +246,6 @@ class ClientCore:
             _answer_opt_str(answer, "project_id"),
             _answer_opt_str(answer, "model"),
             "charge",
-            False,
         )
 
     def _handle(
@@ -263,7 +258,6 @@ class ClientCore:
         project_id: str | None,
         model: str | None,
         on_error: OnError,
-        fresh: bool,
     ) -> H:
         """The handle the service's answer about *rid* describes; any other answer fails closed."""
         if answer.get("reservation_id") != rid:
@@ -272,7 +266,6 @@ class ClientCore:
             state=_answer_state(answer),
             day=date_day(_answer_day(answer)),
             held_nano=_answer_nano(answer, "estimate_usd"),
-            fresh=fresh,
         )
         return make(
             rid, held, user_id=user_id, project_id=project_id, model=model, on_error=on_error

@@ -11,7 +11,6 @@ They hold no budget logic: only how to wait.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -169,26 +168,23 @@ class AsyncRunner:
             return None
         raise TypeError(f"not a step: {step!r}")
 
-    async def write(
-        self, work: Coroutine[Any, Any, T], on_orphan: Callable[[T], None] | None = None
-    ) -> T:
+    async def write(self, work: Coroutine[Any, Any, T]) -> T:
         """
         Await *work* run to its end even if the caller is cancelled meanwhile.
 
-        For the writes of the async faces that are not :meth:`run`'s resumable
-        ones (a settlement, whose retry must find its receipt; a reserve, whose
-        hold must be released): cut off by a cancellation, such a write would
-        leave its outcome unknown (the store may have taken it); run on, it
-        lands exactly once or is spooled, and a retry finds it. *on_orphan*
-        gets what it returned when nobody awaits it any more (a reserve's hold,
-        to release); an error it ends with is logged.
+        For a settlement (its steps are not :meth:`run`'s resumable ones: sent
+        again, a settle that landed would answer "done", and a retry must find
+        its receipt): cut off by a cancellation, it would leave its outcome
+        unknown (the store may have taken it); run on, it lands exactly once
+        or is spooled, and a retry finds it. An error it ends with once nobody
+        awaits it is logged.
         """
         task = asyncio.ensure_future(work)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             self._keep(task)
-            task.add_done_callback(functools.partial(_orphaned, on_orphan))
+            task.add_done_callback(_orphaned)
             raise
 
     def detach(self, steps: Steps[None], name: str) -> None:
@@ -213,14 +209,9 @@ class AsyncRunner:
             await asyncio.sleep(0)  # the done callbacks (which may detach a release) run
 
 
-def _orphaned(on_orphan: Callable[[Any], None] | None, task: asyncio.Future[Any]) -> None:
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None:
+def _orphaned(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
         log.warning("A budget call whose caller was cancelled failed: %s", error)
-    elif on_orphan is not None:
-        on_orphan(task.result())
 
 
 class AsyncDriver(AsyncRunner):

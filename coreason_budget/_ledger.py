@@ -107,8 +107,6 @@ class Held:
     state: str
     day: int
     held_nano: int
-    #: Taken by this very call (not a retry's answer naming an earlier one's).
-    fresh: bool = False
     #: False when *held_nano* is not the store's (a handle made without asking it).
     known: bool = True
 
@@ -179,7 +177,7 @@ class Ledger:
         keys = (self.reservation_key(reservation_id).encode(), self._limits_wire)
         reply = yield from self._call("reserve", amount, scopes, keys, with_record=True)
         if type(reply) is int:
-            return Held(state="held", day=reply, held_nano=amount, fresh=True)
+            return Held(state="held", day=reply, held_nano=amount)
         with _decoding(reply):
             if reply[0] == "NO":
                 self._refuse(reply, scopes, amount)

@@ -56,7 +56,6 @@ class Hold(Generic[R]):
 
     # One per LLM call: slots keep it small.
     __slots__ = (
-        "_fresh",
         "_known",
         "_lock",
         "_ops",
@@ -105,13 +104,7 @@ class Hold(Generic[R]):
         self.state = held.state
         #: What became of the settlement's money, once settled through this handle.
         self.receipt: Receipt | None = None
-        self._fresh = held.fresh
         self._known = held.known
-
-    @property
-    def abandoned(self) -> bool:
-        """Taken by the call that made this handle, and never settled: nobody else will."""
-        return self._fresh and self.receipt is None and self.state == "held"
 
     @property
     def estimate_usd(self) -> float:
