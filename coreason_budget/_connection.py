@@ -49,7 +49,8 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio.connection as aconnection
-from redis.connection import AbstractConnection
+from redis.connection import AbstractConnection, HiredisRespSerializer
+from redis.utils import HIREDIS_AVAILABLE
 
 log = logging.getLogger("coreason_budget")
 T = TypeVar("T")
@@ -416,6 +417,15 @@ class _AsyncGuarded(aconnection.AbstractConnection):
                 judge_memory(self._host_error(), info)
         finally:
             self._handshaking = self._hello_pending = False
+
+    if HIREDIS_AVAILABLE:
+        # redis.asyncio packs in Python where the sync client uses hiredis: about
+        # 4 us of a call's CPU for the ledger's ten arguments. Same bytes either way.
+        _packer = HiredisRespSerializer()
+
+        def pack_command(self, *args: Any) -> list[bytes]:
+            packed: list[bytes] = self._packer.pack(*args)
+            return packed
 
     async def send_command(self, *args: Any, **kwargs: Any) -> None:
         if self._handshaking and args and args[0] == "HELLO":
