@@ -82,36 +82,39 @@ local function refusal(n, amount, spent, overrides, defaults_s)
     return nil
 end
 
--- The index (from 1) of the first of fields[first .. last] that cannot take
--- delta: adding it would pass what a Redis integer holds (2^63 - 1, with a
--- margin far above the doubles' rounding here), or the field holds something
--- that is not a count (HINCRBY would fail there). Nil when all can. Checked
--- before the first write: a script's writes are not undone when a later one fails.
-local function overflow(counters, fields, first, last, delta, values)
-    if delta <= 0 then return nil end
-    -- unpack: Lua 5.1's (Redis), else 5.4's (fakeredis); a global, not an upvalue.
-    values = values or redis.call('HMGET', counters, (unpack or table.unpack)(fields, first, last))
-    for i = 1, last - first + 1 do
-        local v = tonumber(values[i] or '0')
-        if v == nil or v + delta > 9.2e18 then return i end
-    end
-    return nil
-end
-
-local function too_big(i)
+-- BIG: field i could not take the amount. A counters key that is no hash
+-- at all is no answer about an amount: the store's own error, fail closed.
+local function too_big(i, err)
+    if string.find(err, 'WRONGTYPE', 1, true) then return redis.error_reply(err) end
     return {'BIG', string.format('%d', i)}
 end
 
--- Add delta to fields[first .. last]; true when that created a field. The day's
--- hash is only ever created here, with all the fields of its first charge, so
--- when none was new the hash existed and already has its expiry: only a new
--- field needs the caller to (re)arm it.
+-- Add delta to fields[first .. last]. Returns true when that created a
+-- field (the day's hash is only ever created here, with all the fields of its
+-- first charge, so when none was new the hash existed and already has its
+-- expiry: only a new field needs the caller to (re)arm it), false when it did
+-- not, or nil, the index (from 1) of the first field that could not take
+-- delta and the store's error: it would pass what a Redis integer holds, or it holds something that
+-- is not a count. Then the increments already made are taken back (a field
+-- this call created is deleted): a script's writes are not undone when a
+-- later one fails, so nothing is left half-written. Trying costs one call per
+-- field; reading every field first cost one more call per charge.
 local function charge(counters, fields, first, last, delta, ds)
     if delta == 0 then return false end
     ds = ds or string.format('%d', delta)
     local fresh = false
     for i = first, last do
-        if redis.call('HINCRBY', counters, fields[i], ds) == delta then fresh = true end
+        local v = redis.pcall('HINCRBY', counters, fields[i], ds)
+        if type(v) ~= 'number' then
+            for j = first, i - 1 do
+                if redis.call('HINCRBY', counters, fields[j], string.format('%d', -delta)) == 0
+                    and delta > 0 then
+                    redis.call('HDEL', counters, fields[j])  -- made by this call: unmade
+                end
+            end
+            return nil, i - first + 1, v.err or tostring(v)
+        end
+        if v == delta then fresh = true end
     end
     return fresh
 end
@@ -174,8 +177,6 @@ elseif op == 'spend' or op == 'replay' then
     -- Only a replay can name a day past retention: its counters are gone, so is the charge.
     local ttl = expiry(d, retention, now)
     if ttl <= 0 then return {'GONE', 'expired'} end
-    local big = overflow(counters, ARGV, 2, n + 1, amount)
-    if big then return too_big(big) end
     -- The marker outlives the charge it guards: a spool replayed days later
     -- (a crashed job's, picked up on its next run) must still find it.
     local paid = amount_s .. ' ' .. ARGV[n + 2]
@@ -183,9 +184,12 @@ elseif op == 'spend' or op == 'replay' then
         if redis.call('GET', record) ~= paid then return {'CONFLICT'} end
         return {'DUP'}
     end
-    if charge(counters, ARGV, 2, n + 1, amount, amount_s) then
-        redis.call('PEXPIRE', counters, ttl)
+    local fresh, big, err = charge(counters, ARGV, 2, n + 1, amount, amount_s)
+    if big then
+        redis.call('DEL', record)  -- the marker of a charge not made
+        return too_big(big, err)
     end
+    if fresh then redis.call('PEXPIRE', counters, ttl) end
     return d
 
 elseif op == 'reserve' then
@@ -195,14 +199,15 @@ elseif op == 'reserve' then
     local prior = no and redis.call('GET', record)
     if no and not prior then return no end
     if not prior then
-        local big = overflow(counters, ARGV, 2, n + 1, amount, spent)
-        if big then return too_big(big) end
         local ttl = expiry(d, retention, now)
         local value = 'held ' .. day .. ' ' .. amount_s .. ' ' .. ARGV[n + 2]
         if redis.call('SET', record, value, 'NX', 'PX', ttl) then
-            if charge(counters, ARGV, 2, n + 1, amount, amount_s) then
-                redis.call('PEXPIRE', counters, ttl)
+            local fresh, big, err = charge(counters, ARGV, 2, n + 1, amount, amount_s)
+            if big then
+                redis.call('DEL', record)  -- the hold not taken
+                return too_big(big, err)
             end
+            if fresh then redis.call('PEXPIRE', counters, ttl) end
             return d
         end
         prior = redis.call('GET', record)
@@ -228,11 +233,9 @@ elseif op == 'commit' or op == 'release' then
         local ttl = expiry(d, retention, clock(stamp))
         if ttl <= 0 then return {'GONE', 'expired'} end
         if op == 'commit' then
-            local big = overflow(counters, ARGV, 2, n + 1, amount)
-            if big then return too_big(big) end
-            if charge(counters, ARGV, 2, n + 1, amount, amount_s) then
-                redis.call('PEXPIRE', counters, ttl)
-            end
+            local fresh, big, err = charge(counters, ARGV, 2, n + 1, amount, amount_s)
+            if big then return too_big(big, err) end
+            if fresh then redis.call('PEXPIRE', counters, ttl) end
         end
         -- The tombstone keeps the scopes, so the id still names whose it was.
         redis.call('SET', record, state .. ' ' .. day .. ' - ' .. ARGV[n + 2], 'PX', ttl)
@@ -246,11 +249,9 @@ elseif op == 'commit' or op == 'release' then
         return {'WRONGDAY', held_day}  -- its counters are another day's hash: nothing to do here
     end
     local delta = amount - tonumber(held)
-    local fresh
+    local fresh, big, err
     if string.sub(rec, scopes) == ARGV[n + 2] then
-        local big = overflow(counters, ARGV, 2, n + 1, delta)
-        if big then return too_big(big) end
-        fresh = charge(counters, ARGV, 2, n + 1, delta)  -- the usual case: no cutting up
+        fresh, big, err = charge(counters, ARGV, 2, n + 1, delta)  -- the usual case: no cutting up
     else
         -- Settled naming other scopes than it holds (never by this library's
         -- client): the record's own fields are the ones to settle.
@@ -261,10 +262,9 @@ elseif op == 'commit' or op == 'release' then
             fields[#fields + 1] = string.sub(rec, at, after - 1)
             at = after
         end
-        local big = overflow(counters, fields, 1, #fields, delta)
-        if big then return too_big(big) end
-        fresh = charge(counters, fields, 1, #fields, delta)
+        fresh, big, err = charge(counters, fields, 1, #fields, delta)
     end
+    if big then return too_big(big, err) end
     if fresh then  -- a refund never creates a field; a charge above the hold may
         redis.call('PEXPIRE', counters, expiry(d, retention, clock(stamp)))
     end

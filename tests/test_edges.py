@@ -147,6 +147,21 @@ class TestCounterOverflow:
             budget.record_spend("alice", 1.0, idempotency_key="k")
         assert snapshot(redis_client) == before
 
+    def test_counters_that_are_no_hash(
+        self, make_manager: ManagerFactory, redis_client: redis.Redis
+    ) -> None:
+        """
+        The day's key holds a string (not ours): the spend fails closed, its
+        marker taken back, rather than being called too big.
+        """
+        budget = make_manager(spool_dir="off")
+        key = budget._core.ledger.day_key(budget._core.ledger.today())
+        redis_client.set(key, "not a hash")
+        before = snapshot(redis_client)
+        with pytest.raises(BudgetUnavailableError, match="WRONGTYPE"):
+            budget.record_spend("alice", 1.0, idempotency_key="k")
+        assert snapshot(redis_client) == before
+
     def test_reserve(self, make_manager: ManagerFactory, redis_client: redis.Redis) -> None:
         """The model counter has no limit to refuse first."""
         budget = make_manager()
