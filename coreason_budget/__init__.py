@@ -18,7 +18,7 @@ from ._protocols import AsyncBudget, Budget
 from ._receipt import Receipt
 from ._reservation import AsyncReservation, Reservation, ReservationRequest
 from ._spool import ReplaySummary
-from ._usage import ModelSpend, Report, ScopeUsage
+from ._usage import Report, ScopeUsage
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -48,7 +48,6 @@ __all__ = [
     "ConfigError",
     "IdempotencyConflictError",
     "InvalidInputError",
-    "ModelSpend",
     "PricingEngine",
     "Receipt",
     "ReplaySummary",

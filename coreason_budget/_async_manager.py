@@ -132,13 +132,21 @@ class AsyncBudgetManager:
 
     # -- reporting and administration -------------------------------------------
 
-    async def usage(self, user_id: str, project_id: str | None = None) -> dict[str, ScopeUsage]:
+    async def usage(
+        self, user_id: str, project_id: str | None = None, *, window: str = "day"
+    ) -> dict[str, ScopeUsage]:
         """As :meth:`BudgetManager.usage`."""
-        return await self._driver.run(self._core.usage(user_id, project_id))
+        return await self._driver.run(self._core.usage(user_id, project_id, window))
 
-    async def report(self, top: int | None = None) -> Report:
+    async def report(
+        self,
+        top: int | None = None,
+        *,
+        window: str = "day",
+        period: datetime.date | datetime.datetime | None = None,
+    ) -> Report:
         """As :meth:`BudgetManager.report`."""
-        return await self._driver.run(self._core.report(top))
+        return await self._driver.run(self._core.report(top, window, period))
 
     async def reservation(
         self,
@@ -147,25 +155,31 @@ class AsyncBudgetManager:
         user_id: str | None = None,
         project_id: str | None = None,
         model: str | None = None,
-        date: datetime.date | None = None,
+        held_at: datetime.datetime | None = None,
         lookup: bool = True,
     ) -> AsyncReservation:
         """As :meth:`BudgetManager.reservation`."""
         return await self._driver.run(
             self._core.reservation(
-                self._handle, reservation_id, user_id, project_id, model, date, lookup
+                self._handle, reservation_id, user_id, project_id, model, held_at, lookup
             )
         )
 
     async def set_limit(
-        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+        self,
+        scope: ScopeName,
+        entity_id: str | None,
+        limit_usd: float | Decimal | None,
+        window: str = "day",
     ) -> None:
         """As :meth:`BudgetManager.set_limit`."""
-        await self._driver.run(self._core.set_limit(scope, entity_id, limit_usd), resumable=True)
+        await self._driver.run(
+            self._core.set_limit(scope, entity_id, limit_usd, window), resumable=True
+        )
 
     def seconds_until_reset(self) -> int:
         """As :meth:`BudgetManager.seconds_until_reset` (no I/O, so not awaited)."""
-        return self._core.ledger.seconds_to_next_day()
+        return self._core.ledger.seconds_to_reset()
 
     async def ping(self) -> None:
         """Raise BudgetUnavailableError unless the store answers (for health checks)."""

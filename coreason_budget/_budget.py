@@ -21,14 +21,26 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._config import BudgetConfig
-from ._ledger import NO_SCOPES, UNLIMITED, Held, Ledger, Scopes, date_day, day_date, describe, field
+from ._config import SCOPE_KINDS, BudgetConfig
+from ._ledger import (
+    MAX_AT,
+    NO_SCOPES,
+    UNLIMITED,
+    Held,
+    Ledger,
+    Scopes,
+    at_ms,
+    describe,
+    field,
+    instant,
+)
 from ._money import MAX_LIMIT_NANO, check_id, new_id, to_nano
 from ._receipt import Kind, Receipt, Status
 from ._replay import SpoolKeeper
 from ._reservation import Hold, OnError
 from ._steps import Blocking, Detach, Steps
-from ._usage import ModelSpend, Report, ScopeUsage, check_top
+from ._usage import Report, ScopeUsage, check_top
+from ._windows import WINDOWS, Period
 from .exceptions import (
     BudgetError,
     BudgetUnavailableError,
@@ -41,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coreason_budget")
 
-ScopeName = Literal["user", "project", "global"]
+ScopeName = Literal["user", "project", "model", "global"]
 H = TypeVar("H", bound=Hold[Any])
 #: Makes a face's reservation handle: (reservation id, what is held, ids, on_error).
 MakeHandle = Callable[..., H]
@@ -56,12 +68,17 @@ class BudgetCore:
             prefix=config.key_prefix,
             retention_seconds=config.retention_seconds,
             idempotency_ttl_seconds=config.idempotency_ttl_seconds,
+            calendar=config.calendar(),
+            windows=config.kept_windows(),
             clock=clock,
         )
+        #: Default limits: scope kind -> one per kept window (UNLIMITED: none).
         self._limits = {
-            "user": to_nano(config.daily_user_limit_usd, maximum=MAX_LIMIT_NANO),
-            "project": to_nano(config.daily_project_limit_usd, maximum=MAX_LIMIT_NANO),
-            "global": to_nano(config.daily_global_limit_usd, maximum=MAX_LIMIT_NANO),
+            kind: tuple(
+                UNLIMITED if (limit := config.limit_nano(kind, w)) is None else limit
+                for w in self.ledger.windows
+            )
+            for kind in SCOPE_KINDS
         }
         self._scopes_seen: dict[tuple[str, str | None, str | None], Scopes] = {}
         self._pricing: PricingEngine | None = None
@@ -120,13 +137,13 @@ class BudgetCore:
         amount = to_nano(cost, "cost")
         scopes = self.scopes(user_id, project_id, model)
         op = new_id() if idempotency_key is None else check_id(idempotency_key, "idempotency_key")
-        day = self.ledger.today()  # the day this spend is made on, should it be spooled
+        at = self.ledger.now()  # when this spend is made, should it be spooled
         status: Status
         try:
             status = yield from self.ledger.spend(scopes, amount, op)
         except BudgetUnavailableError as e:
             e.idempotency_key = op
-            yield Blocking(functools.partial(self.keeper.keep, e, "spend", op, day, scopes, amount))
+            yield Blocking(functools.partial(self.keeper.keep, e, "spend", op, at, scopes, amount))
             return Receipt("spooled", "spend", op, amount)
         return Receipt(status, "spend", op, 0 if status == "duplicate" else amount)
 
@@ -145,11 +162,10 @@ class BudgetCore:
         amount = to_nano(estimate, "estimate")
         scopes = self.scopes(user_id, project_id, model)
         rid = new_id() if reservation_id is None else check_id(reservation_id, "reservation_id")
-        day = self.ledger.today()
         try:
             held = yield from self.ledger.reserve(scopes, amount, rid)
         except BudgetUnavailableError as e:
-            yield from self._undo_reserve(e, scopes, rid, day)
+            yield from self._undo_reserve(e, scopes, rid)
             raise
         except (Exception, GeneratorExit):  # the ledger's answers (nothing written); closed
             raise
@@ -161,7 +177,7 @@ class BudgetCore:
             lost = BudgetUnavailableError(f"reserve interrupted ({type(e).__name__})")
             with contextlib.suppress(BudgetError):
                 yield from self._undo_reserve(
-                    lost, scopes, rid, day, spool=not isinstance(e, asyncio.CancelledError)
+                    lost, scopes, rid, spool=not isinstance(e, asyncio.CancelledError)
                 )
             e.add_note("".join(getattr(lost, "__notes__", [])))
             raise
@@ -174,7 +190,6 @@ class BudgetCore:
         error: BudgetUnavailableError,
         scopes: Scopes,
         rid: str,
-        day: int,
         *,
         spool: bool = True,
     ) -> Steps[None]:
@@ -185,7 +200,8 @@ class BudgetCore:
         call that reaches it), else directly, once, in the background (the
         caller's error must not wait for a store that just failed it). A release that
         finds no hold leaves a tombstone, so a reserve of this id arriving late
-        takes nothing either.
+        takes nothing either. (When the hold was taken is not known: it is
+        released by its record, found whenever it was taken.)
         """
         error.reservation_id = rid
         error.add_note(
@@ -194,19 +210,19 @@ class BudgetCore:
         )
         if spool:
             keep = functools.partial(
-                self.keeper.keep, error, "settle", rid, day, scopes, 0, "released"
+                self.keeper.keep, error, "settle", rid, None, scopes, 0, "released"
             )
             try:
                 yield Blocking(keep)
                 return
             except BudgetUnavailableError:  # no spool
                 pass
-        yield Detach(self.release_quietly(scopes, rid, day), "coreason-budget-undo")
+        yield Detach(self.release_quietly(scopes, rid), "coreason-budget-undo")
 
-    def release_quietly(self, scopes: Scopes, rid: str, day: int) -> Steps[None]:
+    def release_quietly(self, scopes: Scopes, rid: str) -> Steps[None]:
         """Release a hold nobody will settle (its reserve failed, or its caller went away)."""
         try:
-            yield from self.ledger.settle(scopes, rid, day, 0, "released")
+            yield from self.ledger.settle(scopes, rid, None, 0, "released")
         except BudgetError as e:
             log.warning(
                 "Could not release reservation %s (nobody will settle it); if the store "
@@ -223,19 +239,17 @@ class BudgetCore:
         if (settled := hold.already_settled(kind)) is not None:
             return settled
         if hold.user_id:
-            scopes, day = self.scopes(hold.user_id, hold.project_id, hold.model), hold.day
+            scopes, at = self.scopes(hold.user_id, hold.project_id, hold.model), hold.held_at_ms
         else:  # a handle made without asking: settled by its record alone
-            scopes, day = NO_SCOPES, None
+            scopes, at = NO_SCOPES, None
         try:
-            reply = yield from self.ledger.settle(scopes, hold.id, day, actual, state)
+            reply = yield from self.ledger.settle(scopes, hold.id, at, actual, state)
         except BudgetUnavailableError as e:
             e.reservation_id = hold.id
-            if day is None:  # nothing to spool it by: the store alone knows whose it is
+            if at is None:  # nothing to spool it by: the store alone knows whose it is
                 raise
             yield Blocking(
-                functools.partial(
-                    self.keeper.keep, e, "settle", hold.id, hold.day, scopes, actual, state
-                )
+                functools.partial(self.keeper.keep, e, "settle", hold.id, at, scopes, actual, state)
             )
             hold.state = state
             hold.receipt = Receipt("spooled", kind, hold.id, actual)
@@ -265,24 +279,24 @@ class BudgetCore:
         user_id: str | None,
         project_id: str | None,
         model: str | None,
-        date: datetime.date | None,
+        held_at: datetime.datetime | None,
         lookup: bool = True,
     ) -> Steps[H]:
         rid = check_id(reservation_id, "reservation_id")
         if not lookup:
-            return self._described(make, rid, user_id, project_id, model, date)
+            return self._described(make, rid, user_id, project_id, model, held_at)
         try:
             found = yield from self.ledger.lookup(rid)
         except BudgetUnavailableError as e:
-            if user_id is None or date is None:
+            if user_id is None or held_at is None:
                 e.reservation_id = rid  # as every "unavailable" about a reservation does
                 raise
             found = None
         if found is None:
-            if user_id is None or date is None:
+            if user_id is None or held_at is None:
                 raise UnknownReservationError(f"no reservation {rid!r} (never made, or expired)")
             # Lost by the store (or it cannot be asked now): the hold as the caller knows it.
-            return self._handle(make, rid, user_id, project_id, model, date, known=True)
+            return self._handle(make, rid, user_id, project_id, model, held_at, known=True)
         held, fields = found
         try:
             ids = dict(describe(f) for f in fields)
@@ -303,17 +317,19 @@ class BudgetCore:
         user_id: str | None,
         project_id: str | None,
         model: str | None,
-        date: datetime.date | None,
+        held_at: datetime.datetime | None,
     ) -> H:
         """A handle made from what the caller says, without asking the store."""
         if user_id is None:
-            if project_id is not None or model is not None or date is not None:
-                raise InvalidInputError("describe a hold with its user_id and date, or not at all")
-            held = Held(state="held", day=-1, held_nano=0, known=False)
+            if project_id is not None or model is not None or held_at is not None:
+                raise InvalidInputError(
+                    "describe a hold with its user_id and held_at, or not at all"
+                )
+            held = Held(state="held", at=-1, held_nano=0, known=False)
             return make(rid, held, user_id="", project_id=None, model=None, on_error="charge")
-        if date is None:
-            raise InvalidInputError("a hold described by its user_id needs its date too")
-        return self._handle(make, rid, user_id, project_id, model, date, known=False)
+        if held_at is None:
+            raise InvalidInputError("a hold described by its user_id needs its held_at too")
+        return self._handle(make, rid, user_id, project_id, model, held_at, known=False)
 
     def _handle(
         self,
@@ -322,40 +338,67 @@ class BudgetCore:
         user_id: str,
         project_id: str | None,
         model: str | None,
-        date: datetime.date,
+        held_at: datetime.datetime,
         *,
         known: bool,
     ) -> H:
         """A handle for a hold the caller describes (its estimate: 0), its input checked."""
-        if not isinstance(date, datetime.date) or isinstance(date, datetime.datetime):
-            raise InvalidInputError(f"date must be a datetime.date, got {date!r}")
+        at = at_ms(held_at)
+        if not 0 <= at <= MAX_AT:
+            raise InvalidInputError(f"held_at out of range: {held_at!r}")
         self.scopes(user_id, project_id, model)  # validated as a reserve's would be
-        held = Held(state="held", day=date_day(date), held_nano=0, known=known)
+        held = Held(state="held", at=at, held_nano=0, known=known)
         return make(
             rid, held, user_id=user_id, project_id=project_id, model=model, on_error="charge"
         )
 
     # -- reporting and administration -------------------------------------------
 
-    def usage(self, user_id: str, project_id: str | None) -> Steps[dict[str, ScopeUsage]]:
+    def window(self, window: object) -> str:
+        """*window*, checked to be one this manager keeps."""
+        if window not in self.ledger.windows:
+            if window in WINDOWS:
+                raise InvalidInputError(
+                    f"the {window} window is not kept: set {_ADVERB[window]} limit in the "
+                    f"configuration, or add it to COREASON_BUDGET_WINDOWS (windows=...)"
+                )
+            raise InvalidInputError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
+        return str(window)
+
+    def usage(
+        self, user_id: str, project_id: str | None, window: str = "day"
+    ) -> Steps[dict[str, ScopeUsage]]:
+        window = self.window(window)
         scopes = self.scopes(user_id, project_id, None)
-        values = yield from self.ledger.usage(scopes)
+        period, values = yield from self.ledger.usage(scopes, window)
         named = [describe(field) for field in scopes.fields]
+        resets_at = instant(period.end_ms)
         return {
-            name: ScopeUsage(name, entity, spent, limit)
+            name: ScopeUsage(name, entity, spent, _limit(limit), window, resets_at)
             for (name, entity), (spent, limit) in zip(named, values, strict=True)
         }
 
-    def report(self, top: int | None) -> Steps[Report]:
+    def report(
+        self,
+        top: int | None,
+        window: str = "day",
+        period: datetime.date | datetime.datetime | None = None,
+    ) -> Steps[Report]:
         check_top(top)
-        day = yield from self.ledger.today_by_store()
+        window = self.window(window)
+        calendar = self.ledger.calendar
+        if period is None:
+            now = yield from self.ledger.now_by_store()
+            the_period = calendar.period(window, now)
+        else:
+            the_period = self._period(window, period)
         # Biggest first; each list pruned to its top as it grows, so that a day
         # of a million users costs a report memory for *top* rows, not for all.
         rows: dict[str, list[tuple[int, str]]] = {"user": [], "project": [], "model": []}
         total = 0
         cursor = 0
         while True:
-            cursor, page = yield from self.ledger.counters(day, cursor)
+            cursor, page = yield from self.ledger.counters(the_period, cursor)
             for counter, spent in page:
                 try:
                     scope, entity = describe(counter)
@@ -375,39 +418,68 @@ class BudgetCore:
             kept.sort()
             if top is not None:
                 del kept[top:]
-        limited = [field(s, entity) for s in ("user", "project") for _, entity in rows[s]]
-        overrides = yield from self.ledger.overrides([*limited, field("global")])
+        limited = [field(s, entity) for s in ("user", "project", "model") for _, entity in rows[s]]
+        overrides = yield from self.ledger.overrides(window, [*limited, field("global")])
+        j = self.ledger.windows.index(window)
+        resets_at = instant(the_period.end_ms)
 
         def scope_usage(scope: str, entity: str | None, spent: int) -> ScopeUsage:
-            limit = overrides.get(field(scope, entity), self._limits[scope])
-            return ScopeUsage(scope, entity, spent, limit)
+            limit = overrides.get(field(scope, entity), self._limits[scope][j])
+            return ScopeUsage(scope, entity, spent, _limit(limit), window, resets_at)
 
         return Report(
-            day=day_date(day),
+            window=window,
+            period=the_period.label,
+            starts_at=instant(the_period.start_ms),
+            resets_at=resets_at,
             total=scope_usage("global", None, total),
             users=tuple(scope_usage("user", entity, -neg) for neg, entity in rows["user"]),
             projects=tuple(scope_usage("project", e, -neg) for neg, e in rows["project"]),
-            models=tuple(ModelSpend(entity, -neg) for neg, entity in rows["model"]),
+            models=tuple(scope_usage("model", e, -neg) for neg, e in rows["model"]),
         )
 
+    def _period(self, window: str, moment: object) -> Period:
+        """The period of *window* holding *moment*: a date (its local midnight), or an instant."""
+        calendar = self.ledger.calendar
+        try:
+            if isinstance(moment, datetime.datetime):
+                return calendar.period(window, at_ms(moment))
+            if isinstance(moment, datetime.date):
+                midnight = calendar.labelled("day", moment.isoformat()).start_ms
+                return calendar.period(window, midnight)
+        except (ValueError, OverflowError) as e:  # the calendar's edges (years 1 and 9999)
+            if isinstance(e, InvalidInputError):
+                raise
+            raise InvalidInputError(f"no {window} period holds {moment!r}: {e}") from None
+        raise InvalidInputError(f"period must be a date or an aware datetime, got {moment!r}")
+
     def set_limit(
-        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+        self,
+        scope: ScopeName,
+        entity_id: str | None,
+        limit_usd: float | Decimal | None,
+        window: str = "day",
     ) -> Steps[None]:
         counter = self._field(scope, entity_id)
+        window = self.window(window)
         limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
-        yield from self.ledger.set_limit(counter, limit)
+        yield from self.ledger.set_limit(window, counter, limit)
 
     # -- scopes ------------------------------------------------------------------
 
     def _field(self, name: str, entity_id: str | None) -> str:
-        """The counter field of a user, project or the global scope; validates the id."""
+        """The counter field of a user, project, model or the global scope; validates the id."""
         if name == "global":
             if entity_id is not None:
                 raise InvalidInputError("the global scope takes no entity id (pass None)")
             return field("global")
         if name in ("user", "project"):
             return field(name, check_id(entity_id, f"{name}_id"))
-        raise InvalidInputError(f"scope must be 'user', 'project' or 'global', got {name!r}")
+        if name == "model":
+            return field(name, check_id(entity_id, "model"))
+        raise InvalidInputError(
+            f"scope must be 'user', 'project', 'model' or 'global', got {name!r}"
+        )
 
     def scopes(self, user_id: str, project_id: str | None, model: str | None) -> Scopes:
         """
@@ -428,14 +500,22 @@ class BudgetCore:
         pairs = [(self._field("user", user_id), limits["user"])]
         if project_id is not None:
             pairs.append((self._field("project", project_id), limits["project"]))
-        pairs.append((field("global"), limits["global"]))
         if model is not None:
-            pairs.append((field("model", check_id(model, "model")), UNLIMITED))
+            pairs.append((self._field("model", model), limits["model"]))
+        pairs.append((field("global"), limits["global"]))
         scopes = Scopes.of(pairs)
         if len(self._scopes_seen) >= _SCOPES_REMEMBERED:
             self._scopes_seen.clear()  # cheaper than LRU bookkeeping on every call
         self._scopes_seen[key] = scopes
         return scopes
+
+
+_ADVERB = {"hour": "an hourly", "day": "a daily", "week": "a weekly", "month": "a monthly"}
+
+
+def _limit(nano: int) -> int | None:
+    """A limit as answers give it: None for none."""
+    return None if nano < 0 else nano
 
 
 #: A settlement's reply word (OK's state, or GONE's) -> what became of the money.

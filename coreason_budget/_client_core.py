@@ -27,12 +27,13 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ._budget import H, ScopeName
-from ._ledger import STATES, Held, date_day
+from ._ledger import MAX_AT, STATES, Held, at_ms
 from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, new_id, to_nano
 from ._receipt import Kind, Receipt, Status
 from ._reservation import Hold, OnError
 from ._steps import Detach, Steps
-from ._usage import MAX_REPORT_TOP, ModelSpend, Report, ScopeUsage, check_top
+from ._usage import MAX_REPORT_TOP, Report, ScopeUsage, check_top
+from ._windows import WINDOWS
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -181,11 +182,11 @@ class ClientCore:
         amount = to_nano(estimate, "estimate")
         ids = _scope_body(user_id, project_id, model)
         rid = new_id() if reservation_id is None else check_id(reservation_id, "reservation_id")
-        # Should the hold need undoing: with a day, the service settles the id even when
-        # the store has no such hold yet (the reserve still on its way) or cannot be
-        # asked now. The record's own day wins when it exists; this one only dates a
+        # Should the hold need undoing: with a held_at, the service settles the id even
+        # when the store has no such hold yet (the reserve still on its way) or cannot be
+        # asked now. The record's own moment wins when it exists; this one only dates a
         # tombstone that keeps a reserve landing later from holding anything.
-        hold = {**ids, "day": datetime.datetime.now(datetime.UTC).date().isoformat()}
+        hold = {**ids, "held_at": _iso(datetime.datetime.now(datetime.UTC))}
         body = {**ids, "estimate": nano_to_usd(amount), "reservation_id": rid}
         request = Request("POST", "/reservations", body)
         failures: list[Exception] = []
@@ -264,7 +265,7 @@ class ClientCore:
             _unexpected(what, answer)
         held = Held(
             state=_answer_state(answer),
-            day=date_day(_answer_day(answer)),
+            at=_answer_held_at(answer),
             held_nano=_answer_nano(answer, "estimate_usd"),
         )
         return make(
@@ -295,7 +296,8 @@ class ClientCore:
         if (settled := hold.already_settled(kind)) is not None:
             return settled
         # The hold as this handle knows it: should the store have lost the
-        # record, the service still records the settlement once, on its day.
+        # record, the service still records the settlement once, in the periods
+        # of the moment it was taken.
         path = f"{_reservation_path(hold.id)}/{kind}"
         answer = yield from self.call(
             Request("POST", path, {**body, **_hold_body(hold)}), ids={"reservation_id": hold.id}
@@ -307,55 +309,82 @@ class ClientCore:
 
     # -- reporting and administration -------------------------------------------
 
-    def usage(self, user_id: str, project_id: str | None) -> Steps[dict[str, ScopeUsage]]:
+    def usage(
+        self, user_id: str, project_id: str | None, window: str = "day"
+    ) -> Steps[dict[str, ScopeUsage]]:
+        window = _check_window(window)  # first, as the manager checks it
         uid = check_id(user_id, "user_id")
         params = {} if project_id is None else {"project_id": check_id(project_id, "project_id")}
+        params["window"] = window
         answer = yield from self.call(Request("GET", "/usage/" + _path_part(uid), params=params))
+        # Exactly the scopes asked about, each in the window asked about.
+        scopes = ["user", *([] if project_id is None else ["project"]), "global"]
+        if sorted(answer) != sorted(scopes):
+            _unexpected("GET /usage", answer)
         try:
-            return {scope: _scope_usage(scope, u) for scope, u in answer.items()}
+            return {scope: _scope_usage(scope, answer[scope], window) for scope in scopes}
         except (KeyError, TypeError, ValueError):
             _unexpected("GET /usage", answer)
 
-    def report(self, top: int | None) -> Steps[Report]:
+    def report(
+        self,
+        top: int | None,
+        window: str = "day",
+        period: datetime.date | datetime.datetime | None = None,
+    ) -> Steps[Report]:
         top = check_top(top)
-        answer = yield from self.call(
-            Request("GET", "/report", params={"top": MAX_REPORT_TOP if top is None else top})
-        )
+        params: dict[str, Any] = {"top": MAX_REPORT_TOP if top is None else top}
+        params["window"] = window = _check_window(window)
+        if period is not None:
+            params["period"] = _period_param(period)
+        answer = yield from self.call(Request("GET", "/report", params=params))
         try:
+            if answer["window"] != window or not isinstance(answer["period"], str):
+                raise ValueError("not a report of the window asked about")
+            rows = {
+                scope: tuple(_scope_usage(scope, u, window) for u in _list(answer[key]))
+                for scope, key in (("user", "users"), ("project", "projects"), ("model", "models"))
+            }
             return Report(
-                day=datetime.date.fromisoformat(answer["day"]),
-                total=_scope_usage("global", answer["total"]),
-                users=tuple(_scope_usage("user", u) for u in answer["users"]),
-                projects=tuple(_scope_usage("project", p) for p in answer["projects"]),
-                models=tuple(
-                    ModelSpend(
-                        m["model"],
-                        # Older services send only the float; its nearest nano is exact here.
-                        _int(m["spent_nano"])
-                        if "spent_nano" in m
-                        else to_nano(float(m["spent_usd"])),
-                    )
-                    for m in answer["models"]
-                ),
+                window=window,
+                period=answer["period"],
+                starts_at=_moment(answer["starts_at"]),
+                resets_at=_moment(answer["resets_at"]),
+                total=_scope_usage("global", answer["total"], window),
+                users=rows["user"],
+                projects=rows["project"],
+                models=rows["model"],
             )
-        except (KeyError, TypeError, ValueError, InvalidInputError):
+        except (KeyError, TypeError, ValueError):
             _unexpected("GET /report", answer)
 
     def set_limit(
-        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+        self,
+        scope: ScopeName,
+        entity_id: str | None,
+        limit_usd: float | Decimal | None,
+        window: str = "day",
     ) -> Steps[None]:
+        # In the manager's order, with its messages: the scope, the window, the limit.
         if scope == "global":
             if entity_id is not None:
                 raise InvalidInputError("the global scope takes no entity id (pass None)")
-        elif scope == "user":
-            entity_id = check_id(entity_id, "user_id")
-        elif scope == "project":
-            entity_id = check_id(entity_id, "project_id")
+        elif scope in ("user", "project"):
+            entity_id = check_id(entity_id, f"{scope}_id")
+        elif scope == "model":
+            entity_id = check_id(entity_id, "model")
         else:
-            raise InvalidInputError(f"scope must be 'user', 'project' or 'global', got {scope!r}")
+            raise InvalidInputError(
+                f"scope must be 'user', 'project', 'model' or 'global', got {scope!r}"
+            )
+        window = _check_window(window)
         limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
         # Exact: a float cannot hold every nano-precise limit above $1M.
-        body = {"scope": scope, "entity_id": entity_id, "limit_nano": limit}
+        body: dict[str, Any] = {"scope": scope, "entity_id": entity_id, "limit_nano": limit}
+        if window != "day":
+            # Only when not the default: an older service refuses a field it does not know
+            # (and so refuses, rather than misapplies, a limit of another window).
+            body["window"] = window
         yield from self.call(Request("PUT", "/limits", body), expect="updated")
 
     def ping(self) -> Steps[None]:
@@ -447,8 +476,34 @@ def _scope_body(user_id: str, project_id: str | None, model: str | None) -> dict
 
 
 def _hold_body(hold: Hold[Any]) -> dict[str, Any]:
-    """A hold as its handle knows it: whose, and which day it settles on."""
-    return {**_scope_body(hold.user_id, hold.project_id, hold.model), "day": hold.date.isoformat()}
+    """A hold as its handle knows it: whose, and when it was taken (its periods)."""
+    ids = _scope_body(hold.user_id, hold.project_id, hold.model)
+    return {**ids, "held_at": _iso(hold.held_at)}
+
+
+def _iso(moment: datetime.datetime) -> str:
+    """An instant as the service reads one: ISO 8601 in UTC, to the millisecond."""
+    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _check_window(window: object) -> str:
+    """
+    *window*, if it names one (with the manager's message if not). Whether the
+    service keeps it is the service's to say (a 422 with the manager's message).
+    """
+    if isinstance(window, str) and window in WINDOWS:
+        return window
+    raise InvalidInputError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
+
+
+def _period_param(period: object) -> str:
+    """A report's *period*, checked as the manager checks it: a date, or an aware datetime."""
+    if isinstance(period, datetime.datetime):
+        at_ms(period)  # aware, or the manager's InvalidInputError
+        return period.isoformat()
+    if isinstance(period, datetime.date):
+        return period.isoformat()
+    raise InvalidInputError(f"period must be a date or an aware datetime, got {period!r}")
 
 
 def _path_part(value: str) -> str:
@@ -491,11 +546,15 @@ def _answer_state(answer: dict[str, Any]) -> str:
     return state
 
 
-def _answer_day(answer: dict[str, Any]) -> datetime.date:
+def _answer_held_at(answer: dict[str, Any]) -> int:
+    """When the hold was taken, as ms since the epoch (what a handle keeps)."""
     try:
-        return datetime.date.fromisoformat(_answer_str(answer, "day"))
-    except ValueError:
-        _unexpected("day", answer)
+        at = at_ms(_moment(answer.get("held_at")))
+    except (TypeError, ValueError):  # InvalidInputError is a ValueError too
+        _unexpected("held_at", answer)
+    if not 0 <= at <= MAX_AT:
+        _unexpected("held_at", answer)
+    return at
 
 
 def _answer_receipt(what: str, answer: dict[str, Any], kind: Kind, key: str) -> Receipt:
@@ -536,11 +595,67 @@ def _answer_nano(answer: dict[str, Any], key: str) -> int:
         _unexpected(key, answer)
 
 
-def _scope_usage(scope: str, u: dict[str, Any]) -> ScopeUsage:
+def _moment(value: object) -> datetime.datetime:
+    """An instant the service sent (ISO 8601, with its offset), as an aware UTC datetime."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected an ISO 8601 datetime, got {value!r}")
+    moment = datetime.datetime.fromisoformat(value)
+    if moment.utcoffset() is None:
+        raise ValueError(f"expected a datetime with its UTC offset, got {value!r}")
+    try:
+        return moment.astimezone(datetime.UTC)
+    except OverflowError as e:  # "9999-12-31T23:00-05:00": past the last UTC datetime
+        raise ValueError(f"not a datetime in range: {value!r}") from e
+
+
+def _list(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {value!r}")
+    return value
+
+
+def _scope_usage(scope: str, u: dict[str, Any], window: str) -> ScopeUsage:
+    """One scope's usage in *window* (the one asked about: any other is not the answer)."""
     entity = u["entity_id"]
-    if entity is not None and not isinstance(entity, str):
-        raise TypeError(f"entity_id must be a str, got {entity!r}")
-    return ScopeUsage(scope, entity, _int(u["spent_nano"]), _int(u["limit_nano"]))
+    if (entity is None) != (scope == "global") or not (entity is None or isinstance(entity, str)):
+        raise TypeError(f"not an entity_id of a {scope}: {entity!r}")
+    if u["window"] != window:
+        raise ValueError(f"usage of the {u['window']!r} window, not of {window!r}")
+    limit = u["limit_nano"]
+    return ScopeUsage(
+        scope,
+        entity,
+        _int(u["spent_nano"]),
+        None if limit is None else _int(limit),
+        window,
+        _moment(u["resets_at"]),
+    )
+
+
+def _exceeded(body: dict[str, Any]) -> BudgetExceededError:
+    """
+    A 429's refusal: exactly what :meth:`BudgetExceededError.to_json` gives
+    (which scope, the amounts, the window, and when it resets), else TypeError,
+    KeyError or ValueError.
+    """
+    scope, entity, window = body["scope"], body["entity_id"], body["window"]
+    if not isinstance(scope, str) or not (entity is None or isinstance(entity, str)):
+        raise TypeError(f"not a scope: {scope!r} {entity!r}")
+    if window not in WINDOWS:
+        raise ValueError(f"not a window: {window!r}")
+    resets_at, retry_after = body["resets_at"], body["retry_after_seconds"]
+    if retry_after is not None and _int(retry_after) < 1:
+        raise ValueError(f"retry_after_seconds must be at least 1, got {retry_after!r}")
+    return BudgetExceededError(
+        scope=scope,
+        entity_id=entity,
+        limit_nano=_int(body["limit_nano"]),
+        spent_nano=_int(body["spent_nano"]),
+        requested_nano=_int(body["requested_nano"]),
+        window=window,
+        resets_at=None if resets_at is None else _moment(resets_at),
+        retry_after_seconds=retry_after,
+    )
 
 
 def _raise_for(status: int, answer: object, text: str, what: str, base_url: str) -> NoReturn:
@@ -550,19 +665,16 @@ def _raise_for(status: int, answer: object, text: str, what: str, base_url: str)
         detail = text[:200]
     if status == 429:
         try:
-            raise BudgetExceededError(
-                scope=str(body["scope"]),
-                entity_id=None if body["entity_id"] is None else str(body["entity_id"]),
-                limit_nano=_int(body["limit_nano"]),
-                spent_nano=_int(body["spent_nano"]),
-                requested_nano=_int(body["requested_nano"]),
-            )
-        except (KeyError, TypeError):
-            # A 429 without the amounts is a rate limiter in front of the service,
-            # not a budget decision: still no.
+            exceeded = _exceeded(body)
+        except (KeyError, TypeError, ValueError):
+            # A 429 without the budget's details (all of them, well formed) is a rate
+            # limiter in front of the service, or a service gone wrong; not a budget
+            # decision to report, but still no.
             raise BudgetUnavailableError(
-                f"{what} was refused with 429 but no budget details: {detail!r}"
+                f"{what} was refused with 429 but no budget details: {detail!r}; "
+                "refusing, as if over budget"
             ) from None
+        raise exceeded
     if status == 422:
         named = _NAMED_ERRORS.get(str(body.get("error")), InvalidInputError)
         raise named(detail)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ from dotenv import dotenv_values
 from redis.connection import parse_url
 
 from ._money import MAX_LIMIT_NANO, MAX_LIMIT_USD, to_nano
+from ._windows import WEEKDAYS, WINDOWS, Calendar
 from .exceptions import ConfigError, InvalidInputError
 
 log = logging.getLogger("coreason_budget")
@@ -30,6 +32,9 @@ ENV_PREFIX = "COREASON_BUDGET_"
 STORE_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix", "embedded", "memory")
 # Read by other parts of the project (server, CLI), not by BudgetConfig: not typos.
 _KNOWN_ELSEWHERE = frozenset({"API_KEYS", "ADMIN_API_KEYS", "INSECURE_NO_AUTH"})
+#: The scope kinds that take limits, narrowest first.
+SCOPE_KINDS = ("user", "project", "model", "global")
+_ADVERB = {"hour": "hourly", "day": "daily", "week": "weekly", "month": "monthly"}
 
 
 class _FieldError(ConfigError):
@@ -41,7 +46,9 @@ class _FieldError(ConfigError):
         self.reason = reason
 
 
-def _limit(_: object, a: attrs.Attribute[Any], value: float) -> None:
+def _limit(_: object, a: attrs.Attribute[Any], value: float | None) -> None:
+    if value is None and a.default is None:
+        return  # not limited in this window
     try:
         to_nano(value, a.name, maximum=MAX_LIMIT_NANO)
     except InvalidInputError as e:
@@ -85,6 +92,28 @@ def _one_of(*choices: str) -> Any:
             raise _FieldError(a.name, f"must be one of {', '.join(choices)}, got {value!r}")
 
     return check
+
+
+def _timezone(_: object, a: attrs.Attribute[Any], value: str) -> None:
+    _text(_, a, value)
+    try:
+        Calendar(value)
+    except ValueError as e:
+        raise _FieldError(a.name, str(e)) from None
+
+
+def _windows(_: object, a: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str):
+        raise _FieldError(a.name, f"must be text naming windows, got {value!r}")
+    unknown = [w for w in _words(value) if w not in WINDOWS]
+    if unknown:
+        raise _FieldError(
+            a.name, f"must name windows among {', '.join(WINDOWS)}, got {', '.join(unknown)}"
+        )
+
+
+def _words(value: str) -> list[str]:
+    return [w.strip().lower() for w in value.replace(",", " ").split() if w.strip()]
 
 
 def _prefix(_: object, a: attrs.Attribute[Any], value: str) -> None:
@@ -134,9 +163,33 @@ class BudgetConfig:
     #: ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://``, ``rediss+cluster://``,
     #: ``embedded://PATH`` or ``memory://``. None: the embedded store at a per-user path.
     redis_url: str | None = attrs.field(default=None, validator=_store_url)
+    #: Limits per scope and window, in USD. The daily user, project and global
+    #: limits are always on; every other is off (None) unless set, and a window
+    #: no limit names costs nothing (see windows).
     daily_user_limit_usd: float = attrs.field(default=10.0, validator=_limit)
     daily_project_limit_usd: float = attrs.field(default=500.0, validator=_limit)
     daily_global_limit_usd: float = attrs.field(default=5000.0, validator=_limit)
+    #: Organisation-wide, per model (every model alike; set_limit for one model).
+    daily_model_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    hourly_user_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    hourly_project_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    hourly_global_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    hourly_model_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    weekly_user_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    weekly_project_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    weekly_global_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    weekly_model_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    monthly_user_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    monthly_project_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    monthly_global_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    monthly_model_limit_usd: float | None = attrs.field(default=None, validator=_limit)
+    #: The IANA time zone windows are calendar-aligned in (days start at its midnight).
+    timezone: str = attrs.field(default="UTC", validator=_timezone)
+    #: The day weeks start on, "monday" to "sunday".
+    week_start: str = attrs.field(default="monday", validator=_one_of(*WEEKDAYS))
+    #: Windows kept besides the day and those a limit above names (comma-separated,
+    #: e.g. "month"): needed to set per-entity limits in a window with no default one.
+    windows: str = attrs.field(default="", validator=_windows)
     #: Every key starts with ``{key_prefix}``: one Redis Cluster slot per prefix.
     key_prefix: str = attrs.field(default="coreason_budget", validator=_prefix)
     connect_timeout: float = attrs.field(default=0.25, validator=_positive_seconds)
@@ -165,6 +218,24 @@ class BudgetConfig:
     #: beside the embedded store's (``$XDG_DATA_HOME/coreason-budget/spool``);
     #: "off": no spool (such a charge only raises BudgetUnavailableError).
     spool_dir: str | None = attrs.field(default=None, validator=_text)
+
+    def limit_nano(self, scope: str, window: str) -> int | None:
+        """The default limit of *scope* ("user", ...) in *window*, nano-dollars; None: none."""
+        usd: float | None = getattr(self, f"{_ADVERB[window]}_{scope}_limit_usd")
+        return None if usd is None else to_nano(usd, maximum=MAX_LIMIT_NANO)
+
+    def kept_windows(self) -> tuple[str, ...]:
+        """
+        The windows counted, narrowest first: the day, those a limit names,
+        and those listed in ``windows``. Each costs every write one more hash.
+        """
+        kept = {"day", *_words(self.windows)}
+        kept.update(w for w in WINDOWS for s in SCOPE_KINDS if self.limit_nano(s, w) is not None)
+        return tuple(w for w in WINDOWS if w in kept)
+
+    def calendar(self) -> Calendar:
+        """Where the windows' periods begin and end."""
+        return Calendar(self.timezone, self.week_start)
 
     def call_bound(self) -> float:
         """
@@ -236,6 +307,8 @@ def env_values(
 
 
 def _type_name(tp: Any) -> str:
+    if float in typing.get_args(tp):  # float | None
+        tp = float
     return {float: "a number", int: "a whole number", str: "text"}.get(tp, str(tp))
 
 

@@ -111,14 +111,15 @@ class ScopeResult:
 
     scope: str
     entity_id: str | None
-    limit_nano: int
+    #: None: the scope has no daily limit (never the case with the demo's own limits).
+    limit_nano: int | None
     spent_nano: int
     allowed: int
     blocked: int
 
     @property
     def within_limit(self) -> bool:
-        return self.spent_nano <= self.limit_nano
+        return self.limit_nano is None or self.spent_nano <= self.limit_nano
 
 
 @attrs.frozen
@@ -165,7 +166,7 @@ class DemoResult:
                 {
                     "scope": s.scope,
                     "entity_id": s.entity_id,
-                    "limit_usd": nano_to_usd(s.limit_nano),
+                    "limit_usd": None if s.limit_nano is None else nano_to_usd(s.limit_nano),
                     "spent_usd": nano_to_usd(s.spent_nano),
                     "limit_nano": s.limit_nano,
                     "spent_nano": s.spent_nano,
@@ -403,7 +404,9 @@ class _Runner:
             seconds=seconds,
             prices_from=prices_from,
             scopes=rows,
-            models=tuple((m.model, m.spent_nano) for m in report.models),
+            models=tuple(
+                (m.entity_id, m.spent_nano) for m in report.models if m.entity_id is not None
+            ),
             committed_nano=self.committed_nano,
             ledger_nano=report.total.spent_nano,
         )

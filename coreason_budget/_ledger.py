@@ -21,6 +21,7 @@ import attrs
 import redis
 
 from ._steps import Command, Script, Steps
+from ._windows import WINDOWS, Calendar, Period
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -30,11 +31,11 @@ from .exceptions import (
     UnknownReservationError,
 )
 
-DAY_MS = 86_400_000
 UNLIMITED = -1
-#: user, project, global and model; the script's header gives the count as one digit.
+#: The last instant (ms) a hold or a spooled charge may name: 9999-12-31T23:59:59.999Z.
+MAX_AT = 253_402_300_799_999
+#: user, project, model and global.
 MAX_SCOPES = 4
-_EPOCH = datetime.date(1970, 1, 1).toordinal()
 #: The ledger script, registered once per client by each driver.
 LUA = files(__package__).joinpath("ledger.lua").read_text(encoding="utf-8")
 
@@ -74,15 +75,15 @@ class Scopes:
     """
 
     fields: tuple[str, ...]
-    limits: str  # the script header's tail: "n d1 .. dn"
+    limits: str  # the header's tail: n x k default limits, scope by scope, window by window
     wire: tuple[bytes, ...]
     record: bytes  # as a reservation record keeps them: "n len1 .. lenn\n" + the fields
 
     @classmethod
-    def of(cls, pairs: Sequence[tuple[str, int]]) -> Scopes:
-        """From (field, default limit in nano-dollars, or UNLIMITED) pairs."""
+    def of(cls, pairs: Sequence[tuple[str, Sequence[int]]]) -> Scopes:
+        """From (field, default limit per kept window in nano-dollars or UNLIMITED) pairs."""
         fields = tuple(field for field, _ in pairs)
-        limits = " ".join([str(len(pairs)), *(str(limit) for _, limit in pairs)])
+        limits = " ".join(str(limit) for _, per_window in pairs for limit in per_window)
         wire = tuple(f.encode() for f in fields)
         head = " ".join([str(len(wire)), *(str(len(w)) for w in wire)])  # n, byte lengths
         return cls(fields, limits, wire, head.encode() + b"\n" + b"".join(wire))
@@ -97,7 +98,7 @@ class Scopes:
             raise ValueError(f"{len(fields)} counter fields, not 1 to {MAX_SCOPES}")
         for field in fields:
             describe(field)
-        return cls.of([(field, UNLIMITED) for field in fields])
+        return cls.of([(field, ()) for field in fields])
 
 
 @attrs.frozen
@@ -105,10 +106,24 @@ class Held:
     """What the store says a reservation holds."""
 
     state: str
-    day: int
+    #: When the hold was taken (ms since the epoch, by the store's clock): its
+    #: periods, which it settles in whenever it is settled.
+    at: int
     held_nano: int
     #: False when *held_nano* is not the store's (a handle made without asking it).
     known: bool = True
+
+
+@attrs.frozen
+class Frame:
+    """The periods a call names: the kept windows' periods of one instant, as keys and words."""
+
+    periods: tuple[Period, ...]
+    keys: tuple[bytes, ...]  # the counters of each period
+    words: str  # "start end" per period, for the script's header
+
+    def holds(self, at: int) -> bool:
+        return all(p.start_ms <= at < p.end_ms for p in self.periods)
 
 
 class Ledger:
@@ -118,11 +133,11 @@ class Ledger:
     into values and exceptions. A driver, sync or async, does the I/O and
     raises BudgetUnavailableError into the operation when the store fails.
 
-    The day is decided by the Redis server's clock (the one clock every
-    worker shares) unless a *clock* is injected; key names must still be
-    sent in KEYS, so the client guesses the day from its own clock plus the
-    skew it last learned, and the script sends it back with the right day in
-    the rare case (drift across midnight) that the guess was wrong.
+    Which periods "now" is in is decided by the Redis server's clock (the one
+    clock every worker shares) unless a *clock* is injected; key names must
+    still be sent in KEYS, so the client guesses the periods from its own
+    clock plus the skew it last learned, and the script sends back the time in
+    the rare case (drift across a boundary) that the guess was wrong.
     """
 
     def __init__(
@@ -131,33 +146,44 @@ class Ledger:
         prefix: str,
         retention_seconds: int,
         idempotency_ttl_seconds: int,
+        calendar: Calendar | None = None,
+        windows: Sequence[str] = ("day",),
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._tag = "{" + prefix + "}"
-        self._limits_key = f"{self._tag}:limits"
+        self.calendar = Calendar() if calendar is None else calendar
+        #: The windows kept, narrowest first.
+        self.windows = tuple(windows)
+        self._limits_keys = {w: f"{self._tag}:limits:{w}" for w in WINDOWS}
         # Constant arguments go over the wire as bytes: redis-py sends bytes as they are.
-        self._limits_wire = self._limits_key.encode()
-        self._limits_only = (self._limits_wire,)
+        self._limits_wire = tuple(self._limits_keys[w].encode() for w in self.windows)
         self._ttls = f"{retention_seconds * 1000} {idempotency_ttl_seconds * 1000}"
         self._clock = clock
         self._skew_ms = 0
-        self._day_key = (-1, b"")
+        self._frame: Frame | None = None
         #: Called after every call the store answered (the script's own answer,
         #: a refusal included): the one place the manager's spool replay is started from.
         self.on_reached: Callable[[], None] = _nothing
 
     # -- key names -----------------------------------------------------------
 
-    def day_key(self, day: int) -> str:
-        return self._day_wire(day).decode()
+    def period_key(self, period: Period) -> str:
+        return f"{self._tag}:{period.window}:{period.label}"
 
-    def _day_wire(self, day: int) -> bytes:
-        # Cached: every call names today's key, and formatting a date is not free.
-        cached = self._day_key
-        if cached[0] != day:
-            name = f"{self._tag}:day:{day_date(day).isoformat()}"
-            cached = self._day_key = (day, name.encode())
-        return cached[1]
+    def frame(self, at: int, windows: Sequence[str] | None = None) -> Frame:
+        """The periods of *at* in *windows* (default: every kept one), ready for the wire."""
+        periods = self.calendar.periods(self.windows if windows is None else windows, at)
+        cached = self._frame
+        if cached is not None and cached.periods is periods:
+            return cached  # the same periods as the last call: most calls
+        frame = Frame(
+            periods,
+            tuple(self.period_key(p).encode() for p in periods),
+            " ".join(f"{p.start_ms} {p.end_ms}" for p in periods),
+        )
+        if windows is None:
+            self._frame = frame
+        return frame
 
     def reservation_key(self, reservation_id: str) -> str:
         return f"{self._tag}:res:{reservation_id}"
@@ -169,54 +195,55 @@ class Ledger:
 
     def reserve(self, scopes: Scopes, amount: int, reservation_id: str) -> Steps[Held]:
         """
-        Hold *amount* in every scope, or raise BudgetExceededError having written nothing.
+        Hold *amount* in every scope and window, or raise BudgetExceededError
+        having written nothing.
 
         A retry with the same id returns the hold the first call took; the same
         id with other scopes or another amount raises IdempotencyConflictError.
         """
-        keys = (self.reservation_key(reservation_id).encode(), self._limits_wire)
-        reply = yield from self._call("reserve", amount, scopes, keys, with_record=True)
+        record = self.reservation_key(reservation_id).encode()
+        reply = yield from self._call("reserve", amount, scopes, record, limits=True)
         if type(reply) is int:
-            return Held(state="held", day=reply, held_nano=amount)
+            return Held(state="held", at=reply, held_nano=amount)
         with _decoding(reply):
             if reply[0] == "NO":
                 self._refuse(reply, scopes, amount)
             _refuse_write(reply, scopes, f"reservation_id {reservation_id!r}")
-            _, state, held_day, held = reply  # DUP: the hold this id already took
+            _, state, held_at, held = reply  # DUP: the hold this id already took
             if state not in STATES:
                 raise ValueError(state)
-            return Held(state=state, day=int(held_day), held_nano=_held(held))
+            return Held(state=state, at=int(held_at), held_nano=_held(held))
 
     def settle(
         self,
         scopes: Scopes,
         reservation_id: str,
-        day: int | None,
+        at: int | None,
         actual: int,
         state: str,
     ) -> Steps[tuple[str, str]]:
         """
-        Settle a hold to *actual* (0 for a release); the first settlement wins.
+        Settle a hold taken at *at* to *actual* (0 for a release), in the
+        periods it was taken in; the first settlement wins.
 
         Returns ("OK", state), ("DONE", the state an earlier settlement left)
         or ("GONE", "recorded" | "expired") when the store had no such hold.
 
-        *day* None settles by id alone, in one round trip as well (the HTTP
-        service's commit without the hold): the record names its day and
-        scopes (*scopes* is then empty); with no record it is
-        UnknownReservationError, nothing written.
+        *at* None settles by id alone, in one round trip as well when the hold
+        was taken in the current periods (the HTTP service's commit without the
+        hold): the record names its instant and scopes (*scopes* is then
+        empty); with no record it is UnknownReservationError, nothing written.
         """
         op = _SETTLE_OPS[state]
-        keys = (self.reservation_key(reservation_id).encode(),)
-        guessed = day is None
+        record = self.reservation_key(reservation_id).encode()
+        guessed = at is None
         for _ in range(2):
-            the_day = self.today() if day is None else day
-            reply = yield from self._call(op, actual, scopes, keys, day=the_day, with_record=True)
+            reply = yield from self._call(op, actual, scopes, record, at=at, guess=guessed)
             if type(reply) is int:
                 return ("OK", state)
             with _decoding(reply):
-                if reply[0] == "WRONGDAY" and guessed:
-                    day, guessed = int(reply[1]), False  # its day, as its record says: once more
+                if reply[0] == "WHEN" and guessed:
+                    at, guessed = int(reply[1]), False  # its instant, as its record says: once more
                     continue
                 if reply[0] == "NONE":
                     raise UnknownReservationError(
@@ -224,17 +251,17 @@ class Ledger:
                     )
                 _refuse_write(reply, scopes, f"reservation {reservation_id!r}")
                 return (str(reply[0]), str(reply[1]))
-        raise BudgetUnavailableError("the budget store named two days for one reservation")
+        raise BudgetUnavailableError("the budget store named two instants for one reservation")
 
     def spend(self, scopes: Scopes, amount: int, operation_id: str) -> Steps[Spent]:
         """
-        Record *amount* in every scope, once per operation id, limits notwithstanding.
+        Record *amount* in every scope and window, once per operation id, limits notwithstanding.
 
         "duplicate": this id already paid for exactly this; the same id for
         another payment raises IdempotencyConflictError, writing nothing.
         """
-        key = (self.operation_key(operation_id).encode(),)
-        reply = yield from self._call("spend", amount, scopes, key, with_record=True)
+        record = self.operation_key(operation_id).encode()
+        reply = yield from self._call("spend", amount, scopes, record)
         if type(reply) is int:
             return "recorded"
         with _decoding(reply):
@@ -242,73 +269,87 @@ class Ledger:
         return "duplicate"
 
     def replay_spend(
-        self, scopes: Scopes, amount: int, operation_id: str, day: int
+        self, scopes: Scopes, amount: int, operation_id: str, at: int
     ) -> Steps[Literal["recorded", "duplicate", "expired"]]:
         """
-        Record a spend made on *day* (today or earlier) that never reached the store.
+        Record a spend made at *at* (now or earlier) that never reached the store.
 
         The same operation id as the original call, so a spend that did reach
         the store (only its reply was lost) is not charged again. Returns
-        "recorded", "duplicate", or "expired" (the day is past retention).
+        "recorded", "duplicate", or "expired" (its periods are past retention).
         """
-        key = (self.operation_key(operation_id).encode(),)
-        reply = yield from self._call("replay", amount, scopes, key, day=day, with_record=True)
+        record = self.operation_key(operation_id).encode()
+        reply = yield from self._call("replay", amount, scopes, record, at=at)
         if type(reply) is int:
             return "recorded"
         with _decoding(reply):
             _refuse_write(reply, scopes, f"idempotency_key {operation_id!r}")
         return "duplicate" if reply[0] == "DUP" else "expired"
 
-    def seconds_to_next_day(self) -> int:
-        """Seconds until the next day begins, by the clock that decides the day (at least 1)."""
-        left_ms = DAY_MS - self._now_ms() % DAY_MS
-        return max(1, -(-left_ms // 1000))
+    def now(self) -> int:
+        """When a call made now happens (ms): the client's guess; the script has the last word."""
+        if self._clock is not None:
+            return int(self._clock() * 1000)
+        return int(time.time() * 1000) + self._skew_ms
 
-    def today(self) -> int:
-        """The day a call made now would name (the client's guess; the script has the last word)."""
-        return self._now_ms() // DAY_MS
+    def seconds_to_reset(self, window: str = "day") -> int:
+        """Seconds until *window*'s current period ends, by the clock deciding it (at least 1)."""
+        now = self.now()
+        end = self.calendar.period(window, now).end_ms
+        return max(1, -(-(end - now) // 1000))
 
     def check(self, scopes: Scopes, amount: int) -> Steps[None]:
-        """Raise BudgetExceededError if *amount* does not fit; never writes."""
-        reply = yield from self._call("check", amount, scopes, self._limits_only)
+        """Raise BudgetExceededError if *amount* does not fit in every window; never writes."""
+        reply = yield from self._call("check", amount, scopes, None, limits=True)
         if type(reply) is not int:
             with _decoding(reply):
                 self._refuse(reply, scopes, amount)
 
-    def usage(self, scopes: Scopes) -> Steps[list[tuple[int, int]]]:
-        """(spent, limit) in nano-dollars per scope, open holds counted as spent."""
-        reply = yield from self._call("usage", 0, scopes, self._limits_only)
-        with _decoding(reply):
-            values = [int(v) for v in reply[1:]]
-            if len(values) != 2 * len(scopes.fields):
-                raise ValueError("not one (spent, limit) pair per scope")
-            return list(zip(values[::2], values[1::2], strict=True))
-
-    def today_by_store(self) -> Steps[int]:
-        """Today's day number by the store's clock (the one every worker shares)."""
-        day: int = yield from self._call("today", 0, NO_SCOPES, ())  # only ever the int day
-        return day
-
-    def counters(self, day: int, cursor: int) -> Steps[tuple[int, list[tuple[str, int]]]]:
+    def usage(self, scopes: Scopes, window: str) -> Steps[tuple[Period, list[tuple[int, int]]]]:
         """
-        One HSCAN step over the counters of *day*: the next cursor (0: done) and
-        the counters read. Each step is short, so a day with a million fields
+        The current period of *window* and (spent, limit) in nano-dollars per
+        scope there, open holds counted as spent.
+        """
+        j = self.windows.index(window)
+        reply = yield from self._call("usage", 0, scopes, None, limits=True)
+        with _decoding(reply):
+            k = len(self.windows)
+            values = [int(v) for v in reply[2:]]
+            if len(values) != 2 * k * len(scopes.fields):
+                raise ValueError("not one (spent, limit) pair per scope and window")
+            pairs = [
+                (values[2 * (i * k + j)], values[2 * (i * k + j) + 1])
+                for i in range(len(scopes.fields))
+            ]
+            return self.calendar.period(window, int(reply[1])), pairs
+
+    def now_by_store(self) -> Steps[int]:
+        """The time (ms) by the store's clock (the one every worker shares)."""
+        # Naming the day's period (its key unread) lets the reply be checked: a time
+        # in it, or the script's NOW, never any integer a proxy might send.
+        now: int = yield from self._call("now", 0, NO_SCOPES, None, windows=("day",))
+        return now
+
+    def counters(self, period: Period, cursor: int) -> Steps[tuple[int, list[tuple[str, int]]]]:
+        """
+        One HSCAN step over the counters of *period*: the next cursor (0: done) and
+        the counters read. Each step is short, so a period with a million fields
         never holds the store for other callers. A field written meanwhile may
         be read with either value.
         """
         reply = yield Command(
-            "hscan", (self.day_key(day),), {"cursor": cursor, "count": _SCAN_COUNT}
+            "hscan", (self.period_key(period),), {"cursor": cursor, "count": _SCAN_COUNT}
         )
         self.on_reached()
         with _decoding(reply):
             after, values = reply
             return int(after), [(field, int(value)) for field, value in values.items()]
 
-    def overrides(self, fields: Sequence[str]) -> Steps[dict[str, int]]:
-        """The limit overrides of *fields* (those that have one)."""
+    def overrides(self, window: str, fields: Sequence[str]) -> Steps[dict[str, int]]:
+        """The limit overrides of *fields* in *window* (those that have one)."""
         if not fields:
             return {}
-        values = yield Command("hmget", (self._limits_key, list(fields)))
+        values = yield Command("hmget", (self._limits_keys[window], list(fields)))
         self.on_reached()
         with _decoding(values):
             return {f: int(v) for f, v in zip(fields, values, strict=True) if v is not None}
@@ -320,69 +361,78 @@ class Ledger:
         if record is None:
             return None
         with _decoding(record):
-            # "<state> <day> <held> " + Scopes.record: "<n> <byte lengths>\n<fields>".
+            # "<state> <at> <held> " + Scopes.record: "<n> <byte lengths>\n<fields>".
             head, _, body = record.partition("\n")
-            state, day, held, _, *lengths = head.split(" ")
-            data, fields, at = body.encode(), [], 0
+            state, at, held, _, *lengths = head.split(" ")
+            data, fields, start = body.encode(), [], 0
             for length in map(int, lengths):
-                fields.append(data[at : at + length].decode())
-                at += length
+                fields.append(data[start : start + length].decode())
+                start += length
             if state not in STATES:
                 raise ValueError(state)
-            return Held(state=state, day=int(day), held_nano=_held(held)), fields
+            return Held(state=state, at=int(at), held_nano=_held(held)), fields
 
     def ping(self) -> Steps[None]:
         yield Command("ping")
         self.on_reached()
 
-    def set_limit(self, field: str, limit_nano: int | None) -> Steps[None]:
+    def set_limit(self, window: str, field: str, limit_nano: int | None) -> Steps[None]:
+        key = self._limits_keys[window]
         if limit_nano is None:
-            yield Command("hdel", (self._limits_key, field))
+            yield Command("hdel", (key, field))
         else:
-            yield Command("hset", (self._limits_key, field, str(limit_nano)))
+            yield Command("hset", (key, field, str(limit_nano)))
         self.on_reached()
 
     # -- plumbing ------------------------------------------------------------
-
-    def _now_ms(self) -> int:
-        if self._clock is not None:
-            return int(self._clock() * 1000)
-        return int(time.time() * 1000) + self._skew_ms
 
     def _call(
         self,
         op: str,
         amount: int,
         scopes: Scopes,
-        keys_after_day: tuple[bytes, ...],
-        day: int | None = None,
-        with_record: bool = False,
+        record: bytes | None,
+        *,
+        limits: bool = False,
+        at: int | None = None,
+        guess: bool = False,
+        windows: Sequence[str] | None = None,
     ) -> Steps[Any]:
         """
-        One script call: its reply, an int (the day booked) or a list.
+        One script call: its reply, an int (the instant booked) or a list.
 
-        *keys_after_day*: the record (writes), then the limits (ops that read them).
-        *with_record*: send the scopes as a reservation record keeps them too.
+        *record*: the reservation or marker key (writes). *limits*: the
+        operation reads limits (sent with the default limits and the limits
+        keys). *at*: a settlement's or a replay's instant, whose periods are
+        named; *guess*: settling by the record alone, naming now's periods.
         """
-        # Twice is enough: the second attempt uses the day the server named.
+        # Twice is enough: the second attempt uses the time the server named.
+        now: int | None = None
         for _ in range(2):
-            if day is not None and self._clock is None:
-                the_day, stamp = day, "-"  # a settlement's day, by the store's clock: no time read
+            stamp = "-" if self._clock is None else str(self.now())
+            if at is not None:
+                frame = self.frame(at, windows)  # a settlement's or replay's own periods
+                moment = at
             else:
-                now = self._now_ms()
-                stamp = "-" if self._clock is None else str(now)
-                the_day = day if day is not None else now // DAY_MS
-            keys = [self._day_wire(the_day), *keys_after_day]
-            args: list[str | bytes] = [
-                f"{op} {the_day} {stamp} {amount} {self._ttls} {scopes.limits}",
-                *scopes.wire,
-            ]
-            if with_record:
+                moment = self.now() if now is None else now
+                frame = self.frame(moment, windows)
+            keys = list(frame.keys)
+            header = (
+                f"{op} {stamp} {amount} {self._ttls} "
+                f"{'-' if at is None else at} {len(scopes.wire)} {len(frame.periods)} {frame.words}"
+            )
+            if limits:
+                keys += self._limits_wire
+                header += " " + scopes.limits
+            if record is not None:
+                keys.append(record)
+            args: list[str | bytes] = [header, *scopes.wire]
+            if record is not None:
                 args.append(scopes.record)
             reply: Any = yield Script(keys, args)
-            # Success is the day the call named, nothing else: any other integer
-            # (a proxy's or an impostor's ":0") is no "yes".
-            if type(reply) is int and reply == the_day:
+            # Success is an instant in the periods the call named, nothing else:
+            # any other integer (a proxy's or an impostor's ":0") is no "yes".
+            if type(reply) is int and (reply == at or (at is None and frame.holds(reply))):
                 self.on_reached()
                 return reply
             if not isinstance(reply, list) or not reply or not _ANSWERS[op](reply):
@@ -391,25 +441,31 @@ class Ledger:
                 raise BudgetUnavailableError(
                     f"budget store sent a malformed reply: {str(reply)[:200]}"
                 )
-            if reply[0] != "DAY":
+            if reply[0] != "NOW" or guess:
                 self.on_reached()
                 return reply
             with _decoding(reply):
-                self._skew_ms = int(reply[2]) - int(time.time() * 1000)
-                server_day = int(reply[1])
-            if day is not None:  # a replay dated in the future by a fast clock: today then
-                day = min(day, server_day)
-        raise BudgetUnavailableError("could not agree with the budget store on today's date")
+                now = int(reply[1])
+                if self._clock is None:
+                    self._skew_ms = now - int(time.time() * 1000)
+            if at is not None:  # a replay dated in the future by a fast clock: now then
+                at = min(at, now)
+        raise BudgetUnavailableError("could not agree with the budget store on the time")
 
-    @staticmethod
-    def _refuse(reply: list[Any], scopes: Scopes, amount: int) -> NoReturn:
+    def _refuse(self, reply: list[Any], scopes: Scopes, amount: int) -> NoReturn:
         name, entity = describe(scopes.fields[int(reply[1]) - 1])
+        window = self.windows[int(reply[2]) - 1]
+        now = int(reply[5])
+        end = self.calendar.period(window, now).end_ms
         raise BudgetExceededError(
             scope=name,
             entity_id=entity,
-            limit_nano=int(reply[3]),
-            spent_nano=int(reply[2]),
+            limit_nano=int(reply[4]),
+            spent_nano=int(reply[3]),
             requested_nano=amount,
+            window=window,
+            resets_at=instant(end),
+            retry_after_seconds=max(1, -(-(end - now) // 1000)),
         )
 
 
@@ -428,22 +484,20 @@ def _shapes(*shapes: tuple[str, int]) -> Callable[[list[Any]], bool]:
     return lambda reply: lengths.get(reply[0]) == len(reply)
 
 
-_DAY = ("DAY", 3)
+_NOW = ("NOW", 2)
 #: The states a reservation record may be in.
 STATES = frozenset({"held", "committed", "released"})
-#: The list replies each operation may get (DAY: any op but a settle's); the
+#: The list replies each operation may get (NOW: any op but a settle's); the
 #: values in them are checked where they are read.
 _ANSWERS: dict[str, Callable[[list[Any]], bool]] = {
-    "reserve": _shapes(("NO", 4), ("DUP", 4), _DAY, ("CONFLICT", 1), ("BIG", 2)),
-    "commit": lambda r: (
-        _settled(r) or (r[0] in ("BIG", "WRONGDAY") and len(r) == 2) or r == ["NONE"]
-    ),
-    "release": lambda r: _settled(r) or (r[0] == "WRONGDAY" and len(r) == 2) or r == ["NONE"],
-    "spend": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
-    "replay": _shapes(("DUP", 1), ("GONE", 2), _DAY, ("CONFLICT", 1), ("BIG", 2)),
-    "check": _shapes(("NO", 4), _DAY),
-    "usage": lambda r: r[0] == "OK" or (r[0] == "DAY" and len(r) == 3),
-    "today": _shapes(_DAY),
+    "reserve": _shapes(("NO", 6), ("DUP", 4), _NOW, ("CONFLICT", 1), ("BIG", 2)),
+    "commit": lambda r: _settled(r) or (r[0] in ("BIG", "WHEN") and len(r) == 2) or r == ["NONE"],
+    "release": lambda r: _settled(r) or (r[0] == "WHEN" and len(r) == 2) or r == ["NONE"],
+    "spend": _shapes(("DUP", 1), ("GONE", 2), _NOW, ("CONFLICT", 1), ("BIG", 2)),
+    "replay": _shapes(("DUP", 1), ("GONE", 2), _NOW, ("CONFLICT", 1), ("BIG", 2)),
+    "check": _shapes(("NO", 6), _NOW),
+    "usage": lambda r: (r[0] == "OK" and len(r) >= 2) or (r[0] == "NOW" and len(r) == 2),
+    "now": _shapes(_NOW),
 }
 
 
@@ -493,14 +547,19 @@ def store_unavailable(
     return error
 
 
-def day_date(day: int) -> datetime.date:
-    """The date of a day number (days since 1970-01-01, UTC), as keys and records name days."""
-    return datetime.date.fromordinal(_EPOCH + day)
+def instant(at: int) -> datetime.datetime:
+    """An instant (ms since the epoch, as records keep them) as an aware UTC datetime."""
+    return _EPOCH + datetime.timedelta(milliseconds=at)
 
 
-def date_day(date: datetime.date) -> int:
-    """The day number of a date."""
-    return date.toordinal() - _EPOCH
+def at_ms(moment: datetime.datetime) -> int:
+    """An aware datetime as ms since the epoch, exactly (no float rounding)."""
+    if not isinstance(moment, datetime.datetime) or moment.utcoffset() is None:
+        raise InvalidInputError(f"expected an aware datetime, got {moment!r}")
+    return (moment - _EPOCH) // datetime.timedelta(milliseconds=1)
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def _nothing() -> None:
@@ -519,10 +578,10 @@ def _refuse_write(reply: list[Any], scopes: Scopes, what: str) -> None:
             f"{what} was already used for a different charge (another user, scopes or "
             "amount); nothing was written. Use a new id for a new charge."
         )
-    if reply[0] == "WRONGDAY":
+    if reply[0] == "WHEN":
         raise InvalidInputError(
-            f"{what} belongs to day {day_date(int(reply[1]))}, not the day named; "
-            "nothing was written"
+            f"{what} was taken at {instant(int(reply[1])).isoformat()}, not at the time "
+            "named; nothing was written"
         )
     if reply[0] == "BIG":
         name, entity = describe(scopes.fields[int(reply[1]) - 1])

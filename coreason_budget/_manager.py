@@ -124,16 +124,30 @@ class BudgetManager:
 
     # -- reporting and administration -------------------------------------------
 
-    def usage(self, user_id: str, project_id: str | None = None) -> dict[str, ScopeUsage]:
-        """Today's spent, limit and remaining per scope: "user", "project" (if given), "global"."""
-        return self._run(self._core.usage(user_id, project_id))
+    def usage(
+        self, user_id: str, project_id: str | None = None, *, window: str = "day"
+    ) -> dict[str, ScopeUsage]:
+        """
+        Spent, limit, remaining and when it resets, per scope ("user",
+        "project" if given, "global") in the current period of *window*
+        (today, by default; any window this manager keeps).
+        """
+        return self._run(self._core.usage(user_id, project_id, window))
 
-    def report(self, top: int | None = None) -> Report:
+    def report(
+        self,
+        top: int | None = None,
+        *,
+        window: str = "day",
+        period: datetime.date | datetime.datetime | None = None,
+    ) -> Report:
         """
-        Today's spend: the organisation's total, then users, projects and
-        models, biggest first (the *top* of each, or all).
+        One period's spend: the organisation's total, then users, projects and
+        models, biggest first (the *top* of each, or all). The current period
+        of *window* (today), or the one holding *period* (a date: its local
+        midnight; an aware datetime) while it is retained.
         """
-        return self._run(self._core.report(top))
+        return self._run(self._core.report(top, window, period))
 
     def reservation(
         self,
@@ -142,7 +156,7 @@ class BudgetManager:
         user_id: str | None = None,
         project_id: str | None = None,
         model: str | None = None,
-        date: datetime.date | None = None,
+        held_at: datetime.datetime | None = None,
         lookup: bool = True,
     ) -> Reservation:
         """
@@ -152,16 +166,17 @@ class BudgetManager:
         HTTP service behind a load balancer). Raises UnknownReservationError
         when the store has no such reservation (never made, or expired).
 
-        With *user_id* and *date* (and the *project_id* and *model* it was
-        made with), a reservation whose record the store lost (restarted
-        without persistence) still gets a handle: committing it records the
-        cost once on that day, as the handle that took it would. So does one
+        With *user_id* and *held_at* (the handle's ``held_at``, and the
+        *project_id* and *model* it was made with), a reservation whose record
+        the store lost (restarted without persistence) still gets a handle:
+        committing it records the cost once in that moment's periods, as the
+        handle that took it would. So does one
         the store cannot be asked about now, so that its settlement can be
         spooled. (The store settles a reservation in the scopes its record
         names, whatever the handle says.)
 
         With ``lookup=False`` the store is not asked: the handle is made from
-        what is passed (*user_id* and *date*, or nothing: then it settles by
+        what is passed (*user_id* and *held_at*, or nothing: then it settles by
         the store's record alone), for relaying a settlement in one round trip
         (the HTTP service does). Its estimate is unknown (0): settle it
         explicitly (left unsettled, a with-block leaves the hold as the store
@@ -169,27 +184,33 @@ class BudgetManager:
         """
         return self._run(
             self._core.reservation(
-                self._handle, reservation_id, user_id, project_id, model, date, lookup
+                self._handle, reservation_id, user_id, project_id, model, held_at, lookup
             )
         )
 
     def set_limit(
-        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+        self,
+        scope: ScopeName,
+        entity_id: str | None,
+        limit_usd: float | Decimal | None,
+        window: str = "day",
     ) -> None:
         """
-        Override the daily limit of one user or project (or the global one, with
-        entity_id None); ``None`` removes the override. Stored in Redis, so
-        every worker applies it from its next call on.
+        Override the limit of one user, project or model (or the global one,
+        with entity_id None) in one *window* (a kept one); ``None`` removes
+        the override. Stored in Redis, so every worker applies it from its
+        next call on.
         """
-        self._run(self._core.set_limit(scope, entity_id, limit_usd))
+        self._run(self._core.set_limit(scope, entity_id, limit_usd, window))
 
     def seconds_until_reset(self) -> int:
         """
-        Seconds until today's budgets reset (the next UTC midnight), by the
-        store's clock as this manager last learnt it: what a refused caller
-        should wait (HTTP's Retry-After). At least 1.
+        Seconds until today's budgets reset (the next midnight in the
+        configured time zone), by the store's clock as this manager last
+        learnt it. At least 1. (A refusal says when its own window resets:
+        ``BudgetExceededError.retry_after_seconds``.)
         """
-        return self._core.ledger.seconds_to_next_day()
+        return self._core.ledger.seconds_to_reset()
 
     def ping(self) -> None:
         """Raise BudgetUnavailableError unless the store answers (for health checks)."""

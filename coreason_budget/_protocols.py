@@ -9,6 +9,7 @@ the faces keep the same signatures (``tests/typing_api.py``).
 
 from __future__ import annotations
 
+import datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import Protocol, Self
@@ -48,12 +49,24 @@ class Budget(Protocol):
 
     def reservation(self, reservation_id: str) -> Reservation: ...
 
-    def usage(self, user_id: str, project_id: str | None = None) -> dict[str, ScopeUsage]: ...
+    def usage(
+        self, user_id: str, project_id: str | None = None, *, window: str = "day"
+    ) -> dict[str, ScopeUsage]: ...
 
-    def report(self, top: int | None = None) -> Report: ...
+    def report(
+        self,
+        top: int | None = None,
+        *,
+        window: str = "day",
+        period: datetime.date | datetime.datetime | None = None,
+    ) -> Report: ...
 
     def set_limit(
-        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+        self,
+        scope: ScopeName,
+        entity_id: str | None,
+        limit_usd: float | Decimal | None,
+        window: str = "day",
     ) -> None: ...
 
     def ping(self) -> None: ...
@@ -99,12 +112,24 @@ class AsyncBudget(Protocol):
 
     async def reservation(self, reservation_id: str) -> AsyncReservation: ...
 
-    async def usage(self, user_id: str, project_id: str | None = None) -> dict[str, ScopeUsage]: ...
+    async def usage(
+        self, user_id: str, project_id: str | None = None, *, window: str = "day"
+    ) -> dict[str, ScopeUsage]: ...
 
-    async def report(self, top: int | None = None) -> Report: ...
+    async def report(
+        self,
+        top: int | None = None,
+        *,
+        window: str = "day",
+        period: datetime.date | datetime.datetime | None = None,
+    ) -> Report: ...
 
     async def set_limit(
-        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+        self,
+        scope: ScopeName,
+        entity_id: str | None,
+        limit_usd: float | Decimal | None,
+        window: str = "day",
     ) -> None: ...
 
     async def ping(self) -> None: ...

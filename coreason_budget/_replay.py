@@ -56,7 +56,7 @@ class SpoolKeeper:
         error: BudgetUnavailableError,
         kind: Kind,
         op: str,
-        day: int,
+        at: int | None,
         scopes: Scopes,
         amount: int,
         state: str | None = None,
@@ -73,7 +73,7 @@ class SpoolKeeper:
         if spool is None:
             raise error
         try:
-            spool.append(kind, op, day, scopes.fields, amount, state)
+            spool.append(kind, op, at, scopes.fields, amount, state)
         except OSError as e:
             log.error(
                 "Could not write the spool in %s (%s): %s %s of %d nano-USD is not kept, and "
@@ -174,13 +174,14 @@ class SpoolKeeper:
         try:
             outcome: Replayed
             if entry.kind == "spend":
+                assert entry.at is not None
                 outcome = self.run(
-                    self._ledger.replay_spend(scopes, entry.amount, entry.op, entry.day)
+                    self._ledger.replay_spend(scopes, entry.amount, entry.op, entry.at)
                 )
             else:
                 assert entry.state is not None
                 reply = self.run(
-                    self._ledger.settle(scopes, entry.op, entry.day, entry.amount, entry.state)
+                    self._ledger.settle(scopes, entry.op, entry.at, entry.amount, entry.state)
                 )
                 # OK or GONE/recorded: charged now; DONE: settled before; GONE/expired: too late.
                 outcome = (
@@ -205,10 +206,9 @@ class SpoolKeeper:
             raise Rejected(f"cannot be sent to the store: {type(e).__name__}: {e}") from e
         if outcome == "expired":
             log.warning(
-                "Spooled %s %s of day %d replayed after its day's ledger expired; not recorded",
+                "Spooled %s %s replayed after its periods' ledger expired; not recorded",
                 entry.kind,
                 entry.op,
-                entry.day,
             )
         return outcome
 

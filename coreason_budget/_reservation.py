@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
 from ._drivers import AsyncRunner
-from ._ledger import Held, day_date
+from ._ledger import Held, instant
 from ._money import nano_to_usd, to_nano
 from ._pricing import _check_tokens
 from ._receipt import Kind, Receipt
@@ -60,8 +60,8 @@ class Hold(Generic[R]):
         "_lock",
         "_ops",
         "_run",
-        "day",
         "estimate_nano",
+        "held_at_ms",
         "id",
         "model",
         "on_error",
@@ -96,8 +96,8 @@ class Hold(Generic[R]):
         self.project_id = project_id
         self.model = model
         self.on_error: OnError = on_error
-        #: The day (days since 1970-01-01, UTC) the hold was taken on.
-        self.day = held.day
+        #: When the hold was taken (ms since the epoch, by the store's clock).
+        self.held_at_ms = held.at
         self.estimate_nano = held.held_nano
         #: "held", then "committed" or "released" (as this handle settled it,
         #: or as the store had it settled already).
@@ -111,9 +111,12 @@ class Hold(Generic[R]):
         return nano_to_usd(self.estimate_nano)
 
     @property
-    def date(self) -> datetime.date:
-        """The (UTC) day the hold was taken on, which it settles on whenever committed."""
-        return day_date(self.day)
+    def held_at(self) -> datetime.datetime:
+        """
+        When the hold was taken (aware, UTC, by the store's clock): it settles
+        in that moment's hour, day, week and month whenever it is settled.
+        """
+        return instant(self.held_at_ms)
 
     def already_settled(self, kind: Kind) -> Receipt | None:
         """

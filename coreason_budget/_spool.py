@@ -56,14 +56,14 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 
 from ._config import BudgetConfig
-from ._ledger import MAX_SCOPES, date_day, describe
+from ._ledger import MAX_AT, MAX_SCOPES, describe
 from ._money import MAX_AMOUNT_NANO, check_id
 from ._store import default_embedded_path, flock
 from .exceptions import BudgetUnavailableError, IdempotencyConflictError
 
 log = logging.getLogger("coreason_budget")
 
-VERSION = 1
+VERSION = 2
 SUFFIX = ".spool"
 QUARANTINE_SUFFIX = ".quarantine"
 OFF = "off"
@@ -75,8 +75,6 @@ _MARK_EVERY = 1024
 #: A longer line is no spool line, and is not even parsed: an entry with every id
 #: at its maximum, each character \u-escaped, is under 16 KiB.
 MAX_LINE_BYTES = 64 * 1024
-#: The last day an entry may name, 9999-12-31 (days since 1970-01-01, like the ledger).
-MAX_DAY = date_day(datetime.date.max)
 #: Sequence numbers are positive and below 2**63.
 MAX_SEQ = 2**63 - 1
 #: A file of a dead namesake numbered beyond this is not adopted (our next
@@ -95,16 +93,17 @@ class Entry:
     """
     One spooled charge: everything its ledger operation needs, and nothing from config.
 
-    spend:  ``op`` is the operation id (the idempotency key), ``day`` the day
-            the client computed for it, ``amount`` the cost.
-    settle: ``op`` is the reservation id, ``day`` the reservation's day,
+    spend:  ``op`` is the operation id (the idempotency key), ``at`` when it
+            was made (ms since the epoch, the client's clock), ``amount`` the cost.
+    settle: ``op`` is the reservation id, ``at`` when the hold was taken (None:
+            settled by its record alone, an undone reserve's release),
             ``amount`` the actual cost, ``state`` "committed" or "released".
     """
 
     seq: int
     kind: Kind
     op: str
-    day: int
+    at: int | None
     fields: tuple[str, ...]
     amount: int
     state: str | None = None
@@ -114,7 +113,7 @@ class Entry:
             "seq": self.seq,
             "kind": self.kind,
             "op": self.op,
-            "day": self.day,
+            "at": self.at,
             "fields": list(self.fields),
             "amount": self.amount,
         }
@@ -128,17 +127,18 @@ class Entry:
         The entry *doc* describes; ValueError for anything else.
 
         Every value is held to what the library itself writes, so that an
-        entry that passes can be sent to the store as it is: a day from 1970
-        to 9999, an amount no larger than any single charge, an id and counter
-        fields as the manager validates them.
+        entry that passes can be sent to the store as it is: an instant from
+        1970 to 9999 (or none, for a release by record), an amount no larger
+        than any single charge, an id and counter fields as the manager
+        validates them.
         """
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
-        missing = [k for k in ("seq", "kind", "op", "day", "fields", "amount") if k not in doc]
+        missing = [k for k in ("seq", "kind", "op", "at", "fields", "amount") if k not in doc]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
         seq = _whole(doc["seq"], "seq", 1, MAX_SEQ)
-        day = _whole(doc["day"], "day", 0, MAX_DAY)
+        at = None if doc["at"] is None else _whole(doc["at"], "at", 0, MAX_AT)
         amount = _whole(doc["amount"], "amount", 0, MAX_AMOUNT_NANO)
         kind, state = doc["kind"], doc.get("state")
         if not (
@@ -146,6 +146,8 @@ class Entry:
             or (kind == "settle" and state in ("committed", "released"))
         ):
             raise ValueError(f"bad kind/state {_show(kind)}/{_show(state)}")
+        if at is None and state != "released":
+            raise ValueError("only a release may leave out when its hold was taken")
         op = check_id(doc["op"], "op")  # InvalidInputError: a ValueError
         fields = doc["fields"]
         if not (isinstance(fields, list) and 0 < len(fields) <= MAX_SCOPES):
@@ -158,7 +160,7 @@ class Entry:
                 check_id(entity, f"the id in counter field {_show(field)}")
         if len(set(fields)) != len(fields):
             raise ValueError("a counter field appears twice")
-        return cls(seq, kind, op, day, tuple(fields), amount, state)
+        return cls(seq, kind, op, at, tuple(fields), amount, state)
 
 
 def _whole(value: object, name: str, low: int, high: int) -> int:
@@ -185,7 +187,7 @@ class ReplaySummary:
 
     recorded: int = 0  # charged (or settled) now
     duplicates: int = 0  # already in the store: its reply, not the charge, had been lost
-    expired: int = 0  # its day is past retention: the store keeps nothing to charge
+    expired: int = 0  # its periods are past retention: the store keeps nothing to charge
     rejected: int = 0  # refused by the store for good: quarantined (see below)
     remaining: int = 0  # still spooled: not reached, or not quarantined (its file unwritable)
     files: int = 0  # other processes' spool files taken
@@ -598,7 +600,7 @@ class Spool:
         self,
         kind: Kind,
         op: str,
-        day: int,
+        at: int | None,
         fields: tuple[str, ...],
         amount: int,
         state: str | None = None,
@@ -623,7 +625,7 @@ class Spool:
                     )
                 return  # this very spend waits already: replayed once
             fd = self._open()
-            entry = Entry(self._next_seq, kind, op, day, fields, amount, state)
+            entry = Entry(self._next_seq, kind, op, at, fields, amount, state)
             self._next_seq += 1  # never numbered again, even if it is not kept
             self._write_entry(fd, entry)
             self._pending[entry.seq] = entry

@@ -33,15 +33,25 @@ def check_top(top: object) -> int | None:
 
 @attrs.frozen
 class ScopeUsage:
-    """Today's spend in one scope. Open reservations count as spent until settled."""
+    """
+    The spend of one scope in the current period of one window (today, by
+    default). Open reservations count as spent until settled. A limit of
+    None: none (the spend is tracked, never refused).
+    """
 
     scope: str
     entity_id: str | None
     spent_nano: int
-    limit_nano: int
+    limit_nano: int | None
+    window: str = "day"
+    #: When the period ends and the window's budget starts again (aware, UTC).
+    resets_at: datetime.datetime | None = None
 
     @property
-    def remaining_nano(self) -> int:
+    def remaining_nano(self) -> int | None:
+        """What still fits (0 when nothing does); None without a limit."""
+        if self.limit_nano is None:
+            return None
         return max(self.limit_nano - self.spent_nano, 0)
 
     @property
@@ -49,12 +59,13 @@ class ScopeUsage:
         return nano_to_usd(self.spent_nano)
 
     @property
-    def limit_usd(self) -> float:
-        return nano_to_usd(self.limit_nano)
+    def limit_usd(self) -> float | None:
+        return None if self.limit_nano is None else nano_to_usd(self.limit_nano)
 
     @property
-    def remaining_usd(self) -> float:
-        return nano_to_usd(self.remaining_nano)
+    def remaining_usd(self) -> float | None:
+        remaining = self.remaining_nano
+        return None if remaining is None else nano_to_usd(remaining)
 
     def to_json(self) -> dict[str, Any]:
         """The shape the HTTP API and the CLI's ``--json`` share."""
@@ -65,37 +76,33 @@ class ScopeUsage:
             "remaining_usd": self.remaining_usd,
             "spent_nano": self.spent_nano,
             "limit_nano": self.limit_nano,
+            "remaining_nano": self.remaining_nano,
+            "window": self.window,
+            "resets_at": None if self.resets_at is None else self.resets_at.isoformat(),
         }
 
 
 @attrs.frozen
-class ModelSpend:
-    """Today's spend on one model (models have no limit; they are tracked for reports)."""
-
-    model: str
-    spent_nano: int
-
-    @property
-    def spent_usd(self) -> float:
-        return nano_to_usd(self.spent_nano)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "spent_usd": self.spent_usd, "spent_nano": self.spent_nano}
-
-
-@attrs.frozen
 class Report:
-    """Today's spend across the organisation, biggest spenders first."""
+    """One period's spend across the organisation (today, by default), biggest spenders first."""
 
-    day: datetime.date
+    window: str
+    #: The period's local name: "2026-11-29" (a day or the week starting then),
+    #: "2026-11" (a month), "2026-11-29T14" (an hour).
+    period: str
+    starts_at: datetime.datetime
+    resets_at: datetime.datetime
     total: ScopeUsage
     users: tuple[ScopeUsage, ...]
     projects: tuple[ScopeUsage, ...]
-    models: tuple[ModelSpend, ...]
+    models: tuple[ScopeUsage, ...]
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "day": self.day.isoformat(),
+            "window": self.window,
+            "period": self.period,
+            "starts_at": self.starts_at.isoformat(),
+            "resets_at": self.resets_at.isoformat(),
             "total": self.total.to_json(),
             "users": [u.to_json() for u in self.users],
             "projects": [p.to_json() for p in self.projects],

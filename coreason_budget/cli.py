@@ -17,9 +17,11 @@ when it runs.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
@@ -31,6 +33,7 @@ from ._config import ENV_PREFIX, BudgetConfig
 from ._manager import BudgetManager
 from ._money import MAX_LIMIT_NANO, NANO_PER_USD, format_usd, to_nano
 from ._usage import ScopeUsage
+from ._windows import WINDOWS
 from .exceptions import (
     BudgetError,
     BudgetExceededError,
@@ -66,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except BudgetExceededError as e:
-        return _fail(args, EXIT_REFUSED, "budget_exceeded", e, e.to_json())
+        return _fail(args, EXIT_REFUSED, "budget_exceeded", e, e.to_json(), refusal(e))
     except BudgetUnavailableError as e:
         return _fail(args, EXIT_UNAVAILABLE, "budget_unavailable", e, e.to_json())
     except (ConfigError, InvalidInputError, UnknownModelError) as e:
@@ -84,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Daily LLM budgets per user, project and organisation, from the shell.",
+        description="LLM budgets per user, project, model and organisation, by the hour, day, "
+        "week or month, from the shell.",
         epilog="Exit codes: 0 ok/allowed (or spend spooled: recorded once the store is back), "
         "1 refused by a budget, 2 bad input or configuration, 3 budget store unavailable "
         "(fail closed; nothing saved). The store and limits come from "
@@ -111,26 +115,53 @@ def _parser() -> argparse.ArgumentParser:
         help="serve without API keys: anyone who can reach the port can spend",
     )
 
-    sub = command("usage", _usage, "today's spend, limit and remaining for a user")
+    sub = command(
+        "usage",
+        _usage,
+        "a user's spend, limit and remaining in the current period of a window (default: today)",
+    )
     sub.add_argument("user", metavar="USER")
     sub.add_argument("--project", metavar="P", help="also show this project")
+    _window_option(sub)
 
-    sub = command("report", _report, "today's spend: total, top users, projects and models")
+    sub = command(
+        "report",
+        _report,
+        "one period's spend (default: today): total, top users, projects and models",
+    )
     sub.add_argument(
         "--top", type=_positive, default=10, metavar="N", help="rows per list (default: 10)"
+    )
+    _window_option(sub)
+    sub.add_argument(
+        "--period",
+        metavar="WHEN",
+        help="report the period holding WHEN instead of the current one: a date (YYYY-MM-DD, "
+        "its local midnight), a month (YYYY-MM, with --window month) or a datetime with a UTC "
+        "offset (2026-11-29T14:00:00+00:00); a past period is kept for "
+        f"{ENV_PREFIX}RETENTION_SECONDS after it ends",
     )
 
     sub = command(
         "set-limit",
         _set_limit,
-        "override a daily limit, shared by every worker (USD 'none' removes the override)",
+        "override a limit in one window (default: daily), shared by every worker "
+        "(USD 'none' removes the override)",
     )
-    sub.add_argument("scope", metavar="SCOPE", choices=("user", "project", "global"))
-    sub.add_argument("entity", metavar="ID", help="user or project id; '-' (or nothing) for global")
-    sub.add_argument("usd", metavar="USD", nargs="?", help="daily limit in USD, or 'none'")
+    sub.add_argument("scope", metavar="SCOPE", choices=("user", "project", "model", "global"))
+    sub.add_argument(
+        "entity",
+        metavar="ID",
+        help="user or project id, or model name; '-' (or nothing) for global",
+    )
+    sub.add_argument("usd", metavar="USD", nargs="?", help="limit in USD, or 'none'")
+    _window_option(sub, "the window the limit is for")
 
     sub = command(
-        "check", _check, "would COST fit today? exit 0 allowed, 1 refused (writes nothing)"
+        "check",
+        _check,
+        "would COST fit every budget now (each window's current period)? exit 0 allowed, "
+        "1 refused (writes nothing)",
     )
     sub.add_argument("user", metavar="USER")
     sub.add_argument("cost", metavar="COST", help="estimated cost in USD")
@@ -186,6 +217,16 @@ def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         action="store_true",
         default=False if top else argparse.SUPPRESS,
         help="print one JSON document on stdout (also for errors)",
+    )
+
+
+def _window_option(parser: argparse.ArgumentParser, help: str = "the budget window") -> None:
+    parser.add_argument(
+        "--window",
+        choices=WINDOWS,
+        default="day",
+        help=f"{help} (default: %(default)s), in {ENV_PREFIX}TIMEZONE; a window other than "
+        f"the day must be kept (a limit in it configured, or it listed in {ENV_PREFIX}WINDOWS)",
     )
 
 
@@ -303,39 +344,66 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     with _manager(args) as budget:
-        usage = budget.usage(args.user, args.project)
+        usage = budget.usage(args.user, args.project, window=args.window)
+        config = budget.config
     if args.json:
         return _print_json({scope: u.to_json() for scope, u in usage.items()})
     header = ("scope", "id", "spent", "limit", "remaining", "used")
     rows = [_scope_row(u) for u in usage.values()]
-    print("\n".join(table(header, rows, right=(2, 3, 4, 5))))
+    lines = []
+    resets_at = next(iter(usage.values())).resets_at
+    if resets_at is not None:
+        label = config.calendar().period(args.window, _ms(resets_at) - 1).label
+        lines.append(
+            f"Spend in {args.window} {label} ({config.timezone}); resets at "
+            f"{resets_at.isoformat()} ({_from_now(resets_at)})"
+        )
+    lines += table(header, rows, right=(2, 3, 4, 5))
+    print("\n".join(lines))
     return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
+    period = None if args.period is None else _period(args.period, args.window)
     with _manager(args) as budget:
-        r = budget.report(args.top)
+        try:
+            r = budget.report(args.top, window=args.window, period=period)
+        except ValueError as e:  # a period too near year 1 or 9999 for the calendar
+            if isinstance(e, BudgetError) or period is None:
+                raise
+            raise InvalidInputError(f"--period {args.period}: {e}") from None
+        zone = budget.config.timezone
     if args.json:
         return _print_json(r.to_json())
     total = r.total
+    limit = _ADVERB.get(r.window, r.window) + " limit"
+    spent = usd(total.spent_nano)
+    if total.limit_nano is None:
+        summary = f"{spent} (no global {limit})"
+    else:
+        summary = f"{spent} of {usd(total.limit_nano)} global {limit} ({_percent(total)} used)"
+    now = datetime.datetime.now(datetime.UTC)
+    if now < r.starts_at:
+        when = f"starts {_from_now(r.starts_at)}"
+    elif now < r.resets_at:
+        when = f"resets {_from_now(r.resets_at)}"
+    else:
+        when = f"ended {_duration(int((now - r.resets_at).total_seconds()))} ago"
     lines = [
-        f"Spend on {r.day.isoformat()} (UTC): {usd(total.spent_nano)} of "
-        f"{usd(total.limit_nano)} global daily limit ({_percent(total)} used)"
+        f"Spend in {r.window} {r.period} ({zone}): {summary}",
+        f"From {r.starts_at.isoformat()} to {r.resets_at.isoformat()} ({when})",
     ]
     header = ("id", "spent", "limit", "remaining", "used")
-    for title, scopes in (("users", r.users), ("projects", r.projects)):
+    for title, scopes in (("users", r.users), ("projects", r.projects), ("models", r.models)):
         lines += ["", f"Top {title}:"]
         rows = [_scope_row(u)[1:] for u in scopes]
-        lines += table(header, rows, right=(1, 2, 3, 4)) if rows else ["  (none today)"]
-    lines += ["", "Top models:"]
-    rows = [(m.model, usd(m.spent_nano)) for m in r.models]
-    lines += table(("model", "spent"), rows, right=(1,)) if rows else ["  (none today)"]
+        lines += table(header, rows, right=(1, 2, 3, 4)) if rows else ["  (none in this period)"]
     print("\n".join(lines))
     return EXIT_OK
 
 
 def _set_limit(args: argparse.Namespace) -> int:
-    scope, entity, text = args.scope, args.entity, args.usd
+    scope, entity, text, window = args.scope, args.entity, args.usd, args.window
     if text is None:
         if scope != "global":
             raise InvalidInputError(f"set-limit {scope} needs an ID and a USD amount (or 'none')")
@@ -349,21 +417,30 @@ def _set_limit(args: argparse.Namespace) -> int:
     limit = None if text.strip().lower() == "none" else _amount(text, "USD")
     entity_id = None if scope == "global" else entity
     with _manager(args) as budget:
-        budget.set_limit(scope, entity_id, limit)
+        budget.set_limit(scope, entity_id, limit, window)
+        default = budget.config.limit_nano(scope, window)
     if args.json:
         return _print_json(
             {
                 "status": "updated",
                 "scope": scope,
                 "entity_id": entity_id,
+                "window": window,
                 "limit_usd": None if limit is None else float(limit),
             }
         )
     who = scope if entity_id is None else f"{scope} {entity_id}"
+    adverb = _ADVERB[window]
     if limit is None:
-        print(f"{who}: override removed; the configured default daily limit applies")
+        applies = (
+            f"no {adverb} limit applies (none is configured)"
+            if default is None
+            else f"the configured default {adverb} limit ({format_usd(default)}) applies"
+        )
+        print(f"{who}: {adverb} override removed; {applies}")
     else:
-        print(f"{who}: daily limit set to {format_usd(to_nano(limit, maximum=MAX_LIMIT_NANO))}")
+        amount = format_usd(to_nano(limit, maximum=MAX_LIMIT_NANO))
+        print(f"{who}: {adverb} limit set to {amount}")
     return EXIT_OK
 
 
@@ -378,8 +455,9 @@ def _check(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json({"allowed": False, "detail": str(e), **e.to_json()})
             else:
-                print(f"refused: {e}")
+                print(f"refused: {refusal(e)}")
             return EXIT_REFUSED
+        windows = budget.config.kept_windows()
     if args.json:
         return _print_json(
             {
@@ -389,7 +467,10 @@ def _check(args: argparse.Namespace) -> int:
                 "estimated_cost_usd": float(cost),
             }
         )
-    print(f"allowed: {format_usd(to_nano(cost))} fits today's budgets ({who})")
+    print(
+        f"allowed: {format_usd(to_nano(cost))} fits the current budgets ({who}; "
+        f"{_words(windows)} {'window' if len(windows) == 1 else 'windows'})"
+    )
     return EXIT_OK
 
 
@@ -515,8 +596,13 @@ def usd(nano: int) -> str:
     return f"${whole}.{frac}"
 
 
+#: What a scope without a limit shows in a table's limit column ("-" for remaining and used).
+NO_LIMIT = "no limit"
+_ADVERB = {"hour": "hourly", "day": "daily", "week": "weekly", "month": "monthly"}
+
+
 def _percent(u: ScopeUsage) -> str:
-    if u.limit_nano == 0:
+    if not u.limit_nano:  # no limit, or a zero one
         return "-"
     # Floored too: 99.99% must not read as 100.0% while there is still room.
     tenths = u.spent_nano * 1000 // u.limit_nano
@@ -528,10 +614,95 @@ def _scope_row(u: ScopeUsage) -> tuple[str, ...]:
         u.scope,
         u.entity_id or "-",
         usd(u.spent_nano),
-        usd(u.limit_nano),
-        usd(u.remaining_nano),
+        NO_LIMIT if u.limit_nano is None else usd(u.limit_nano),
+        "-" if u.remaining_nano is None else usd(u.remaining_nano),
         _percent(u),
     )
+
+
+def refusal(e: BudgetExceededError) -> str:
+    """
+    A refusal in a line: ``user alice would exceed its monthly limit: spent $9.50 of
+    $10.00, requested $1.00; resets at 2026-12-01T05:00:00+00:00 (in 3d 12h)``.
+    """
+    who = "the global budget" if e.entity_id is None else f"{e.scope} {e.entity_id}"
+    text = (
+        f"{who} would exceed its {_ADVERB.get(e.window, e.window)} limit: spent "
+        f"{format_usd(e.spent_nano)} of {format_usd(e.limit_nano)}, requested "
+        f"{format_usd(e.requested_nano)}"
+    )
+    if e.resets_at is not None:
+        text += f"; resets at {e.resets_at.isoformat()}"
+        if e.retry_after_seconds is not None:
+            text += f" (in {_duration(e.retry_after_seconds)})"
+    return text
+
+
+def _duration(seconds: int) -> str:
+    """``3d 12h``, ``5h 7m``, ``4m 10s``, ``9s``: the two largest units (the second if not 0)."""
+    seconds = max(seconds, 0)
+    for size, unit, smaller, small_unit in (
+        (86400, "d", 3600, "h"),
+        (3600, "h", 60, "m"),
+        (60, "m", 1, "s"),
+    ):
+        if seconds >= size:
+            big, rest = divmod(seconds, size)
+            small = rest // smaller
+            return f"{big}{unit}" + (f" {small}{small_unit}" if small else "")
+    return f"{seconds}s"
+
+
+def _from_now(moment: datetime.datetime) -> str:
+    """``in 3d 12h``, by this machine's clock (for display: the store's decides)."""
+    left = (moment - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return f"in {_duration(max(int(left), 0))}"
+
+
+def _words(items: Sequence[str]) -> str:
+    """``day``, ``day and month``, ``hour, day and month``."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
+
+
+def _ms(moment: datetime.datetime) -> int:
+    return (moment - _EPOCH) // datetime.timedelta(milliseconds=1)
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})", re.ASCII)
+
+
+def _period(text: str, window: str) -> datetime.date | datetime.datetime:
+    """``--period``: a date, a month (with ``--window month``) or an aware datetime."""
+    text = text.strip()
+    wrong = (
+        f"--period must be a date (YYYY-MM-DD), a month (YYYY-MM, with --window month) or "
+        f"a datetime with a UTC offset (2026-11-29T14:00:00+00:00), got {text!r}"
+    )
+    try:
+        if _DATE.fullmatch(text):
+            return datetime.date.fromisoformat(text)
+        if month := _MONTH.fullmatch(text):
+            if window != "month":
+                raise InvalidInputError(
+                    f"--period {text}: a month names a period with --window month only "
+                    f"(this is --window {window}); give a date, e.g. {text}-01"
+                )
+            return datetime.date(int(month[1]), int(month[2]), 1)
+        if len(text) > 10 and text[10] in "T ":
+            moment = datetime.datetime.fromisoformat(text)
+            if moment.utcoffset() is None:
+                raise InvalidInputError(
+                    f"--period {text}: a datetime needs a UTC offset (e.g. {text}+00:00, or Z), "
+                    "so that it names one instant"
+                )
+            return moment
+    except ValueError as e:
+        if isinstance(e, InvalidInputError):
+            raise
+        raise InvalidInputError(f"{wrong} ({e})") from None
+    raise InvalidInputError(wrong)
 
 
 def table(
@@ -556,7 +727,7 @@ def format_demo(result: DemoResult) -> str:
         (
             s.scope,
             s.entity_id or "-",
-            usd(s.limit_nano),
+            NO_LIMIT if s.limit_nano is None else usd(s.limit_nano),
             usd(s.spent_nano),
             _percent(ScopeUsage(s.scope, s.entity_id, s.spent_nano, s.limit_nano)),
             str(s.allowed),
@@ -635,8 +806,9 @@ def _fail(
     kind: str,
     error: Exception,
     extra: dict[str, Any] | None = None,
+    message: str | None = None,
 ) -> int:
-    print(f"{PROG}: {error}", file=sys.stderr)
+    print(f"{PROG}: {error if message is None else message}", file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps({"error": kind, "detail": str(error), **(extra or {})}, indent=2))
     return code

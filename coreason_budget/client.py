@@ -9,7 +9,8 @@ those of :class:`~coreason_budget.AsyncBudgetManager`, awaited):
 
 * input is validated here, with the manager's own checks, so bad input raises
   :class:`InvalidInputError` before anything is sent;
-* 429 is :class:`BudgetExceededError` (with the service's scope and amounts),
+* 429 is :class:`BudgetExceededError` (with the service's scope, amounts,
+  window and when it resets),
   404 on a reservation :class:`UnknownReservationError`, 422 :class:`InvalidInputError`
   (or :class:`UnknownModelError`), and everything that means "the service could
   not say yes" -- 503, 5xx, a timeout, a refused connection, an answer that is not
@@ -29,6 +30,7 @@ attempt is sent and bounded, and in how they wait.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import time
 from collections.abc import Callable, Coroutine
@@ -146,26 +148,46 @@ class BudgetClient:
 
     # -- reporting and administration -------------------------------------------
 
-    def usage(self, user_id: str, project_id: str | None = None) -> dict[str, ScopeUsage]:
-        """Today's spent, limit and remaining per scope: "user", "project" (if given), "global"."""
-        return self._run(self._core.usage(user_id, project_id))
-
-    def report(self, top: int | None = None) -> Report:
+    def usage(
+        self, user_id: str, project_id: str | None = None, *, window: str = "day"
+    ) -> dict[str, ScopeUsage]:
         """
-        Today's spend: the organisation's total, then users, projects and models.
+        Spent, limit, remaining and when it resets, per scope ("user",
+        "project" if given, "global") in the current period of *window*
+        (today, by default; any window the service keeps).
+        """
+        return self._run(self._core.usage(user_id, project_id, window))
+
+    def report(
+        self,
+        top: int | None = None,
+        *,
+        window: str = "day",
+        period: datetime.date | datetime.datetime | None = None,
+    ) -> Report:
+        """
+        One period's spend: the organisation's total, then users, projects and
+        models, biggest first. The current period of *window* (today), or the
+        one holding *period* (a date: its local midnight; an aware datetime),
+        as :meth:`BudgetManager.report`. Needs an admin API key.
 
         The service lists at most 1000 of each, so ``top=None`` means 1000.
         """
-        return self._run(self._core.report(top))
+        return self._run(self._core.report(top, window, period))
 
     def set_limit(
-        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+        self,
+        scope: ScopeName,
+        entity_id: str | None,
+        limit_usd: float | Decimal | None,
+        window: str = "day",
     ) -> None:
         """
-        Override the daily limit of one user or project (or the global one, with
-        entity_id None); ``None`` removes the override. Needs an admin API key.
+        Override the limit of one user, project or model (or the global one,
+        with entity_id None) in one *window* (one the service keeps); ``None``
+        removes the override. Needs an admin API key.
         """
-        self._run(self._core.set_limit(scope, entity_id, limit_usd))
+        self._run(self._core.set_limit(scope, entity_id, limit_usd, window))
 
     def ping(self) -> None:
         """Raise :class:`BudgetUnavailableError` unless the service and its store answer."""
@@ -283,19 +305,33 @@ class AsyncBudgetClient:
 
     # -- reporting and administration -------------------------------------------
 
-    async def usage(self, user_id: str, project_id: str | None = None) -> dict[str, ScopeUsage]:
+    async def usage(
+        self, user_id: str, project_id: str | None = None, *, window: str = "day"
+    ) -> dict[str, ScopeUsage]:
         """As :meth:`BudgetClient.usage`."""
-        return await self._driver.run(self._core.usage(user_id, project_id))
+        return await self._driver.run(self._core.usage(user_id, project_id, window))
 
-    async def report(self, top: int | None = None) -> Report:
+    async def report(
+        self,
+        top: int | None = None,
+        *,
+        window: str = "day",
+        period: datetime.date | datetime.datetime | None = None,
+    ) -> Report:
         """As :meth:`BudgetClient.report`."""
-        return await self._driver.run(self._core.report(top))
+        return await self._driver.run(self._core.report(top, window, period))
 
     async def set_limit(
-        self, scope: ScopeName, entity_id: str | None, limit_usd: float | Decimal | None
+        self,
+        scope: ScopeName,
+        entity_id: str | None,
+        limit_usd: float | Decimal | None,
+        window: str = "day",
     ) -> None:
         """As :meth:`BudgetClient.set_limit`."""
-        await self._driver.run(self._core.set_limit(scope, entity_id, limit_usd), resumable=True)
+        await self._driver.run(
+            self._core.set_limit(scope, entity_id, limit_usd, window), resumable=True
+        )
 
     async def ping(self) -> None:
         """As :meth:`BudgetClient.ping`."""

@@ -8,6 +8,8 @@ over budget, store unreachable, or bad input are all reasons not to spend.
 
 from __future__ import annotations
 
+import datetime
+
 __all__ = [
     "BudgetError",
     "BudgetExceededError",
@@ -37,6 +39,13 @@ class BudgetExceededError(BudgetError):
     limit_usd: float
     spent_usd: float
     requested_usd: float
+    #: The window that refused ("hour", "day", "week", "month"): of the
+    #: narrowest scope's refusing windows, the one whose period ends last.
+    window: str
+    #: When that period ends (an aware UTC datetime), by the store's clock.
+    resets_at: datetime.datetime | None
+    #: Whole seconds until then (at least 1): what the service's Retry-After says.
+    retry_after_seconds: int | None
 
     def __init__(
         self,
@@ -46,6 +55,9 @@ class BudgetExceededError(BudgetError):
         limit_nano: int,
         spent_nano: int,
         requested_nano: int,
+        window: str = "day",
+        resets_at: datetime.datetime | None = None,
+        retry_after_seconds: int | None = None,
     ) -> None:
         # Local import: money formatting lives with the money code; this module
         # must stay importable on its own (it is public API).
@@ -59,10 +71,16 @@ class BudgetExceededError(BudgetError):
         self.limit_usd = nano_to_usd(limit_nano)
         self.spent_usd = nano_to_usd(spent_nano)
         self.requested_usd = nano_to_usd(requested_nano)
+        self.window = window
+        self.resets_at = resets_at
+        self.retry_after_seconds = retry_after_seconds
         who = scope.capitalize() if entity_id is None else f"{scope.capitalize()} {entity_id}"
+        adverb = {"hour": "hourly", "day": "daily", "week": "weekly", "month": "monthly"}
+        resets = "" if resets_at is None else f"; resets at {resets_at.isoformat()}"
         super().__init__(
             f"Budget exceeded for {who}: spent {format_usd(spent_nano)} of "
-            f"{format_usd(limit_nano)} daily limit, requested {format_usd(requested_nano)}"
+            f"{format_usd(limit_nano)} {adverb.get(window, window)} limit, requested "
+            f"{format_usd(requested_nano)}{resets}"
         )
 
     def to_json(self) -> dict[str, object]:
@@ -73,6 +91,9 @@ class BudgetExceededError(BudgetError):
             "limit_nano": self.limit_nano,
             "spent_nano": self.spent_nano,
             "requested_nano": self.requested_nano,
+            "window": self.window,
+            "resets_at": None if self.resets_at is None else self.resets_at.isoformat(),
+            "retry_after_seconds": self.retry_after_seconds,
         }
 
 

@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -45,11 +46,14 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 from starlette.convertors import Convertor, register_url_convertor
@@ -58,6 +62,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from ._async_manager import AsyncBudgetManager
+from ._budget import ScopeName
 from ._config import ENV_PREFIX, BudgetConfig, env_values
 from ._money import MAX_AMOUNT_USD, MAX_ID_LENGTH, MAX_LIMIT_NANO, MAX_LIMIT_USD, format_usd
 from ._outage import StoreWatch, Watched
@@ -96,14 +101,58 @@ LimitNano = Annotated[int, Field(strict=True, ge=0, le=MAX_LIMIT_NANO)]
 Tokens = Annotated[int, Field(strict=True, ge=0, le=100_000_000)]
 
 
-def _date_text(value: object) -> object:
-    # Lax pydantic would take a number as a Unix timestamp (0 -> 1970-01-01).
+#: A budget window: its budget starts again at each calendar hour, day, week or month
+#: (in the configured time zone). Only the kept ones answer (the day always is).
+Window = Literal["hour", "day", "week", "month"]
+_DAY_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+_DATETIME_SCHEMA = WithJsonSchema({"type": "string", "format": "date-time"})
+
+
+def _aware(value: str, name: str) -> datetime.datetime:
+    """*value* as an ISO 8601 datetime with its UTC offset, or ValueError naming *name*."""
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO 8601 datetime, got {value!r}") from None
+    if moment.utcoffset() is None:
+        raise ValueError(f"{name} needs its UTC offset (e.g. Z or +00:00), got {value!r}")
+    return moment
+
+
+def _held_at_text(value: object) -> object:
+    # Only ISO 8601 text: lax pydantic would take a number (or numeric text) as a Unix
+    # timestamp, and a naive time is no instant (which zone would it be in?).
     if not isinstance(value, str):
-        raise ValueError("a day is text, YYYY-MM-DD")
-    return value
+        raise ValueError("held_at is ISO 8601 text with a UTC offset, as a reserve answers it")
+    return _aware(value, "held_at")
 
 
-Day = Annotated[datetime.date, BeforeValidator(_date_text)]
+def _period_text(value: object) -> object:
+    if not isinstance(value, str):
+        raise ValueError("period is text: YYYY-MM-DD, or an ISO 8601 datetime with its offset")
+    if _DAY_TEXT.fullmatch(value):
+        try:
+            return datetime.date.fromisoformat(value)
+        except ValueError as e:
+            raise ValueError(f"period {value!r} is no date: {e}") from None
+    return _aware(value, "period")
+
+
+#: When a hold was taken, as a settlement names it: an aware ISO 8601 datetime.
+HeldAt = Annotated[AwareDatetime, BeforeValidator(_held_at_text)]
+#: A report's period: a local date (YYYY-MM-DD), or an instant in it (aware datetime).
+PeriodOf = Annotated[datetime.date | datetime.datetime, BeforeValidator(_period_text)]
+#: An instant in an answer, as the library writes it (``datetime.isoformat()``, UTC).
+Instant = Annotated[
+    datetime.datetime, PlainSerializer(lambda d: d.isoformat(), return_type=str), _DATETIME_SCHEMA
+]
+#: When a hold was taken, to the millisecond (as the store keeps it): sent back as is,
+#: it names the hold exactly.
+HeldAtAnswer = Annotated[
+    datetime.datetime,
+    PlainSerializer(lambda d: d.isoformat(timespec="milliseconds"), return_type=str),
+    _DATETIME_SCHEMA,
+]
 
 _INSECURE = ENV_PREFIX + "INSECURE_NO_AUTH"
 
@@ -197,7 +246,10 @@ class ErrorBody(BaseModel):
 
 
 class ExceededBody(BaseModel):
-    """429: which scope refused, and the amounts (exact, in nano-dollars)."""
+    """
+    429: which scope refused in which window, the amounts (exact, in
+    nano-dollars), and when that window's budget starts again.
+    """
 
     detail: str
     scope: str
@@ -205,6 +257,13 @@ class ExceededBody(BaseModel):
     limit_nano: int
     spent_nano: int
     requested_nano: int
+    #: The window that refused: of the refusing scope's full windows, the one whose
+    #: period ends last (waiting for an earlier reset would not be enough).
+    window: Window
+    #: When that period ends (ISO 8601, UTC), by the store's clock.
+    resets_at: Instant
+    #: Whole seconds until then (at least 1); the Retry-After header says the same.
+    retry_after_seconds: int
 
 
 # -- answers (the OpenAPI schema's success responses, so generated clients are typed) -------
@@ -235,12 +294,17 @@ class ReceiptAnswer(BaseModel):
 
 
 class ReservationAnswer(BaseModel):
-    """A new (or, retried with its id, the existing) hold."""
+    """
+    A new (or, retried with its id, the existing) hold. ``held_at`` (ISO 8601,
+    UTC, milliseconds: the store's clock when the hold was taken) names the
+    periods it holds in; a settlement that sends it back with ``user_id`` is
+    one store round trip.
+    """
 
     reservation_id: str
     state: str
     estimate_usd: float
-    day: datetime.date
+    held_at: HeldAtAnswer
 
 
 class ReservationInfo(ReservationAnswer):
@@ -250,36 +314,47 @@ class ReservationInfo(ReservationAnswer):
 
 
 class ScopeUsageAnswer(BaseModel):
-    """Today's spend in one scope; ``*_nano`` are exact, ``*_usd`` for display."""
+    """
+    One scope's spend in the current period of one window (open holds count as
+    spent); ``*_nano`` are exact, ``*_usd`` for display. The limit and what
+    remains are null when the scope has no limit in that window.
+    """
 
     entity_id: str | None
     spent_usd: float
-    limit_usd: float
-    remaining_usd: float
+    limit_usd: float | None
+    remaining_usd: float | None
     spent_nano: int
-    limit_nano: int
-
-
-class ModelSpendAnswer(BaseModel):
-    model: str
-    spent_usd: float
-    spent_nano: int
+    limit_nano: int | None
+    remaining_nano: int | None
+    window: Window
+    #: When the period ends and the window's budget starts again (ISO 8601, UTC).
+    resets_at: Instant
 
 
 class ReportAnswer(BaseModel):
-    """Today's spend: the organisation's total, then the biggest spenders first."""
+    """
+    One period's spend: the organisation's total, then the biggest spenders
+    first (users, projects, and models across the organisation).
+    """
 
-    day: datetime.date
+    window: Window
+    #: The period's local name: 2026-11-29 (a day, or the week starting then),
+    #: 2026-11 (a month), 2026-11-29T14 (an hour).
+    period: str
+    starts_at: Instant
+    resets_at: Instant
     total: ScopeUsageAnswer
     users: list[ScopeUsageAnswer]
     projects: list[ScopeUsageAnswer]
-    models: list[ModelSpendAnswer]
+    models: list[ScopeUsageAnswer]
 
 
 class LimitAnswer(BaseModel):
     status: Literal["updated"]
-    scope: Literal["user", "project", "global"]
+    scope: ScopeName
     entity_id: str | None
+    window: Window
 
 
 #: ``GET /usage``: one entry per scope ("user", "project" when asked, "global").
@@ -296,8 +371,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         "nothing was written",
         413: f"the request body is over {MAX_BODY_BYTES} bytes; it was not read",
         422: "bad input; nothing was changed",
-        429: "over budget; nothing was charged. Retry-After: seconds until the day "
-        "(UTC) that refused ends",
+        429: "over budget; nothing was charged. The body names the refusing scope and "
+        "window; Retry-After: seconds until that window's period ends",
         503: "the budget store is unavailable: fail closed, treat as refused",
     }
     answers: dict[int | str, dict[str, Any]] = {
@@ -307,7 +382,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     if 429 in answers:
         answers[429]["headers"] = {
             "Retry-After": {
-                "description": "seconds until the next UTC midnight, when daily budgets reset",
+                "description": "seconds until the refusing window's period ends and its "
+                "budget starts again (the body's retry_after_seconds)",
                 "schema": {"type": "integer", "minimum": 1},
             }
         }
@@ -350,18 +426,20 @@ class HoldBody(_Body):
     """
     The hold as the client knows it (from its reserve answer): optional.
 
-    With ``user_id`` and ``day`` (and the ``project_id`` and ``model`` it was
-    reserved with) the settlement is one store round trip, and is still
-    recorded once, on its day, if the store has lost the reservation's record
-    (restarted empty). Without them the store's record alone says whose hold
-    it is (unknown id: 404). Where they disagree with the record, the record's
-    scopes and day are settled (token usage is priced for the model named here).
+    With ``user_id`` and ``held_at`` (and the ``project_id`` and ``model`` it
+    was reserved with) the settlement is one store round trip, and is still
+    recorded once, in the periods it was held in, if the store has lost the
+    reservation's record (restarted empty). Without them the store's record
+    alone says whose hold it is (unknown id: 404). Where they disagree with the
+    record, the record's scopes and instant are settled (token usage is priced
+    for the model named here).
     """
 
     user_id: Id | None = None
     project_id: Id | None = None
     model: Id | None = None
-    day: Day | None = None
+    #: The reserve answer's ``held_at``, sent back as it came.
+    held_at: HeldAt | None = None
 
 
 #: A settlement's body that describes no hold.
@@ -379,8 +457,12 @@ class CommitBody(HoldBody):
 
 
 class LimitBody(_Body):
-    scope: Literal["user", "project", "global"]
+    """A limit of one scope in one window; ``entity_id``: the user, project or model name."""
+
+    scope: ScopeName
     entity_id: Id | None = None
+    #: The window the limit is for; the manager must keep it (the day always is).
+    window: Window = "day"
     limit_usd: LimitUsd | None = None
     #: The limit exact, instead of limit_usd (what the clients send: a float cannot
     #: hold every nano-precise limit above $1M). Exactly one of the two; null removes.
@@ -468,12 +550,13 @@ class _Metrics:
         except BudgetExceededError as e:
             self.decided("blocked", e.scope, e.requested_usd)
             log.info(
-                "refused: scope %s%s: requested %s, spent %s of %s (%s)",
+                "refused: scope %s%s: requested %s, spent %s of %s a %s (%s)",
                 e.scope,
                 "" if e.entity_id is None else f" {e.entity_id}",
                 format_usd(e.requested_nano),
                 format_usd(e.spent_nano),
                 format_usd(e.limit_nano),
+                e.window,
                 operation,
                 extra={
                     "event": "refused",
@@ -515,7 +598,8 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
 
     app = FastAPI(
         title="coreason-budget",
-        summary="Daily LLM budgets per user, project and organisation; refuses before you spend.",
+        summary="LLM budgets per user, project, model and organisation, by the hour, day, "
+        "week or month; refuses before you spend.",
         version=__version__,
         lifespan=lifespan,
     )
@@ -601,11 +685,7 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
     @app.exception_handler(BudgetError)
     async def _budget_error(_: Request, e: BudgetError) -> JSONResponse:
         if isinstance(e, BudgetExceededError):
-            return JSONResponse(
-                {"detail": str(e), **e.to_json()},
-                status_code=429,
-                headers={"Retry-After": str(manager.seconds_until_reset())},
-            )
+            return _exceeded(e, manager)
         status, extra = 422, {}
         if isinstance(e, BudgetUnavailableError):
             # Nothing was saved to be charged later; the ids make the client's retry safe.
@@ -642,7 +722,10 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
 
     @app.post("/check", dependencies=user, responses=_GUARDED | _BODY | _errors(429))
     async def check(body: CheckBody) -> CheckAnswer:
-        """Would *estimated_cost* fit today? 200 allowed, 429 not. Writes nothing."""
+        """
+        Would *estimated_cost* fit now, in every scope and window? 200 allowed,
+        429 not. Writes nothing.
+        """
         with metrics.store("check"):
             await manager.check_availability(body.user_id, body.estimated_cost, body.project_id)
         metrics.decided("allowed", "all", body.estimated_cost)
@@ -682,7 +765,7 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
             )
         metrics.decided("allowed", "all", r.estimate_usd)
         return ReservationAnswer(
-            reservation_id=r.id, state=r.state, estimate_usd=r.estimate_usd, day=r.date
+            reservation_id=r.id, state=r.state, estimate_usd=r.estimate_usd, held_at=r.held_at
         )
 
     @app.get(
@@ -700,7 +783,7 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
             user_id=r.user_id,
             project_id=r.project_id,
             model=r.model,
-            day=r.date,
+            held_at=r.held_at,
         )
 
     async def _held(rid: str, body: HoldBody, *, lookup: bool) -> AsyncReservation:
@@ -709,7 +792,7 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
             user_id=body.user_id,
             project_id=body.project_id,
             model=body.model,
-            date=body.day,
+            held_at=body.held_at,
             lookup=lookup,
         )
 
@@ -724,13 +807,29 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
         Settle reservation *rid* as *settle* says: the handle and its receipt.
 
         One store round trip (the settlement) when the body describes the hold
-        (``user_id`` and ``day``, as clients send it) or describes nothing (the
+        (``user_id`` and ``held_at``, as clients send it) or describes nothing (the
         store's record alone says whose it is; no record: 404). The
         reservation is looked up first only when that cannot do: half a
         description, or token usage without the model to price it for.
         """
-        described = body.user_id is not None and body.day is not None
-        bare = all(v is None for v in (body.user_id, body.project_id, body.model, body.day))
+        try:
+            return await _settle_held(rid, body, settle, priced=priced)
+        except ValueError as e:
+            if body.held_at is None or isinstance(e, BudgetError):
+                raise
+            # The calendar cannot place the periods of an instant at the edge of years 1
+            # to 9999 (a plain ValueError, before anything is sent): bad input, not a fault.
+            raise InvalidInputError(f"held_at {body.held_at.isoformat()}: {e}") from e
+
+    async def _settle_held(
+        rid: str,
+        body: HoldBody,
+        settle: Callable[[AsyncReservation], Awaitable[Receipt]],
+        *,
+        priced: bool,
+    ) -> tuple[AsyncReservation, Receipt]:
+        described = body.user_id is not None and body.held_at is not None
+        bare = all(v is None for v in (body.user_id, body.project_id, body.model, body.held_at))
         if (described or bare) and not (priced and body.model is None):
             r = await _held(rid, body, lookup=False)
             try:
@@ -738,8 +837,8 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
             except InvalidInputError as e:
                 if not described or isinstance(e, IdempotencyConflictError):
                     raise
-                # Nothing was written: the body named another day than the record's (or
-                # an amount its scopes cannot take). Settled as the record says, as a
+                # Nothing was written: the body named another instant than the record's
+                # (or an amount its scopes cannot take). Settled as the record says, as a
                 # looked-up handle is (the same error again if that is what it was).
         r = await _held(rid, body, lookup=True)
         return r, await settle(r)
@@ -791,25 +890,55 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
         return _receipt(receipt, r.state)
 
     @app.get("/usage/{user_id:budget_id}", dependencies=user, responses=_GUARDED)
-    async def usage(user_id: Id, project_id: Id | None = None) -> UsageAnswer:
-        """Spent, limit and remaining per scope today (open holds count as spent)."""
+    async def usage(
+        user_id: Id, project_id: Id | None = None, window: Window = "day"
+    ) -> UsageAnswer:
+        """
+        Spent, limit and remaining per scope in the current period of *window*
+        (open holds count as spent). A window the service does not keep: 422.
+        """
         with metrics.store("usage"):
-            usage = await manager.usage(user_id, project_id)
+            usage = await manager.usage(user_id, project_id, window=window)
         return {scope: ScopeUsageAnswer(**u.to_json()) for scope, u in usage.items()}
 
     @app.get("/report", dependencies=admin, responses=_GUARDED)
-    async def report(top: Annotated[int, Query(ge=0, le=MAX_REPORT_TOP)] = 10) -> ReportAnswer:
-        """Today's spend: the total, then the top users, projects and models (admin key)."""
+    async def report(
+        top: Annotated[int, Query(ge=0, le=MAX_REPORT_TOP)] = 10,
+        window: Window = "day",
+        period: Annotated[
+            PeriodOf | None,
+            Query(
+                description="the period holding this local date (YYYY-MM-DD) or instant (an "
+                "ISO 8601 datetime with its offset); default: the current one"
+            ),
+        ] = None,
+    ) -> ReportAnswer:
+        """
+        One period of *window* (the current one by default): the total, then
+        the top users, projects and models (admin key).
+        """
         with metrics.store("report"):
-            r = await manager.report(top)
+            try:
+                r = await manager.report(top, window=window, period=period)
+            except ValueError as e:
+                if period is None or isinstance(e, BudgetError):
+                    raise
+                # A period the calendar cannot place (at the edge of years 1 to 9999): the
+                # calendar says so as a plain ValueError; it is bad input, not a fault.
+                raise InvalidInputError(f"period {period}: {e}") from e
         return ReportAnswer.model_validate(r.to_json())
 
     @app.put("/limits", dependencies=admin, responses=_GUARDED | _BODY)
     async def set_limit(body: LimitBody) -> LimitAnswer:
-        """Override (or with ``limit_usd: null`` remove the override of) a daily limit."""
+        """
+        Override (or with ``limit_usd: null`` remove the override of) one
+        scope's limit in one window (default: the day).
+        """
         with metrics.store("set_limit"):
-            await manager.set_limit(body.scope, body.entity_id, body.limit())
-        return LimitAnswer(status="updated", scope=body.scope, entity_id=body.entity_id)
+            await manager.set_limit(body.scope, body.entity_id, body.limit(), body.window)
+        return LimitAnswer(
+            status="updated", scope=body.scope, entity_id=body.entity_id, window=body.window
+        )
 
     @app.get(
         "/metrics",
@@ -823,6 +952,22 @@ def create_app(manager: AsyncBudgetManager, settings: ServerSettings) -> FastAPI
         return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _exceeded(e: BudgetExceededError, manager: AsyncBudgetManager) -> JSONResponse:
+    """
+    429: the refusal, and when the refusing window's budget starts again
+    (``Retry-After`` and ``retry_after_seconds`` agree).
+    """
+    doc: dict[str, object] = {"detail": str(e), **e.to_json()}
+    retry = e.retry_after_seconds
+    if retry is None:  # an error the store did not time: the current day's end
+        retry = manager.seconds_until_reset()
+        doc["retry_after_seconds"] = retry
+    if doc["resets_at"] is None:
+        now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        doc["resets_at"] = (now + datetime.timedelta(seconds=retry)).isoformat()
+    return JSONResponse(doc, status_code=429, headers={"Retry-After": str(retry)})
 
 
 def _receipt(receipt: Receipt, state: str | None = None) -> JSONResponse:

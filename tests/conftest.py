@@ -112,3 +112,9 @@ def budget(make_manager: ManagerFactory) -> BudgetManager:
     return make_manager(
         daily_user_limit_usd=10.0, daily_project_limit_usd=20.0, daily_global_limit_usd=50.0
     )
+
+
+def day_key(budget: Any) -> str:
+    """The key of the day period a call made now by *budget* (a manager) would charge."""
+    ledger = budget._core.ledger
+    return str(ledger.period_key(ledger.calendar.period("day", ledger.now())))

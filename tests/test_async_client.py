@@ -11,6 +11,7 @@ cancellations do to the money.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -34,8 +35,29 @@ from coreason_budget.client import AsyncBudgetClient, BudgetClient
 
 from . import test_client_deadline, test_client_e2e
 from .redis_server import RedisServer, free_port
-from .test_client_deadline import Answer, FakeServer, trickled_body, trickled_headers
-from .test_client_e2e import ADMIN_KEY, DAY, NANO, USER_KEY, LiveFactory, body_of, handle
+from .test_client_deadline import (
+    REFUSAL,
+    RESETS_AT,
+    Answer,
+    FakeServer,
+    refusing,
+    trickled_body,
+    trickled_headers,
+)
+from .test_client_e2e import (
+    ADMIN_KEY,
+    DECEMBER,
+    HELD_AT,
+    NANO,
+    USER_KEY,
+    LiveFactory,
+    body_of,
+    exceeded_answer,
+    handle,
+    held_answer,
+    report_answer,
+    usage_answer,
+)
 
 T = TypeVar("T")
 
@@ -203,7 +225,9 @@ class TestAgainstTheService:
                     5 * NANO,
                     ["alice"],
                 )
-                assert [(m.model, m.spent_nano) for m in report.models] == [("m", 5 * NANO)]
+                assert [(m.scope, m.entity_id, m.spent_nano) for m in report.models] == [
+                    ("model", "m", 5 * NANO)
+                ]
                 await admin.set_limit("user", "alice", None)
                 await admin.ping()
 
@@ -238,17 +262,34 @@ class TestAgainstTheService:
             ("reserve", ("alice", 1), {"on_error": "skip"}),
             ("set_limit", ("team", "x", 1), {}),
             ("report", (), {"top": 1}),
+            ("set_limit", ("user", "bob", 0.5, "week"), {}),
+            ("set_limit", ("model", "m", 0.25), {"window": "month"}),
+            ("record_spend", ("bob", 0.375, None, "m", "k2"), {}),
+            ("check_availability", ("bob", 0.25), {}),  # the week refuses
+            ("reserve", ("carol", 0.01, None, "m"), {}),  # the model's month refuses
+            ("usage", ("bob",), {"window": "week"}),
+            ("usage", ("bob",), {"window": "hour"}),  # not kept
+            ("usage", ("bob",), {"window": "year"}),
+            ("report", (), {"window": "month"}),
+            ("report", (1,), {"window": "week", "period": datetime.datetime.now(datetime.UTC)}),
+            ("report", (), {"period": datetime.date(2000, 1, 1)}),
+            ("report", (), {"period": datetime.datetime(2000, 1, 1)}),
+            ("set_limit", ("user", "bob", 1, "hour"), {}),
         ]
 
         def seen(result: Any) -> Any:
             return handle(result) if hasattr(result, "estimate_nano") else result
 
-        sync_url, async_url = live(key_prefix="sync").url, live(key_prefix="async").url
+        windows = "week,month"
+        sync_url = live(key_prefix="sync", windows=windows).url
+        async_url = live(key_prefix="async", windows=windows).url
         with BudgetClient(sync_url, ADMIN_KEY) as client:
             expected = []
             for name, args, kwargs in calls:
                 try:
                     expected.append(seen(getattr(client, name)(*args, **kwargs)))
+                except BudgetExceededError as e:
+                    expected.append((str(e), e.window, e.resets_at))
                 except BudgetError as e:
                     expected.append((type(e).__name__, str(e)))
 
@@ -258,6 +299,8 @@ class TestAgainstTheService:
                 for name, args, kwargs in calls:
                     try:
                         got.append(seen(await getattr(c, name)(*args, **kwargs)))
+                    except BudgetExceededError as e:
+                        got.append((str(e), e.window, e.resets_at))
                     except BudgetError as e:
                         got.append((type(e).__name__, str(e)))
             return got
@@ -267,6 +310,10 @@ class TestAgainstTheService:
         # Generated reservation ids differ; everything else is the same.
         got[6], expected[6] = got[6][1:], expected[6][1:]
         assert got == expected
+        # The windows' calls did what they say (the same on both clients, as above).
+        assert (expected[17][1], expected[18][1]) == ("week", "month")
+        assert (expected[19]["user"].window, expected[19]["user"].limit_nano) == ("week", NANO // 2)
+        assert "not kept" in expected[20][1]
 
 
 class TestErrors:
@@ -296,6 +343,95 @@ class TestErrors:
 
         run(main)
 
+    def test_over_a_weekly_budget_is_429_with_its_window(self, live: LiveFactory) -> None:
+        """The week refuses (the day would not): the error says so, and when it resets."""
+        url = live(weekly_user_limit_usd=1.0, week_start="sunday").url
+
+        async def main() -> None:
+            async with AsyncBudgetClient(url, USER_KEY) as c:
+                await c.record_spend("u", 0.75)
+                with pytest.raises(BudgetExceededError) as caught:
+                    await c.reserve("u", 0.5)
+                e = caught.value
+                today = datetime.datetime.now(datetime.UTC).date()
+                sunday = today + datetime.timedelta(days=7 - (today.weekday() + 1) % 7)
+                resets = datetime.datetime.combine(sunday, datetime.time(), datetime.UTC)
+                assert (e.scope, e.entity_id, e.window, e.resets_at) == (
+                    "user",
+                    "u",
+                    "week",
+                    resets,
+                )
+                assert (e.limit_nano, e.spent_nano, e.requested_nano) == (
+                    NANO,
+                    3 * NANO // 4,
+                    NANO // 2,
+                )
+                assert e.retry_after_seconds is not None
+                left = (resets - datetime.datetime.now(datetime.UTC)).total_seconds()
+                assert abs(e.retry_after_seconds - left) < 5
+                assert str(e).endswith(
+                    f"weekly limit, requested $0.50; resets at {resets.isoformat()}"
+                )
+                week = await c.usage("u", window="week")
+                assert (week["user"].spent_nano, week["user"].limit_nano) == (3 * NANO // 4, NANO)
+                assert week["user"].resets_at == resets
+                assert (await c.usage("u"))["user"].remaining_nano == 10 * NANO - 3 * NANO // 4
+
+        run(main)
+
+    def test_a_429_is_exceeded_with_its_window_and_reset(self) -> None:
+        answers = iter([exceeded_answer(), exceeded_answer(resets_at="2026-11-30T00:00:00")])
+
+        async def respond(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(429, json=next(answers), headers={"Retry-After": "49170"})
+
+        async def main() -> None:
+            transport = httpx.MockTransport(respond)
+            async with AsyncBudgetClient("http://budget.test", "k", transport=transport) as c:
+                with pytest.raises(BudgetExceededError) as caught:
+                    await c.check_availability("u", 1)
+                e = caught.value
+                assert (e.scope, e.entity_id, e.window, e.retry_after_seconds) == (
+                    "user",
+                    "u",
+                    "week",
+                    49_170,
+                )
+                assert e.resets_at == datetime.datetime(2026, 11, 30, tzinfo=datetime.UTC)
+                assert (e.limit_nano, e.spent_nano, e.requested_nano) == (
+                    5 * NANO,
+                    9 * NANO // 2,
+                    NANO,
+                )
+                # A naive resets_at is no instant: not the service's refusal, still a no.
+                with pytest.raises(BudgetUnavailableError, match="429 but no budget details"):
+                    await c.check_availability("u", 1)
+
+        run(main)
+
+    @pytest.mark.parametrize("resets_at", [REFUSAL["resets_at"], "2026-11-30T00:00:00", None])
+    def test_a_429_over_the_wire(
+        self, serve: Callable[[Answer], FakeServer], resets_at: object
+    ) -> None:
+        """A well-formed refusal is BudgetExceededError; a naive resets_at fails closed."""
+        server = serve(refusing({**REFUSAL, "resets_at": resets_at}))
+
+        async def main() -> None:
+            async with AsyncBudgetClient(server.url, "k", timeout=1) as c:
+                if resets_at == "2026-11-30T00:00:00":
+                    with pytest.raises(BudgetUnavailableError, match="no budget details"):
+                        await c.check_availability("u", 1)
+                    return
+                with pytest.raises(BudgetExceededError) as caught:
+                    await c.reserve("u", 1)
+                e = caught.value
+                assert (e.window, e.retry_after_seconds) == ("week", 3600)
+                assert e.resets_at == (None if resets_at is None else RESETS_AT)
+
+        run(main)
+        assert server.requests == 1
+
     def test_unknown_reservation_is_404(self, live: LiveFactory) -> None:
         url = live().url
 
@@ -310,8 +446,7 @@ class TestErrors:
         async def respond(request: httpx.Request) -> httpx.Response:
             if request.url.path == "/reservations":
                 rid = body_of(request)["reservation_id"]
-                held = {"reservation_id": rid, "state": "held", "estimate_usd": 1.0, "day": DAY}
-                return httpx.Response(200, json=held)
+                return httpx.Response(200, json=held_answer(rid))
             if request.url.path == "/check":
                 return httpx.Response(422, json={"detail": "bad estimate"})
             return httpx.Response(422, json={"detail": "No price", "error": "UnknownModelError"})
@@ -373,8 +508,14 @@ class TestErrors:
             (lambda c: c.reserve("u", 1, on_error="skip"), "on_error must be"),
             (lambda c: c.reservation(""), "reservation_id must not be empty"),
             (lambda c: c.usage("u", "x" * 300), "project_id is 300 characters"),
-            (lambda c: c.set_limit("org", "x", 1), "scope must be 'user', 'project' or"),
+            (lambda c: c.set_limit("org", "x", 1), "scope must be 'user', 'project', 'model' or"),
+            (lambda c: c.set_limit("model", "", 1, "month"), "model must not be empty"),
+            (lambda c: c.set_limit("user", "u", 1, "year"), "window must be one of"),
+            (lambda c: c.usage("u", window="weekly"), "window must be one of"),
             (lambda c: c.report(top=1001), "top must be None or a whole number"),
+            (lambda c: c.report(window="year"), "window must be one of"),
+            (lambda c: c.report(period=datetime.datetime(2026, 1, 1)), "expected an aware"),
+            (lambda c: c.report(period=20260101), "period must be a date or an aware datetime"),
         ],
     )
     def test_invalid_input_is_refused_before_sending(
@@ -392,8 +533,7 @@ class TestErrors:
 
         def respond(request: httpx.Request) -> httpx.Response:
             sent.append(request.url.path)
-            held = {"reservation_id": "r", "state": "held", "estimate_usd": 1.0, "day": DAY}
-            return httpx.Response(200, json=held)
+            return httpx.Response(200, json=held_answer("r"))
 
         async def main() -> None:
             transport = httpx.MockTransport(respond)
@@ -406,6 +546,89 @@ class TestErrors:
 
         run(main)
         assert sent == ["/reservations"]
+
+
+class TestWindows:
+    """usage, report and set_limit send their window and period; handles their held_at."""
+
+    def test_windows_and_periods_are_sent(self) -> None:
+        sent: list[httpx.Request] = []
+
+        async def respond(request: httpx.Request) -> httpx.Response:
+            sent.append(request)
+            window = request.url.params.get("window", "day")
+            if request.url.path == "/usage/u":
+                usage = {"user": usage_answer("u", window), "global": usage_answer(None, window)}
+                return httpx.Response(200, json=usage)
+            if request.url.path == "/report":  # always the month's
+                return httpx.Response(200, json=report_answer("month"))
+            return httpx.Response(200, json={"status": "updated"})
+
+        async def main() -> None:
+            transport = httpx.MockTransport(respond)
+            async with AsyncBudgetClient("http://budget.test", "k", transport=transport) as c:
+                usage = await c.usage("u", window="month")
+                assert dict(sent[-1].url.params) == {"window": "month"}
+                assert (usage["user"].window, usage["user"].resets_at) == ("month", DECEMBER)
+                assert usage["user"].limit_nano is None
+                report = await c.report(5, window="month", period=datetime.date(2026, 11, 2))
+                assert dict(sent[-1].url.params) == {
+                    "top": "5",
+                    "window": "month",
+                    "period": "2026-11-02",
+                }
+                assert (report.period, report.resets_at) == ("2026-11", DECEMBER)
+                assert [(m.scope, m.entity_id) for m in report.models] == [("model", "house-llm")]
+                with pytest.raises(BudgetUnavailableError, match="unexpected answer"):
+                    await c.report(window="week")  # answered about another window
+                await c.set_limit("project", "p", 3, window="week")
+                assert body_of(sent[-1]) == {
+                    "scope": "project",
+                    "entity_id": "p",
+                    "limit_nano": 3 * NANO,
+                    "window": "week",
+                }
+
+        run(main)
+
+    def test_a_handle_sends_back_its_held_at(self) -> None:
+        sent: list[httpx.Request] = []
+
+        async def respond(request: httpx.Request) -> httpx.Response:
+            sent.append(request)
+            if request.url.path == "/reservations":
+                return httpx.Response(200, json=held_answer("r"))
+            receipt = {"status": "recorded", "kind": "commit", "idempotency_key": "r"}
+            return httpx.Response(200, json={**receipt, "amount_nano": 1, "state": "committed"})
+
+        async def main() -> None:
+            transport = httpx.MockTransport(respond)
+            c = AsyncBudgetClient("http://budget.test", "k", transport=transport)
+            async with c, c.reserve("u", 1, project_id="p", reservation_id="r") as r:
+                assert r.held_at == datetime.datetime(
+                    2026, 11, 29, 10, 20, 30, 456_000, datetime.UTC
+                )
+                await r.commit(1e-9)
+            assert body_of(sent[-1]) == {
+                "actual_cost": 1e-9,
+                "user_id": "u",
+                "project_id": "p",
+                "held_at": HELD_AT,
+            }
+
+        run(main)
+
+    def test_a_malformed_held_at_fails_closed(self) -> None:
+        async def respond(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, json=held_answer("r", held_at="2026-11-29T10:20:30"))
+
+        async def main() -> None:
+            transport = httpx.MockTransport(respond)
+            async with AsyncBudgetClient("http://budget.test", "k", transport=transport) as c:
+                with pytest.raises(BudgetUnavailableError, match="held_at"):
+                    await c.reserve("u", 1, reservation_id="r")
+
+        run(main)
 
 
 class TestDeadService:

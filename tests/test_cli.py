@@ -5,9 +5,11 @@ against the test redis, plus a few real subprocesses (``python -m coreason_budge
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,19 +17,23 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from coreason_budget import UnknownModelError, _pricing
+from coreason_budget import BudgetExceededError, BudgetManager, UnknownModelError, _pricing
 from coreason_budget._demo import DemoResult
-from coreason_budget.cli import _ProgressBar, format_demo, main, table, usd
+from coreason_budget._windows import Calendar
+from coreason_budget.cli import _duration, _ProgressBar, format_demo, main, refusal, table, usd
 
 from .redis_server import RedisServer, free_port
 
 NANO = 1_000_000_000
+ManagerFactory = Callable[..., BudgetManager]
 
 
 @pytest.fixture(autouse=True)
@@ -66,10 +72,15 @@ class TestSpendAndUsage:
         )
         assert code == 0
         lines = out.splitlines()
-        assert lines[0].split() == ["scope", "id", "spent", "limit", "remaining", "used"]
-        assert lines[2].split() == ["user", "alice", "$0.05", "$10.00", "$9.95", "0.5%"]
-        assert lines[3].split()[:3] == ["project", "search", "$0.05"]
-        assert lines[4].split()[:3] == ["global", "-", "$0.05"]
+        assert re.fullmatch(
+            r"Spend in day \d{4}-\d{2}-\d{2} \(UTC\); resets at \d{4}-\d{2}-\d{2}"
+            r"T00:00:00\+00:00 \(in [0-9dhms ]+\)",
+            lines[0],
+        ), lines[0]
+        assert lines[1].split() == ["scope", "id", "spent", "limit", "remaining", "used"]
+        assert lines[3].split() == ["user", "alice", "$0.05", "$10.00", "$9.95", "0.5%"]
+        assert lines[4].split()[:3] == ["project", "search", "$0.05"]
+        assert lines[5].split()[:3] == ["global", "-", "$0.05"]
 
     def test_usage_json_is_exact(self, capsys: pytest.CaptureFixture[str], redis_url: str) -> None:
         """--json gives the HTTP API's shape with exact nano-dollars; '$' prefixes are accepted."""
@@ -82,6 +93,12 @@ class TestSpendAndUsage:
         assert doc["user"]["limit_nano"] == 10 * NANO
         assert doc["user"]["entity_id"] == "bob"
         assert doc["global"]["entity_id"] is None
+        assert doc["user"]["window"] == doc["global"]["window"] == "day"
+        resets_at = datetime.datetime.fromisoformat(doc["user"]["resets_at"])
+        assert resets_at.utcoffset() == datetime.timedelta(0)
+        assert resets_at.time() == datetime.time(0, 0)  # the next UTC midnight
+        now = datetime.datetime.now(datetime.UTC)
+        assert now < resets_at <= now + datetime.timedelta(days=1)
 
     def test_spend_json_and_idempotency_key(
         self, capsys: pytest.CaptureFixture[str], redis_url: str
@@ -150,19 +167,29 @@ class TestReport:
         capsys.readouterr()
         code, out, err = run(capsys, "report", *url)
         assert (code, err) == (0, "")
-        assert "$3.50 of $5,000.00 global daily limit" in out
+        first, second = out.splitlines()[:2]
+        assert re.fullmatch(
+            r"Spend in day \d{4}-\d{2}-\d{2} \(UTC\): \$3\.50 of \$5,000\.00 global daily "
+            r"limit \(0\.0% used\)",
+            first,
+        ), first
+        assert re.fullmatch(
+            r"From \S+T00:00:00\+00:00 to \S+T00:00:00\+00:00 \(resets in [0-9dhms ]+\)", second
+        ), second
         users = out.split("Top users:")[1].split("Top projects:")[0]
         assert users.index("bob") < users.index("alice")
         assert "search" in out.split("Top projects:")[1]
         models = out.split("Top models:")[1].splitlines()
-        assert models[3].split() == ["gpt-4o-mini", "$2.00"]
-        assert models[4].split() == ["gpt-4o", "$1.50"]
+        assert models[1].split() == ["id", "spent", "limit", "remaining", "used"]
+        # No model limit is configured: none to show.
+        assert models[3].split() == ["gpt-4o-mini", "$2.00", "no", "limit", "-", "-"]
+        assert models[4].split() == ["gpt-4o", "$1.50", "no", "limit", "-", "-"]
 
     def test_empty_report(self, capsys: pytest.CaptureFixture[str], redis_url: str) -> None:
         code, out, _ = run(capsys, "report", "--redis-url", redis_url)
         assert code == 0
         assert "$0.00 of $5,000.00" in out
-        assert out.count("(none today)") == 3
+        assert out.count("(none in this period)") == 3
 
     def test_json_top(self, capsys: pytest.CaptureFixture[str], redis_url: str) -> None:
         """--top N cuts each list; the total still counts everyone."""
@@ -173,8 +200,17 @@ class TestReport:
         assert code == 0
         assert [u["entity_id"] for u in doc["users"]] == ["b", "c"]
         assert doc["total"]["spent_nano"] == 6 * NANO
-        assert doc["models"] == [{"model": "m1", "spent_usd": 6.0, "spent_nano": 6 * NANO}]
+        [model] = doc["models"]
+        assert (model["entity_id"], model["spent_nano"], model["spent_usd"]) == (
+            "m1",
+            6 * NANO,
+            6.0,
+        )
+        assert (model["limit_nano"], model["remaining_nano"]) == (None, None)
         assert doc["projects"] == []
+        assert doc["window"] == "day"
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", doc["period"])
+        assert doc["starts_at"] == f"{doc['period']}T00:00:00+00:00"
 
     def test_top_must_be_positive(self, capsys: pytest.CaptureFixture[str]) -> None:
         code, _, err = run(capsys, "report", "--top", "0")
@@ -200,7 +236,10 @@ class TestSetLimit:
         assert self.limit(capsys, redis_url, "alice") == 25 * NANO
         code, out, _ = run(capsys, "set-limit", "user", "alice", "none", "--redis-url", redis_url)
         assert code == 0
-        assert "override removed" in out
+        assert out.strip() == (
+            "user alice: daily override removed; the configured default daily limit ($10.00) "
+            "applies"
+        )
         assert self.limit(capsys, redis_url, "alice") == 10 * NANO
 
     def test_project_override_json(
@@ -214,6 +253,7 @@ class TestSetLimit:
             "status": "updated",
             "scope": "project",
             "entity_id": "search",
+            "window": "day",
             "limit_usd": 0.5,
         }
         assert self.limit(capsys, redis_url, "x", "search") == NANO // 2
@@ -277,7 +317,7 @@ class TestCheck:
     ) -> None:
         code, out, _ = run(capsys, "check", "alice", "0.05", "--redis-url", redis_url)
         assert code == 0
-        assert out.startswith("allowed: $0.05 fits")
+        assert out.strip() == "allowed: $0.05 fits the current budgets (user alice; day window)"
         assert redis_client.keys("*") == []
 
     def test_refused_names_the_scope(
@@ -290,14 +330,20 @@ class TestCheck:
         capsys.readouterr()
         code, out, _ = run(capsys, "check", "bob", "0.2", "--project", "search", *url)
         assert code == 1
-        assert out.strip() == (
-            "refused: Budget exceeded for Project search: spent $0.90 of $1.00 daily limit, "
-            "requested $0.20"
-        )
+        assert re.fullmatch(
+            r"refused: project search would exceed its daily limit: spent \$0\.90 of \$1\.00, "
+            r"requested \$0\.20; resets at \S+T00:00:00\+00:00 \(in [0-9dhms ]+\)",
+            out.strip(),
+        ), out
         code, doc = run_json(capsys, "check", "bob", "0.2", "--project", "search", *url)
         assert code == 1
         assert doc["allowed"] is False
         assert (doc["scope"], doc["entity_id"]) == ("project", "search")
+        assert doc["window"] == "day"
+        resets_at = datetime.datetime.fromisoformat(doc["resets_at"])
+        left = (resets_at - datetime.datetime.now(datetime.UTC)).total_seconds()
+        assert 1 <= doc["retry_after_seconds"] <= 86400
+        assert abs(doc["retry_after_seconds"] - left) < 5
         assert (doc["limit_nano"], doc["spent_nano"], doc["requested_nano"]) == (
             NANO,
             9 * NANO // 10,
@@ -331,6 +377,292 @@ class TestCheck:
         code, _, err = run(capsys, "check", "x" * 300, "1", "--redis-url", redis_url)
         assert code == 2
         assert "the maximum is 256" in err
+
+
+class TestWindows:
+    """--window for usage, report and set-limit; --period for report; refusals say when they end."""
+
+    ZONE = "America/New_York"
+
+    @pytest.fixture(autouse=True)
+    def windows_env(self, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
+        """A zone that is not UTC, a monthly user limit and a kept week with no default limit."""
+        monkeypatch.setenv("COREASON_BUDGET_REDIS_URL", redis_url)
+        monkeypatch.setenv("COREASON_BUDGET_TIMEZONE", self.ZONE)
+        monkeypatch.setenv("COREASON_BUDGET_MONTHLY_USER_LIMIT_USD", "100")
+        monkeypatch.setenv("COREASON_BUDGET_WINDOWS", "week")
+
+    def local(self, iso: str) -> datetime.datetime:
+        """An ISO instant of the output as the configured zone's wall time."""
+        moment = datetime.datetime.fromisoformat(iso)
+        assert moment.utcoffset() == datetime.timedelta(0)  # answers are in UTC
+        return moment.astimezone(zoneinfo.ZoneInfo(self.ZONE))
+
+    def test_usage_month_text_and_json(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """The month's period and zone, its reset, and "no limit" where the month has none."""
+        assert main(["spend", "alice", "2.5", "--project", "search"]) == 0
+        capsys.readouterr()
+        code, out, err = run(capsys, "usage", "alice", "--project", "search", "--window", "month")
+        assert (code, err) == (0, "")
+        lines = out.splitlines()
+        header = re.fullmatch(
+            r"Spend in month (\d{4}-\d{2}) \(America/New_York\); resets at (\S+) "
+            r"\(in [0-9dhms ]+\)",
+            lines[0],
+        )
+        assert header, lines[0]
+        resets = self.local(header[2])
+        assert (resets.day, resets.hour, resets.minute) == (1, 0, 0)  # local midnight, the 1st
+        label = header[1]
+        assert Calendar(self.ZONE).labelled("month", label).end_ms == resets.timestamp() * 1000
+        assert lines[1].split() == ["scope", "id", "spent", "limit", "remaining", "used"]
+        assert lines[3].split() == ["user", "alice", "$2.50", "$100.00", "$97.50", "2.5%"]
+        assert lines[4].split() == ["project", "search", "$2.50", "no", "limit", "-", "-"]
+        assert lines[5].split() == ["global", "-", "$2.50", "no", "limit", "-", "-"]
+
+        code, doc = run_json(capsys, "usage", "alice", "--window", "month")
+        assert code == 0
+        assert set(doc) == {"user", "global"}
+        assert doc["user"]["window"] == doc["global"]["window"] == "month"
+        assert doc["user"]["resets_at"] == header[2]
+        assert (doc["user"]["limit_nano"], doc["user"]["remaining_nano"]) == (
+            100 * NANO,
+            97_500_000_000,
+        )
+        assert doc["global"]["limit_nano"] is None
+        assert doc["global"]["remaining_usd"] is None
+        # The kept week, with no default limit anywhere; the day keeps its defaults.
+        _, week = run_json(capsys, "usage", "alice", "--window", "week")
+        assert week["user"]["window"] == "week"
+        assert week["user"]["limit_nano"] is None
+        _, day = run_json(capsys, "usage", "alice")
+        assert day["user"]["limit_nano"] == 10 * NANO
+
+    def test_report_month(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """The month's total has no global monthly limit; users have the monthly one."""
+        assert main(["spend", "alice", "4", "--model", "gpt-4o"]) == 0
+        assert main(["spend", "bob", "6", "--model", "gpt-4o"]) == 0
+        capsys.readouterr()
+        code, out, err = run(capsys, "report", "--window", "month")
+        assert (code, err) == (0, "")
+        first, second = out.splitlines()[:2]
+        header = re.fullmatch(
+            r"Spend in month (\d{4}-\d{2}) \(America/New_York\): \$10\.00 "
+            r"\(no global monthly limit\)",
+            first,
+        )
+        assert header, first
+        dates = re.fullmatch(r"From (\S+) to (\S+) \(resets in [0-9dhms ]+\)", second)
+        assert dates, second
+        starts, resets = self.local(dates[1]), self.local(dates[2])
+        assert f"{starts:%Y-%m}" == header[1]
+        assert (starts.day, starts.hour, resets.day, resets.hour) == (1, 0, 1, 0)
+        users = out.split("Top users:")[1].split("Top projects:")[0].splitlines()
+        assert users[3].split() == ["bob", "$6.00", "$100.00", "$94.00", "6.0%"]
+        assert users[4].split() == ["alice", "$4.00", "$100.00", "$96.00", "4.0%"]
+        assert "(none in this period)" in out.split("Top projects:")[1]
+        models = out.split("Top models:")[1].splitlines()
+        assert models[3].split() == ["gpt-4o", "$10.00", "no", "limit", "-", "-"]
+
+        code, doc = run_json(capsys, "report", "--window", "month")
+        assert code == 0
+        assert (doc["window"], doc["period"]) == ("month", header[1])
+        assert (doc["starts_at"], doc["resets_at"]) == (dates[1], dates[2])
+        assert doc["total"]["spent_nano"] == 10 * NANO
+        assert doc["total"]["limit_nano"] is None
+        assert [u["entity_id"] for u in doc["users"]] == ["bob", "alice"]
+        assert doc["users"][0]["limit_nano"] == 100 * NANO
+        assert [(m["entity_id"], m["spent_nano"]) for m in doc["models"]] == [("gpt-4o", 10 * NANO)]
+
+    def test_report_a_past_day(
+        self, capsys: pytest.CaptureFixture[str], make_manager: ManagerFactory
+    ) -> None:
+        """--period names yesterday (by date or by an instant in it); today's report lacks it."""
+        _, today = run_json(capsys, "report")
+        calendar = Calendar(self.ZONE)
+        yesterday = datetime.date.fromisoformat(today["period"]) - datetime.timedelta(days=1)
+        period = calendar.labelled("day", yesterday.isoformat())
+        noon = (period.start_ms + period.end_ms) // 2
+        # A worker whose clock says yesterday noon (the store keeps the past day for a week).
+        past = make_manager(
+            clock=lambda: noon / 1000,
+            timezone=self.ZONE,
+            windows="week",
+            monthly_user_limit_usd=100,
+        )
+        past.record_spend("carol", 3, "research", "gpt-4o")
+        code, out, err = run(capsys, "report", "--period", yesterday.isoformat())
+        assert (code, err) == (0, "")
+        lines = out.splitlines()
+        assert lines[0] == (
+            f"Spend in day {yesterday} (America/New_York): $3.00 of $5,000.00 global daily limit "
+            "(0.0% used)"
+        )
+        start = datetime.datetime.fromtimestamp(period.start_ms / 1000, datetime.UTC)
+        end = datetime.datetime.fromtimestamp(period.end_ms / 1000, datetime.UTC)
+        assert re.fullmatch(
+            rf"From {re.escape(start.isoformat())} to {re.escape(end.isoformat())} "
+            r"\(ended [0-9dhms ]+ ago\)",
+            lines[1],
+        ), lines[1]
+        assert out.split("Top users:")[1].splitlines()[3].split()[:2] == ["carol", "$3.00"]
+        assert out.split("Top projects:")[1].splitlines()[3].split()[:2] == ["research", "$3.00"]
+        # An instant in that day, with any offset, names the same day.
+        instant = datetime.datetime.fromtimestamp(noon / 1000, datetime.UTC)
+        for when in (instant.isoformat(), instant.isoformat().replace("+00:00", "Z")):
+            code, doc = run_json(capsys, "report", "--period", when)
+            assert code == 0
+            assert (doc["window"], doc["period"]) == ("day", yesterday.isoformat())
+            assert doc["total"]["spent_nano"] == 3 * NANO
+            assert [u["entity_id"] for u in doc["users"]] == ["carol"]
+        # Today's report does not count it.
+        _, today = run_json(capsys, "report")
+        assert today["total"]["spent_nano"] == 0
+        assert today["users"] == []
+
+    def test_month_limit_then_a_refusal_naming_the_month(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A monthly override refuses with the month's window and when the month ends."""
+        code, out, _ = run(capsys, "set-limit", "user", "alice", "1", "--window", "month")
+        assert code == 0
+        assert out.strip() == "user alice: monthly limit set to $1.00"
+        _, usage = run_json(capsys, "usage", "alice", "--window", "month")
+        assert usage["user"]["limit_nano"] == NANO
+        _, day = run_json(capsys, "usage", "alice")
+        assert day["user"]["limit_nano"] == 10 * NANO  # the daily limit is untouched
+        assert main(["spend", "alice", "0.9"]) == 0
+        capsys.readouterr()
+        assert run(capsys, "check", "alice", "0.1")[0] == 0  # exactly fits
+        code, out, _ = run(capsys, "check", "alice", "0.2")
+        assert code == 1
+        refused = re.fullmatch(
+            r"refused: user alice would exceed its monthly limit: spent \$0\.90 of \$1\.00, "
+            r"requested \$0\.20; resets at (\S+) \(in [0-9dhms ]+\)",
+            out.strip(),
+        )
+        assert refused, out
+        resets = self.local(refused[1])
+        assert (resets.day, resets.hour, resets.minute) == (1, 0, 0)
+        code, doc = run_json(capsys, "check", "alice", "0.2")
+        assert code == 1
+        assert doc["allowed"] is False
+        assert (doc["scope"], doc["entity_id"], doc["window"]) == ("user", "alice", "month")
+        assert doc["resets_at"] == refused[1]
+        left = (self.local(doc["resets_at"]) - datetime.datetime.now(datetime.UTC)).total_seconds()
+        assert abs(doc["retry_after_seconds"] - left) < 5
+        assert "monthly limit" in doc["detail"]
+        # Removed, the configured monthly default applies again.
+        code, out, _ = run(capsys, "set-limit", "user", "alice", "none", "--window", "month")
+        assert code == 0
+        assert out.strip() == (
+            "user alice: monthly override removed; the configured default monthly limit "
+            "($100.00) applies"
+        )
+        assert run(capsys, "check", "alice", "0.2")[0] == 0
+
+    def test_week_and_model_limits(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A kept window without defaults takes overrides, models too; 'none' leaves no limit."""
+        code, doc = run_json(capsys, "set-limit", "model", "gpt-4o", "2", "--window", "week")
+        assert code == 0
+        assert doc == {
+            "status": "updated",
+            "scope": "model",
+            "entity_id": "gpt-4o",
+            "window": "week",
+            "limit_usd": 2.0,
+        }
+        assert main(["spend", "alice", "1.5", "--model", "gpt-4o"]) == 0
+        capsys.readouterr()
+        _, report = run_json(capsys, "report", "--window", "week")
+        [model] = report["models"]
+        assert (model["entity_id"], model["limit_nano"]) == ("gpt-4o", 2 * NANO)
+        assert model["remaining_nano"] == NANO // 2
+        code, out, _ = run(capsys, "report", "--window", "week")
+        assert code == 0
+        models = out.split("Top models:")[1].splitlines()
+        assert models[3].split() == ["gpt-4o", "$1.50", "$2.00", "$0.50", "75.0%"]
+        code, out, _ = run(capsys, "set-limit", "model", "gpt-4o", "none", "--window", "week")
+        assert code == 0
+        assert out.strip() == (
+            "model gpt-4o: weekly override removed; no weekly limit applies (none is configured)"
+        )
+        _, report = run_json(capsys, "report", "--window", "week")
+        assert report["models"][0]["limit_nano"] is None
+
+    @pytest.mark.parametrize(
+        "command", [["usage", "alice"], ["report"], ["set-limit", "user", "a", "1"]]
+    )
+    def test_unknown_window_exits_2(
+        self, capsys: pytest.CaptureFixture[str], command: list[str]
+    ) -> None:
+        code, out, err = run(capsys, *command, "--window", "year")
+        assert code == 2
+        assert out == ""
+        assert "argument --window: invalid choice: 'year'" in err
+
+    @pytest.mark.parametrize(
+        "command", [["usage", "alice"], ["report"], ["set-limit", "user", "a", "1"]]
+    )
+    def test_window_not_kept_exits_2(
+        self, capsys: pytest.CaptureFixture[str], command: list[str], redis_client: redis.Redis
+    ) -> None:
+        """The hour is neither limited nor listed in COREASON_BUDGET_WINDOWS: not kept."""
+        code, out, err = run(capsys, *command, "--window", "hour")
+        assert code == 2
+        assert out == ""
+        assert err.startswith("coreason-budget: the hour window is not kept")
+        assert "Traceback" not in err
+        code, doc = run_json(capsys, *command, "--window", "hour")
+        assert code == 2
+        assert doc["error"] == "invalid"
+        assert redis_client.keys("*") == []
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["--period", "yesterday"], "--period must be a date (YYYY-MM-DD), a month"),
+            (["--period", "2026-02-30"], "got '2026-02-30' (day is out of range for month)"),
+            (["--period", "2026-1-5"], "got '2026-1-5'"),
+            (["--period", "2026-11-29T10:00"], "a datetime needs a UTC offset"),
+            (["--period", "2026-11-29T25:00+00:00"], "got '2026-11-29T25:00+00:00'"),
+            (["--period", "2026-11"], "a month names a period with --window month only"),
+            (["--period", "2026-13", "--window", "month"], "got '2026-13' (month must be in"),
+            (["--period", "9999-12-31", "--window", "month"], "too close to year 1 or 9999"),
+            (["--period", "0001-01-01T00:00:00+05:00"], "outside years 1 to 9999"),
+        ],
+    )
+    def test_bad_period_exits_2(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        redis_client: redis.Redis,
+        argv: list[str],
+        message: str,
+    ) -> None:
+        code, out, err = run(capsys, "report", *argv)
+        assert code == 2
+        assert out == ""
+        assert message in err, err
+        assert err.count("\n") == 1
+        assert "Traceback" not in err
+        code, doc = run_json(capsys, "report", *argv)
+        assert code == 2
+        assert doc["error"] == "invalid"
+        assert message in doc["detail"]
+        assert redis_client.keys("*") == []
+
+    def test_month_period(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A month (YYYY-MM) or any date in it names a month."""
+        _, doc = run_json(capsys, "report", "--window", "month", "--period", "2026-02")
+        assert (doc["period"], doc["starts_at"]) == ("2026-02", "2026-02-01T05:00:00+00:00")
+        assert doc["resets_at"] == "2026-03-01T05:00:00+00:00"
+        _, doc = run_json(capsys, "report", "--window", "month", "--period", "2026-02-17")
+        assert doc["period"] == "2026-02"
+        code, out, _ = run(capsys, "report", "--window", "week", "--period", "2026-02-18")
+        assert code == 0
+        assert out.splitlines()[0] == (
+            "Spend in week 2026-02-16 (America/New_York): $0.00 (no global weekly limit)"
+        )
 
 
 class TestErrors:
@@ -537,6 +869,43 @@ class TestFormatting:
     )
     def test_usd(self, nano: int, text: str) -> None:
         assert usd(nano) == text
+
+    @pytest.mark.parametrize(
+        ("seconds", "text"),
+        [
+            (0, "0s"),
+            (59, "59s"),
+            (60, "1m"),
+            (125, "2m 5s"),
+            (3600, "1h"),
+            (3 * 3600 + 7 * 60 + 9, "3h 7m"),
+            (86400, "1d"),
+            (3 * 86400 + 12 * 3600 + 59, "3d 12h"),
+            (-5, "0s"),
+        ],
+    )
+    def test_duration(self, seconds: int, text: str) -> None:
+        assert _duration(seconds) == text
+
+    def test_refusal(self) -> None:
+        """Who refused, in which window, the exact amounts, and when it resets."""
+        resets_at = datetime.datetime(2026, 12, 1, 5, tzinfo=datetime.UTC)
+        e = BudgetExceededError(
+            scope="user", entity_id="alice", limit_nano=10 * NANO, spent_nano=9_500_000_000,
+            requested_nano=NANO, window="month", resets_at=resets_at,
+            retry_after_seconds=3 * 86400 + 12 * 3600,
+        )  # fmt: skip
+        assert refusal(e) == (
+            "user alice would exceed its monthly limit: spent $9.50 of $10.00, requested $1.00; "
+            "resets at 2026-12-01T05:00:00+00:00 (in 3d 12h)"
+        )
+        g = BudgetExceededError(
+            scope="global", entity_id=None, limit_nano=NANO, spent_nano=NANO, requested_nano=1
+        )
+        assert refusal(g) == (
+            "the global budget would exceed its daily limit: spent $1.00 of $1.00, "
+            "requested $0.000000001"
+        )
 
     def test_table(self) -> None:
         assert table(("a", "n"), [("xyz", "1"), ("b", "100")], right=(1,)) == [

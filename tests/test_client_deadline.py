@@ -9,6 +9,8 @@ bounds (the unbounded call takes 8 s and more), with slack for a loaded machine.
 
 from __future__ import annotations
 
+import datetime
+import json
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from coreason_budget import BudgetUnavailableError
+from coreason_budget import BudgetExceededError, BudgetUnavailableError
 from coreason_budget._http_deadline import _environment_proxy, attempt_deadline
 from coreason_budget.client import BudgetClient
 
@@ -102,6 +104,31 @@ def trickled_body(conn: socket.socket) -> None:
 
 def prompt(conn: socket.socket) -> None:
     conn.sendall(GOOD)
+
+
+#: The service's 429, as it crosses the wire: a week's budget, reset at the next Monday.
+REFUSAL = {
+    "detail": "Budget exceeded for User u: spent $4.50 of $5.00 weekly limit, requested $1.00",
+    "scope": "user",
+    "entity_id": "u",
+    "limit_nano": 5_000_000_000,
+    "spent_nano": 4_500_000_000,
+    "requested_nano": 1_000_000_000,
+    "window": "week",
+    "resets_at": "2026-11-30T00:00:00+00:00",
+    "retry_after_seconds": 3600,
+}
+RESETS_AT = datetime.datetime(2026, 11, 30, tzinfo=datetime.UTC)
+
+
+def refusing(body: dict[str, object]) -> Answer:
+    """Answer every request with a 429 carrying *body* (and Retry-After), at once."""
+    data = json.dumps(body).encode()
+    head = (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+        b"retry-after: 3600\r\ncontent-length: %d\r\n\r\n" % len(data)
+    )
+    return lambda conn: conn.sendall(head + data)
 
 
 @pytest.fixture
@@ -203,6 +230,37 @@ class TestDeadline:
                 errors.append(e)
             other.join()
         assert not errors
+
+
+class TestRefusalOverTheWire:
+    """A 429 read through the deadline transport: the service's refusal, all of it."""
+
+    def test_a_429_is_exceeded_with_its_window_and_reset(
+        self, serve: Callable[[Answer], FakeServer]
+    ) -> None:
+        server = serve(refusing(REFUSAL))
+        with BudgetClient(server.url, "key", timeout=1) as client:
+            with pytest.raises(BudgetExceededError) as caught:
+                client.check_availability("u", 1)
+            e = caught.value
+            assert (e.scope, e.entity_id, e.window, e.resets_at, e.retry_after_seconds) == (
+                "user",
+                "u",
+                "week",
+                RESETS_AT,
+                3600,
+            )
+            assert (e.limit_usd, e.spent_usd, e.requested_usd) == (5.0, 4.5, 1.0)
+            assert server.requests == 1  # an answer: not retried
+
+    def test_a_malformed_resets_at_fails_closed(
+        self, serve: Callable[[Answer], FakeServer]
+    ) -> None:
+        server = serve(refusing({**REFUSAL, "resets_at": "next monday"}))
+        with BudgetClient(server.url, "key", timeout=1) as client:
+            with pytest.raises(BudgetUnavailableError, match="429 but no budget details"):
+                client.check_availability("u", 1)
+            assert server.requests == 1
 
 
 class TestEnvironmentProxy:

@@ -22,7 +22,7 @@ from coreason_budget import (
     Receipt,
 )
 
-from .conftest import ManagerFactory
+from .conftest import ManagerFactory, day_key
 from .tcp_proxy import TcpProxy
 from .test_fail_closed import hang_bound
 from .test_faults import FAST, counters, wait_for
@@ -109,7 +109,7 @@ class TestCounterOverflow:
     """A counter near 2^63 refuses before the first write, never half an operation."""
 
     def near_the_top(self, budget: BudgetManager, redis_client: redis.Redis, field: str) -> None:
-        key = budget._core.ledger.day_key(budget._core.ledger.today())
+        key = day_key(budget)
         redis_client.hset(key, field, str(2**63 - 10))
 
     @pytest.mark.parametrize("field", ["g", "u:alice", "p:p", "m:gpt-4o"])
@@ -140,7 +140,7 @@ class TestCounterOverflow:
         marker is written (it was half written, then a "duplicate" for ever),
         and a spooled copy is quarantined, not a replay stopped at it for ever.
         """
-        key = budget._core.ledger.day_key(budget._core.ledger.today())
+        key = day_key(budget)
         redis_client.hset(key, "u:alice", "abc")
         before = snapshot(redis_client)
         with pytest.raises(InvalidInputError, match="not a count"):
@@ -155,7 +155,7 @@ class TestCounterOverflow:
         marker taken back, rather than being called too big.
         """
         budget = make_manager(spool_dir="off")
-        key = budget._core.ledger.day_key(budget._core.ledger.today())
+        key = day_key(budget)
         redis_client.set(key, "not a hash")
         before = snapshot(redis_client)
         with pytest.raises(BudgetUnavailableError, match="WRONGTYPE"):
@@ -198,30 +198,34 @@ class TestLostRecord:
     def test_a_handle_from_what_the_caller_knows(
         self, budget: BudgetManager, redis_client: redis.Redis
     ) -> None:
-        """Another worker (the HTTP service) settles a lost hold from its user and day."""
+        """Another worker (the HTTP service) settles a lost hold from its user and held_at."""
         held = budget.reserve("alice", 2.0, project_id="p", reservation_id="r1")
         redis_client.flushall()
         with pytest.raises(Exception, match="no reservation"):
             budget.reservation("r1")
-        again = budget.reservation("r1", user_id="alice", project_id="p", date=held.date)
+        again = budget.reservation("r1", user_id="alice", project_id="p", held_at=held.held_at)
         assert again.commit(1.25).status == "recorded"
         assert again.commit(1.25).status == "recorded"  # the handle's own receipt, once
-        assert budget.reservation("r1", user_id="alice", date=held.date).state == "committed"
+        assert budget.reservation("r1", user_id="alice", held_at=held.held_at).state == "committed"
         assert budget.usage("alice", "p")["user"].spent_nano == 1_250_000_000
 
 
 class TestWrongDay:
-    """A settlement naming another day than its reservation's is bad input, never spooled."""
+    """A settlement naming another instant than its reservation's is bad input, never spooled."""
 
     def test_refused_with_nothing_written(
         self, budget: BudgetManager, redis_client: redis.Redis
     ) -> None:
         held = budget.reserve("alice", 1.0, reservation_id="r1")
         before = snapshot(redis_client)
-        with pytest.raises(InvalidInputError, match="belongs to day"):
+        with pytest.raises(InvalidInputError, match="was taken at"):
             budget._run(
                 budget._core.ledger.settle(
-                    budget._core.scopes("alice", None, None), "r1", held.day - 1, 0, "released"
+                    budget._core.scopes("alice", None, None),
+                    "r1",
+                    held.held_at_ms - 1,
+                    0,
+                    "released",
                 )
             )
         assert snapshot(redis_client) == before
@@ -321,7 +325,7 @@ class TestReportReadsIncrementally:
     """A report on a day of many counters never holds the store in one long command."""
 
     def test_many_users(self, budget: BudgetManager, redis_client: redis.Redis) -> None:
-        key = budget._core.ledger.day_key(budget._core.ledger.today())
+        key = day_key(budget)
         spent = {f"user-{i:05d}": (i * 7919) % 1000 for i in range(20_000)}
         pipe = redis_client.pipeline(transaction=False)
         for user, nano in spent.items():
@@ -329,7 +333,7 @@ class TestReportReadsIncrementally:
         pipe.hset(key, "g", sum(spent.values()))
         pipe.execute()
         expected = sorted(spent.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-        redis_client.hset(budget._core.ledger._limits_key, f"u:{expected[1][0]}", 123)
+        redis_client.hset(budget._core.ledger._limits_keys["day"], f"u:{expected[1][0]}", 123)
         redis_client.config_resetstat()
 
         report = budget.report(top=5)

@@ -305,7 +305,7 @@ class TestStoreDiesAndComesBack:
 
 
 #: Replies the script never sends: wrong types, wrong words, right words in the wrong
-#: shape, and integers that are not the day the call named (a proxy's ":0", ":1").
+#: shape, and integers that are no instant in the periods the call named (a proxy's ":0").
 MALFORMED: list[object] = [
     "OK",
     [],
@@ -315,10 +315,11 @@ MALFORMED: list[object] = [
     1,
     -1,
     ["NO"],
-    ["NO", "x", "0", "5"],
+    ["NO", "x", "1", "0", "5", "0"],
     ["DUP", "held"],
     ["OK", "1"],
-    ["DAY"],
+    ["NOW"],
+    ["DAY", "1", "2"],
     ["BIG"],
     b"1",
     None,
@@ -344,7 +345,7 @@ class TestMalformedReply:
         with pytest.raises(BudgetUnavailableError, match="malformed reply"):
             SCRIPTED[name](budget)
 
-    @pytest.mark.parametrize("reply", [*MALFORMED, ["NO", "1", "0", "5"]], ids=repr)
+    @pytest.mark.parametrize("reply", [*MALFORMED, ["NO", "1", "1", "0", "5", "0"]], ids=repr)
     def test_settle(
         self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, reply: object
     ) -> None:
@@ -414,7 +415,7 @@ class TestRetrySafety:
         assert first.id == second.id == "r1"
         assert second.state == "held"
         assert second.estimate_nano == first.estimate_nano == 3_000_000_000
-        assert second.day == first.day
+        assert second.held_at_ms == first.held_at_ms
         usage = budget.usage("alice", "p")
         assert usage["user"].spent_usd == 3.0
         assert usage["project"].spent_usd == 3.0

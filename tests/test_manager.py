@@ -84,10 +84,17 @@ class TestReserve:
         with pytest.raises(BudgetExceededError) as ei:
             budget.reserve("user_123", 0.05)
         e = ei.value
+        tomorrow = datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1)
+        midnight = datetime.datetime.combine(tomorrow, datetime.time(), datetime.UTC)
         assert str(e) == (
-            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested $0.05"
+            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested "
+            f"$0.05; resets at {midnight.isoformat()}"
         )
         assert (e.limit_usd, e.spent_usd, e.requested_usd) == (10.0, 9.99, 0.05)
+        assert (e.window, e.resets_at) == ("day", midnight)
+        now = datetime.datetime.now(datetime.UTC)
+        assert e.retry_after_seconds is not None
+        assert 0 < e.retry_after_seconds - (midnight - now).total_seconds() <= 2
         assert isinstance(e, BudgetError)
 
     def test_fits_exactly_at_the_limit(self, budget: BudgetManager) -> None:
@@ -214,7 +221,9 @@ class TestUsageAndLimits:
         budget.record_spend("alice", 12.0, project_id="alpha")
         u = budget.usage("alice", project_id="alpha")
         assert list(u) == ["user", "project", "global"]
-        assert u["user"] == ScopeUsage("user", "alice", 12 * NANO, 10 * NANO)
+        tomorrow = datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1)
+        midnight = datetime.datetime.combine(tomorrow, datetime.time(), datetime.UTC)
+        assert u["user"] == ScopeUsage("user", "alice", 12 * NANO, 10 * NANO, "day", midnight)
         assert (u["user"].spent_usd, u["user"].limit_usd, u["user"].remaining_usd) == (12, 10, 0)
         assert u["project"].remaining_usd == 8.0
         assert list(budget.usage("alice")) == ["user", "global"]
@@ -447,7 +456,7 @@ class TestReport:
         budget.set_limit("user", "bob", 7.0)
         budget.reserve("dave", 0.5)  # open holds count
         r = budget.report()
-        assert r.day == datetime.datetime.now(datetime.UTC).date()
+        assert (r.window, r.period) == ("day", datetime.datetime.now(datetime.UTC).date().isoformat())
         assert (r.total.spent_usd, r.total.limit_usd) == (9.5, 50.0)
         assert [(u.entity_id, u.spent_usd, u.limit_usd) for u in r.users] == [
             ("bob", 5.0, 7.0),
@@ -456,7 +465,10 @@ class TestReport:
             ("dave", 0.5, 10.0),
         ]
         assert [(p.entity_id, p.spent_usd) for p in r.projects] == [("beta", 5.0), ("alpha", 4.0)]
-        assert [(m.model, m.spent_usd) for m in r.models] == [("claude", 5.0), ("gpt-4", 4.0)]
+        assert [(m.entity_id, m.spent_usd, m.limit_usd) for m in r.models] == [
+            ("claude", 5.0, None),
+            ("gpt-4", 4.0, None),
+        ]
         assert [u.entity_id for u in budget.report(top=2).users] == ["bob", "alice"]
 
     def test_empty_day(self, budget: BudgetManager) -> None:
@@ -480,7 +492,7 @@ class TestReservationById:
         with budget.reservation("r-blind", lookup=False):
             pass
         assert spent(budget, "alice") == {"user": 4 * NANO, "global": 4 * NANO}
-        with budget.reservation("r-blind", user_id="alice", date=r.date, lookup=False) as again:
+        with budget.reservation("r-blind", user_id="alice", held_at=r.held_at, lookup=False) as again:
             pass
         assert again.state == "held"
         assert spent(budget, "alice") == {"user": 4 * NANO, "global": 4 * NANO}
@@ -520,7 +532,7 @@ class TestReservationById:
         r = budget.reserve("alice", 4.0, project_id="alpha")
         budget._run(
             budget._core.ledger.settle(
-                Scopes.tracked(["u:bob", "g"]), r.id, r.day, NANO, "committed"
+                Scopes.tracked(["u:bob", "g"]), r.id, r.held_at_ms, NANO, "committed"
             )
         )
         assert spent(budget, "alice", "alpha") == {"user": NANO, "project": NANO, "global": NANO}

@@ -116,35 +116,51 @@ class TestUnwritableLogPath:
         assert "Traceback" not in err
 
 
-class TestDayIsADateNotANumber:
+class TestHeldAtIsAnInstantNotANumber:
     """
     The hold's ``day`` (commit and release bodies) took a JSON number as a Unix
     timestamp: ``{"day": 0}`` was 1970-01-01, ``{"day": 86400}`` the day
     after, and a settlement of a lost record would be booked decades ago,
-    off today's budget. Only ``YYYY-MM-DD`` text is a day; 422, nothing written.
+    off today's budget. Its successor ``held_at`` (the instant the hold was
+    taken) is only ISO 8601 text with a UTC offset: not a number, not numeric
+    text (which lax pydantic also reads as a timestamp), not a naive time
+    (in which zone?) and not a bare date; 422, nothing written.
     """
 
-    @pytest.mark.parametrize("day", [0, 86400, -0.0, 1e-10, True])
-    def test_numbers_are_422_and_nothing_changes(
-        self, api: TestClient, redis_client: redis.Redis, day: object
+    @pytest.mark.parametrize(
+        "when", [0, 86400, -0.0, 1e-10, True, "0", "86400", "2026-03-01", "2026-03-01T00:00:00"]
+    )
+    def test_anything_else_is_422_and_nothing_changes(
+        self, api: TestClient, redis_client: redis.Redis, when: object
     ) -> None:
         rid = api.post("/reservations", json={"user_id": "u", "estimate": 1.0}).json()[
             "reservation_id"
         ]
         before = snapshot(redis_client)
         for action, body in (("release", {}), ("commit", {"actual_cost": 0.5})):
-            r = api.post(f"/reservations/{rid}/{action}", json={**body, "day": day})
-            assert r.status_code == 422, r.text
-            assert "day" in r.json()["detail"]
+            for hold in ({"held_at": when}, {"user_id": "u", "held_at": when}):
+                r = api.post(f"/reservations/{rid}/{action}", json={**body, **hold})
+                assert r.status_code == 422, r.text
+                assert "held_at" in r.json()["detail"]
         assert snapshot(redis_client) == before
         assert api.get(f"/reservations/{rid}").json()["state"] == "held"
 
-    def test_text_is_still_a_day(self, api: TestClient) -> None:
+    def test_the_old_day_is_refused_by_name(self, api: TestClient) -> None:
+        """A client still sending ``day`` is told, not silently settled some other way."""
         answer = api.post("/reservations", json={"user_id": "u", "estimate": 1.0}).json()
-        today = datetime.date.fromisoformat(answer["day"])
+        today = datetime.datetime.now(datetime.UTC).date().isoformat()
         r = api.post(
             f"/reservations/{answer['reservation_id']}/commit",
-            json={"actual_cost": 0.5, "user_id": "u", "day": today.isoformat()},
+            json={"actual_cost": 0.5, "user_id": "u", "day": today},
+        )
+        assert r.status_code == 422, r.text
+        assert "body.day" in r.json()["detail"]
+
+    def test_the_answer_is_the_instant(self, api: TestClient) -> None:
+        answer = api.post("/reservations", json={"user_id": "u", "estimate": 1.0}).json()
+        r = api.post(
+            f"/reservations/{answer['reservation_id']}/commit",
+            json={"actual_cost": 0.5, "user_id": "u", "held_at": answer["held_at"]},
         )
         assert r.status_code == 200, r.text
         assert r.json()["state"] == "committed"

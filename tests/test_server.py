@@ -85,6 +85,29 @@ def reserve(api: TestClient, **body: Any) -> str:
     return str(r.json()["reservation_id"])
 
 
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def next_midnight() -> str:
+    """When today's (UTC) budgets reset, as answers write it."""
+    today = utc_now().date() + datetime.timedelta(days=1)
+    return datetime.datetime.combine(today, datetime.time(), datetime.UTC).isoformat()
+
+
+def month_start(moment: datetime.datetime, months: int = 0) -> datetime.datetime:
+    """The first instant of *moment*'s month (UTC), *months* later."""
+    index = moment.year * 12 + moment.month - 1 + months
+    return datetime.datetime(index // 12, index % 12 + 1, 1, tzinfo=datetime.UTC)
+
+
+def held_at(answer: dict[str, Any]) -> datetime.datetime:
+    """A reservation answer's held_at: ISO 8601, UTC, to the millisecond."""
+    text = answer["held_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", text), text
+    return datetime.datetime.fromisoformat(text)
+
+
 class TestHealth:
     """/health is for load balancers: no key, and 503 exactly when the store does not answer."""
 
@@ -120,13 +143,19 @@ class TestCheck:
         assert r.status_code == 429
         body = r.json()
         assert body["detail"] == (
-            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested $0.05"
+            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested "
+            f"$0.05; resets at {next_midnight()}"
         )
         assert body["scope"] == "user"
         assert body["entity_id"] == "user_123"
         assert body["limit_nano"] == 10 * NANO
         assert body["spent_nano"] == 9_990_000_000
         assert body["requested_nano"] == 50_000_000
+        assert body["window"] == "day"
+        assert body["resets_at"] == next_midnight()
+        assert r.headers["Retry-After"] == str(body["retry_after_seconds"])
+        left = datetime.datetime.fromisoformat(body["resets_at"]) - utc_now()
+        assert abs(body["retry_after_seconds"] - left.total_seconds()) <= 2
 
     def test_project_scope_refuses(self, api: TestClient) -> None:
         for user in ("a", "b", "c"):
@@ -168,7 +197,7 @@ class TestSpend:
             "global": NANO // 4,
         }
         models = api.get("/report", headers=ADMIN).json()["models"]
-        assert [(m["model"], m["spent_usd"]) for m in models] == [("gpt-4", 0.25)]
+        assert [(m["entity_id"], m["spent_usd"]) for m in models] == [("gpt-4", 0.25)]
 
     def test_idempotency_key_records_once(self, api: TestClient) -> None:
         body = {"user_id": "u", "cost": 1.5, "idempotency_key": "op-1"}
@@ -265,9 +294,11 @@ class TestReservations:
                 "reservation_id": "req-42",
                 "state": "held",
                 "estimate_usd": 4.0,
-                "day": datetime.datetime.now(datetime.UTC).date().isoformat(),
+                "held_at": first.json()["held_at"],
             }
         )
+        # When the store took the hold, to the millisecond; the retry names the same instant.
+        assert abs((utc_now() - held_at(first.json())).total_seconds()) < 5
         assert spent(api, "u")["user"] == 4 * NANO
         api.post("/reservations/req-42/commit", json={"actual_cost": 1})
         settled = api.post("/reservations", json=body)
@@ -285,8 +316,10 @@ class TestReservations:
             "user_id": "u",
             "project_id": "p",
             "model": "gpt-4",
-            "day": datetime.datetime.now(datetime.UTC).date().isoformat(),
+            "held_at": r.json()["held_at"],
         }
+        made = held_at(r.json())
+        assert abs((utc_now() - made).total_seconds()) < 5
         rid = reserve(api, user_id="u2", estimate=1)
         assert api.get(f"/reservations/{rid}").json()["project_id"] is None
         assert api.get(f"/reservations/{rid}").json()["model"] is None
@@ -296,10 +329,10 @@ class TestReservations:
     ) -> None:
         """The store restarted empty: the hold the client describes is still settled, once."""
         r = api.post("/reservations", json={"user_id": "u", "estimate": 2, "project_id": "p"})
-        rid, day = r.json()["reservation_id"], r.json()["day"]
+        rid, at = r.json()["reservation_id"], r.json()["held_at"]
         redis_client.flushall()
         assert api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1}).status_code == 404
-        hold = {"user_id": "u", "project_id": "p", "day": day}
+        hold = {"user_id": "u", "project_id": "p", "held_at": at}
         r = api.post(f"/reservations/{rid}/commit", json={"actual_cost": 1.5, **hold})
         assert r.status_code == 200, r.text
         assert (r.json()["status"], r.json()["state"]) == ("recorded", "committed")
@@ -483,7 +516,7 @@ class TestOneRoundTrip:
             "/reservations",
             json={"user_id": "u", "estimate": 2, "project_id": "p", "model": "gpt-4"},
         ).json()
-        hold = {"user_id": "u", "project_id": "p", "model": "gpt-4", "day": made["day"]}
+        hold = {"user_id": "u", "project_id": "p", "model": "gpt-4", "held_at": made["held_at"]}
         body = {**(settlement or {}), **(hold if described else {})} or None
         r, calls = self.settle(api, store, made["reservation_id"], action, body)
         assert r.status_code == 200, r.text
@@ -510,30 +543,76 @@ class TestOneRoundTrip:
     ) -> None:
         """The model prices the tokens: a body without it costs a GET of the record first."""
         made = api.post("/reservations", json={"user_id": "u", "estimate": 2, "model": "gpt-4"})
-        rid, day = made.json()["reservation_id"], made.json()["day"]
+        rid, at = made.json()["reservation_id"], made.json()["held_at"]
         tokens = {"input_tokens": 1000, "output_tokens": 500}
-        r, calls = self.settle(api, store, rid, "commit", {**tokens, "user_id": "u", "day": day})
+        body = {**tokens, "user_id": "u", "held_at": at}
+        r, calls = self.settle(api, store, rid, "commit", body)
         assert r.status_code == 200, r.text
         assert r.json()["amount_nano"] > 0
         assert calls == ["GET", "EVALSHA"]
 
-    def test_a_hold_described_on_the_wrong_day_is_settled_as_the_record_says(
-        self, api: TestClient, store: StoreCalls
+    @pytest.mark.parametrize(
+        "off", [datetime.timedelta(milliseconds=-1), datetime.timedelta(days=-1)]
+    )
+    def test_a_hold_described_at_the_wrong_instant_is_settled_as_the_record_says(
+        self, api: TestClient, store: StoreCalls, off: datetime.timedelta
     ) -> None:
-        """The record wins over a wrong description: the script refuses (nothing written), then
-        the reservation is looked up and settled on its own day."""
+        """The record wins over a wrong description (a millisecond off is wrong too): the
+        script refuses (nothing written), then the reservation is looked up and settled in
+        its own periods."""
         made = api.post("/reservations", json={"user_id": "u", "estimate": 2}).json()
-        wrong = datetime.date.fromisoformat(made["day"]) - datetime.timedelta(days=1)
-        body = {"actual_cost": 0.5, "user_id": "u", "day": wrong.isoformat()}
+        wrong = held_at(made) + off
+        body = {"actual_cost": 0.5, "user_id": "u", "held_at": wrong.isoformat()}
         r, calls = self.settle(api, store, made["reservation_id"], "commit", body)
         assert r.status_code == 200, r.text
         assert (r.json()["status"], r.json()["state"]) == ("recorded", "committed")
         assert calls == ["EVALSHA", "GET", "EVALSHA"]
         assert spent(api, "u")["user"] == 500_000_000
 
+    def test_held_at_in_another_offset_is_the_same_instant(
+        self, api: TestClient, store: StoreCalls
+    ) -> None:
+        """held_at is an instant: the same one written with another offset (or Z) is the hold."""
+        made = api.post("/reservations", json={"user_id": "u", "estimate": 2}).json()
+        there = held_at(made).astimezone(
+            datetime.timezone(datetime.timedelta(hours=-5, minutes=-30))
+        )
+        body = {"actual_cost": 0.5, "user_id": "u", "held_at": there.isoformat()}
+        r, calls = self.settle(api, store, made["reservation_id"], "commit", body)
+        assert (r.status_code, r.json()["status"]) == (200, "recorded"), r.text
+        assert calls == ["EVALSHA"]
+        zulu = made["held_at"].replace("+00:00", "Z")
+        body = {"actual_cost": 0.5, "user_id": "u", "held_at": zulu}
+        r, calls = self.settle(api, store, made["reservation_id"], "commit", body)
+        assert (r.status_code, r.json()["status"]) == (200, "duplicate"), r.text
+        assert calls == ["EVALSHA"]
+        assert spent(api, "u")["user"] == 500_000_000
+
+
+def usage_of(
+    entity_id: str | None,
+    spent_nano: int,
+    limit_nano: int | None,
+    window: str = "day",
+    resets_at: str | None = None,
+) -> dict[str, Any]:
+    """One scope's entry in /usage and /report, as the service answers it."""
+    remaining = None if limit_nano is None else max(limit_nano - spent_nano, 0)
+    return {
+        "entity_id": entity_id,
+        "spent_usd": spent_nano / NANO,
+        "limit_usd": None if limit_nano is None else limit_nano / NANO,
+        "remaining_usd": None if remaining is None else remaining / NANO,
+        "spent_nano": spent_nano,
+        "limit_nano": limit_nano,
+        "remaining_nano": remaining,
+        "window": window,
+        "resets_at": next_midnight() if resets_at is None else resets_at,
+    }
+
 
 class TestUsageAndReport:
-    """Read-only views of today's ledger."""
+    """Read-only views of the ledger: the current period of a window, or a past one."""
 
     def test_usage_per_scope(self, api: TestClient) -> None:
         reserve(api, user_id="u", estimate=1, project_id="p")
@@ -541,32 +620,12 @@ class TestUsageAndReport:
         r = api.get("/usage/u", params={"project_id": "p"})
         assert r.status_code == 200
         assert r.json() == {
-            "user": {
-                "entity_id": "u",
-                "spent_usd": 1.5,
-                "limit_usd": 10.0,
-                "remaining_usd": 8.5,
-                "spent_nano": 1_500_000_000,
-                "limit_nano": 10 * NANO,
-            },
-            "project": {
-                "entity_id": "p",
-                "spent_usd": 1.0,
-                "limit_usd": 20.0,
-                "remaining_usd": 19.0,
-                "spent_nano": NANO,
-                "limit_nano": 20 * NANO,
-            },
-            "global": {
-                "entity_id": None,
-                "spent_usd": 1.5,
-                "limit_usd": 50.0,
-                "remaining_usd": 48.5,
-                "spent_nano": 1_500_000_000,
-                "limit_nano": 50 * NANO,
-            },
+            "user": usage_of("u", 1_500_000_000, 10 * NANO),
+            "project": usage_of("p", NANO, 20 * NANO),
+            "global": usage_of(None, 1_500_000_000, 50 * NANO),
         }
         assert set(api.get("/usage/u").json()) == {"user", "global"}
+        assert api.get("/usage/u", params={"window": "day"}).json() == api.get("/usage/u").json()
 
     def test_report(self, api: TestClient) -> None:
         for user, cost in (("a", 1), ("b", 3), ("c", 2)):
@@ -576,12 +635,18 @@ class TestUsageAndReport:
         r = api.get("/report", params={"top": 2}, headers=ADMIN)
         assert r.status_code == 200
         body = r.json()
-        assert re.fullmatch(r"\d{4}-\d\d-\d\d", body["day"])
-        assert body["total"]["spent_nano"] == 6 * NANO
-        assert body["total"]["limit_nano"] == 50 * NANO
-        assert [u["entity_id"] for u in body["users"]] == ["b", "c"]
-        assert [p["entity_id"] for p in body["projects"]] == ["p"]
-        assert [(m["model"], m["spent_usd"]) for m in body["models"]] == [("m", 6.0)]
+        today = utc_now().date()
+        assert (body["window"], body["period"]) == ("day", today.isoformat())
+        assert body["starts_at"] == f"{today.isoformat()}T00:00:00+00:00"
+        assert body["resets_at"] == next_midnight()
+        assert body["total"] == usage_of(None, 6 * NANO, 50 * NANO)
+        assert body["users"] == [
+            usage_of("b", 3 * NANO, 10 * NANO),
+            usage_of("c", 2 * NANO, 10 * NANO),
+        ]
+        assert body["projects"] == [usage_of("p", 6 * NANO, 20 * NANO)]
+        # Models are scopes too: no model limit is configured, so none.
+        assert body["models"] == [usage_of("m", 6 * NANO, None)]
 
     @pytest.mark.parametrize("top", ["1001", "-1", "x"])
     def test_report_top_out_of_range_is_422(self, api: TestClient, top: str) -> None:
@@ -598,7 +663,7 @@ class TestLimits:
             "/limits", json={"scope": "user", "entity_id": "u", "limit_usd": 1}, headers=ADMIN
         )
         assert r.status_code == 200
-        assert r.json() == {"status": "updated", "scope": "user", "entity_id": "u"}
+        assert r.json() == {"status": "updated", "scope": "user", "entity_id": "u", "window": "day"}
         assert api.post("/check", json={"user_id": "u", "estimated_cost": 2}).status_code == 429
         api.put(
             "/limits", json={"scope": "user", "entity_id": "u", "limit_usd": None}, headers=ADMIN
@@ -631,6 +696,12 @@ class TestLimits:
             {"scope": "user", "entity_id": "u", "limit_usd": -1},
             {"scope": "user", "entity_id": "u", "limit_usd": 9_000_001},
             {"scope": "user", "entity_id": "u"},
+            {"scope": "model", "entity_id": None, "limit_usd": 1},
+            {"scope": "user", "entity_id": "u", "limit_usd": 1, "window": "year"},
+            {"scope": "user", "entity_id": "u", "limit_usd": 1, "window": "Day"},
+            {"scope": "user", "entity_id": "u", "limit_usd": 1, "window": None},
+            # Not kept by this service (no hourly limit, not in its windows): said, not ignored.
+            {"scope": "user", "entity_id": "u", "limit_usd": 1, "window": "hour"},
         ],
     )
     def test_bad_limits_are_422(
@@ -647,6 +718,228 @@ class TestLimits:
         assert r.status_code == 403
         assert r.json() == {"detail": "API key not allowed here"}
         assert snapshot(redis_client) == {}
+
+
+def month_end() -> str:
+    """When this month's (UTC) budgets reset, as answers write it."""
+    return month_start(utc_now(), 1).isoformat()
+
+
+class TestWindows:
+    """
+    Budgets by the hour, day, week or month: a refusal names its window and when it
+    resets (Retry-After agrees), limits are set per window, usage and reports read one.
+    """
+
+    def exceeded(self, r: Any, window: str, resets_at: str) -> dict[str, Any]:
+        """A 429 of *window*, resetting at *resets_at*, with a Retry-After that agrees."""
+        assert r.status_code == 429, r.text
+        body: dict[str, Any] = r.json()
+        assert (body["window"], body["resets_at"]) == (window, resets_at)
+        assert r.headers["Retry-After"] == str(body["retry_after_seconds"])
+        left = datetime.datetime.fromisoformat(resets_at) - utc_now()
+        assert body["retry_after_seconds"] >= 1
+        assert abs(body["retry_after_seconds"] - left.total_seconds()) <= 2
+        return body
+
+    def test_a_monthly_limit_refuses_until_the_month_ends(self, serve: Serve) -> None:
+        api = serve(monthly_user_limit_usd=5.0)
+        assert api.post("/spend", json={"user_id": "u", "cost": 4.5}).status_code == 200
+        for r in (
+            api.post("/check", json={"user_id": "u", "estimated_cost": 1}),
+            api.post("/reservations", json={"user_id": "u", "estimate": 1}),
+        ):
+            body = self.exceeded(r, "month", month_end())
+            assert (body["scope"], body["entity_id"]) == ("user", "u")
+            assert (body["limit_nano"], body["spent_nano"]) == (5 * NANO, 4_500_000_000)
+            assert body["detail"] == (
+                "Budget exceeded for User u: spent $4.50 of $5.00 monthly limit, requested "
+                f"$1.00; resets at {month_end()}"
+            )
+        # The day (limit $10) had room: only the month refused.
+        assert api.post("/check", json={"user_id": "u", "estimated_cost": 0.5}).status_code == 200
+
+    def test_when_the_day_and_the_month_refuse_the_later_reset_is_named(self, serve: Serve) -> None:
+        """Waiting for the day to end would not be enough: the month's end is the answer."""
+        api = serve(monthly_user_limit_usd=8.0)
+        api.post("/spend", json={"user_id": "u", "cost": 10})
+        r = api.post("/check", json={"user_id": "u", "estimated_cost": 1})
+        window = "day" if month_end() == next_midnight() else "month"  # the month's last day
+        self.exceeded(r, window, month_end())
+
+    def test_a_limit_set_for_a_month(self, serve: Serve) -> None:
+        api = serve(windows="month")
+        body = {"scope": "user", "entity_id": "u", "limit_usd": 2, "window": "month"}
+        r = api.put("/limits", json=body, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "status": "updated",
+            "scope": "user",
+            "entity_id": "u",
+            "window": "month",
+        }
+        assert api.post("/spend", json={"user_id": "u", "cost": 1.5}).status_code == 200
+        refused = self.exceeded(
+            api.post("/check", json={"user_id": "u", "estimated_cost": 1}), "month", month_end()
+        )
+        assert (refused["scope"], refused["limit_nano"]) == ("user", 2 * NANO)
+        assert api.post("/check", json={"user_id": "v", "estimated_cost": 1}).status_code == 200
+        # The month's usage shows the override; the day's does not.
+        assert api.get("/usage/u", params={"window": "month"}).json()["user"]["limit_nano"] == (
+            2 * NANO
+        )
+        assert api.get("/usage/u").json()["user"]["limit_nano"] == 10 * NANO
+        r = api.put("/limits", json={**body, "limit_usd": None}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert api.post("/check", json={"user_id": "u", "estimated_cost": 1}).status_code == 200
+        assert api.get("/usage/u", params={"window": "month"}).json()["user"]["limit_nano"] is None
+
+    def test_a_limit_for_one_model(self, api: TestClient) -> None:
+        body = {"scope": "model", "entity_id": "gpt-4", "limit_usd": 1}
+        r = api.put("/limits", json=body, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "status": "updated", "scope": "model", "entity_id": "gpt-4", "window": "day"
+        }  # fmt: skip
+        r = api.post("/reservations", json={"user_id": "u", "estimate": 1.5, "model": "gpt-4"})
+        refused = self.exceeded(r, "day", next_midnight())
+        assert (refused["scope"], refused["entity_id"]) == ("model", "gpt-4")
+        reserve(api, user_id="u", estimate=1.5, model="other")
+        reserve(api, user_id="u", estimate=1.5)
+
+    def test_usage_in_a_month(self, serve: Serve) -> None:
+        api = serve(monthly_user_limit_usd=100.0)
+        api.post("/spend", json={"user_id": "u", "cost": 3, "project_id": "p"})
+        reserve(api, user_id="u", estimate=1)
+        r = api.get("/usage/u", params={"project_id": "p", "window": "month"})
+        assert r.status_code == 200, r.text
+        end = month_end()
+        assert r.json() == {
+            "user": usage_of("u", 4 * NANO, 100 * NANO, "month", end),
+            # No monthly project or global limit: spend tracked, never refused.
+            "project": usage_of("p", 3 * NANO, None, "month", end),
+            "global": usage_of(None, 4 * NANO, None, "month", end),
+        }
+        assert api.get("/usage/u").json()["user"] == usage_of("u", 4 * NANO, 10 * NANO)
+
+    def test_report_of_a_past_period(self, serve: Serve, make_manager: Any) -> None:
+        """What was spent 40 days ago (last month, or earlier), by its day and by its month."""
+        api = serve(windows="month")
+        past = utc_now() - datetime.timedelta(days=40)
+        then = make_manager(clock=past.timestamp, windows="month", **LIMITS)
+        then.record_spend("old", 4, "p", "m")
+        api.post("/spend", json={"user_id": "new", "cost": 1})
+
+        r = api.get(
+            "/report", params={"window": "month", "period": past.date().isoformat()}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        resets = month_start(past, 1).isoformat()
+        assert (body["window"], body["period"]) == ("month", f"{past.year:04d}-{past.month:02d}")
+        assert (body["starts_at"], body["resets_at"]) == (month_start(past).isoformat(), resets)
+        assert body["total"] == usage_of(None, 4 * NANO, None, "month", resets)
+        assert body["users"] == [usage_of("old", 4 * NANO, None, "month", resets)]
+        assert body["projects"] == [usage_of("p", 4 * NANO, None, "month", resets)]
+        assert body["models"] == [usage_of("m", 4 * NANO, None, "month", resets)]
+        # An instant names its period as well, in any offset.
+        there = past.astimezone(datetime.timezone(datetime.timedelta(hours=9)))
+        for period in (there.isoformat(), past.isoformat().replace("+00:00", "Z")):
+            r = api.get("/report", params={"window": "month", "period": period}, headers=ADMIN)
+            assert r.status_code == 200, r.text
+            assert r.json()["period"] == body["period"]
+
+        r = api.get("/report", params={"period": past.date().isoformat()}, headers=ADMIN)
+        day = r.json()
+        midnight = datetime.datetime.combine(past.date(), datetime.time(), datetime.UTC)
+        assert (day["window"], day["period"]) == ("day", past.date().isoformat())
+        assert day["starts_at"] == midnight.isoformat()
+        ends = (midnight + datetime.timedelta(days=1)).isoformat()
+        assert day["total"] == usage_of(None, 4 * NANO, 50 * NANO, "day", ends)
+
+        # The current month has only today's spend.
+        now = api.get("/report", params={"window": "month"}, headers=ADMIN).json()
+        assert now["period"] == f"{utc_now().year:04d}-{utc_now().month:02d}"
+        assert [u["entity_id"] for u in now["users"]] == ["new"]
+        assert now["total"]["spent_nano"] == NANO
+
+    @pytest.mark.parametrize(
+        ("path", "params", "field"),
+        [
+            ("/usage/u", {"window": "year"}, "query.window"),
+            ("/usage/u", {"window": "DAY"}, "query.window"),
+            ("/usage/u", {"window": ""}, "query.window"),
+            ("/usage/u", {"window": "hour"}, "the hour window is not kept"),
+            ("/report", {"window": "fortnight"}, "query.window"),
+            ("/report", {"window": "week"}, "the week window is not kept"),
+            ("/report", {"period": "yesterday"}, "query.period"),
+            ("/report", {"period": "2026-02-30"}, "query.period"),
+            ("/report", {"period": "2026-03-01T00:00:00"}, "UTC offset"),
+            ("/report", {"period": "1700000000"}, "query.period"),
+            ("/report", {"period": "2026-03"}, "query.period"),
+            ("/report", {"period": ""}, "query.period"),
+            # The edge of the calendar: bad input, not a server error.
+            ("/report", {"period": "9999-12-31"}, "period"),
+            ("/report", {"period": "9999-12-31T23:59:59+00:00", "window": "day"}, "period"),
+        ],
+    )
+    def test_a_bad_window_or_period_is_422(
+        self,
+        api: TestClient,
+        redis_client: redis.Redis,
+        path: str,
+        params: dict[str, str],
+        field: str,
+    ) -> None:
+        api.post("/spend", json={"user_id": "u", "cost": 1})
+        before = snapshot(redis_client)
+        r = api.get(path, params=params, headers=ADMIN)
+        assert r.status_code == 422, r.text
+        assert field in r.json()["detail"]
+        assert snapshot(redis_client) == before
+
+    @pytest.mark.parametrize(
+        "when",
+        [
+            "2026-03-01T12:00:00",  # naive: which zone?
+            "2026-03-01",
+            "1700000000",
+            "soon",
+            "",
+            0,
+            1.7e9,
+            True,
+            ["2026-03-01T12:00:00Z"],
+        ],
+    )
+    @pytest.mark.parametrize("action", ["commit", "release"])
+    def test_a_bad_held_at_is_422_and_settles_nothing(
+        self, api: TestClient, redis_client: redis.Redis, when: Any, action: str
+    ) -> None:
+        rid = reserve(api, user_id="u", estimate=1)
+        before = snapshot(redis_client)
+        body = {"user_id": "u", "held_at": when}
+        if action == "commit":
+            body["actual_cost"] = 0.5
+        r = api.post(f"/reservations/{rid}/{action}", json=body)
+        assert r.status_code == 422, r.text
+        assert "body.held_at" in r.json()["detail"]
+        assert snapshot(redis_client) == before
+        assert api.get(f"/reservations/{rid}").json()["state"] == "held"
+
+    @pytest.mark.parametrize(
+        "when", ["0001-01-01T00:00:00+00:00", "1969-12-31T23:59:59Z", "9999-12-31T23:59:00Z"]
+    )
+    def test_a_held_at_out_of_range_is_422(
+        self, api: TestClient, redis_client: redis.Redis, when: str
+    ) -> None:
+        rid = reserve(api, user_id="u", estimate=1)
+        before = snapshot(redis_client)
+        body = {"user_id": "u", "held_at": when, "actual_cost": 0.5}
+        r = api.post(f"/reservations/{rid}/commit", json=body)
+        assert r.status_code == 422, r.text
+        assert snapshot(redis_client) == before
+        assert api.get(f"/reservations/{rid}").json()["state"] == "held"
 
 
 ENDPOINTS = [

@@ -48,10 +48,14 @@ def app(redis_url: str, spool_dir: Path, tmp_path: Path) -> Iterator[FastAPI]:
     prices.write_text(json.dumps({"house-llm": {"input_per_mtok": 3, "output_per_mtok": 15}}))
     # Robust timeouts: this test is about the answers; on a loaded CI machine a
     # reply slower than the default 0.25 s would be a (correct) 503, not a finding.
+    # Every window kept, and a monthly limit: the window and period parameters are
+    # answered (not only refused), and some 429s are the month's.
     manager = async_managers(redis_url, spool_dir)(
         daily_user_limit_usd=5.0,
         daily_project_limit_usd=8.0,
         daily_global_limit_usd=20.0,
+        monthly_user_limit_usd=12.0,
+        windows="hour,week",
         pricing_file=str(prices),
         **ROBUST,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -357,7 +358,7 @@ class TestSettingsFromDotEnv:
 
 
 class TestRetryAfter:
-    """Issue 11.10: a 429 says when the refusing day ends."""
+    """Issue 11.10: a 429 says when the refusing window's period ends, in its header and body."""
 
     def test_seconds_until_the_day_resets(
         self, make_manager: ManagerFactory, redis_url: str, spool_dir: Path
@@ -380,7 +381,62 @@ class TestRetryAfter:
             now = time.time()
             expected = 86400 - now % 86400
             assert abs(int(r.headers["Retry-After"]) - expected) <= 2
+            body = r.json()
+            assert r.headers["Retry-After"] == str(body["retry_after_seconds"])
+            midnight = datetime.datetime.fromtimestamp(now + expected, datetime.UTC)
+            assert (body["window"], body["resets_at"]) == ("day", midnight.isoformat())
         assert "Retry-After" not in api.post("/spend", json={"user_id": "u", "cost": 1}).headers
+
+    @pytest.mark.parametrize(
+        ("config", "now", "window", "resets_at"),
+        [
+            # Mid-March: the month refuses for 16.5 days, not until midnight.
+            (
+                {"monthly_user_limit_usd": 1.0},
+                "2026-03-15T12:00:00+00:00",
+                "month",
+                "2026-04-01T00:00:00+00:00",
+            ),
+            # A week in New York, across the start of daylight saving time (8 March):
+            # it ends at Monday's local midnight, 04:00 UTC.
+            (
+                {"weekly_user_limit_usd": 1.0, "timezone": "America/New_York"},
+                "2026-03-04T12:00:00+00:00",
+                "week",
+                "2026-03-09T04:00:00+00:00",
+            ),
+            # An hour: 20 minutes and half a second left, rounded up.
+            (
+                {"hourly_user_limit_usd": 1.0},
+                "2026-03-15T12:39:59.500+00:00",
+                "hour",
+                "2026-03-15T13:00:00+00:00",
+            ),
+        ],
+    )
+    def test_retry_after_is_the_refusing_windows(
+        self,
+        redis_url: str,
+        spool_dir: Path,
+        config: dict[str, Any],
+        now: str,
+        window: str,
+        resets_at: str,
+    ) -> None:
+        """By the error's own reset (the clock is injected), not the current day's end."""
+        moment = datetime.datetime.fromisoformat(now)
+        manager = async_managers(redis_url, spool_dir)(clock=moment.timestamp, **config)
+        with TestClient(create_app(manager, SETTINGS), headers=USER) as api:
+            assert api.post("/spend", json={"user_id": "u", "cost": 1}).status_code == 200
+            r = api.post("/check", json={"user_id": "u", "estimated_cost": 0.5})
+            assert r.status_code == 429, r.text
+            body = r.json()
+            assert (body["window"], body["resets_at"]) == (window, resets_at)
+            left = datetime.datetime.fromisoformat(resets_at) - moment
+            assert body["retry_after_seconds"] == math.ceil(left.total_seconds())
+            assert r.headers["Retry-After"] == str(body["retry_after_seconds"])
+            if window != "day":
+                assert body["retry_after_seconds"] != manager.seconds_until_reset()
 
 
 class TestTypedAnswers:
@@ -404,12 +460,26 @@ class TestTypedAnswers:
         assert spend["202"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ReceiptAnswer"
         }
-        assert "Retry-After" in schema["paths"]["/check"]["post"]["responses"]["429"]["headers"]
+        refused = schema["paths"]["/check"]["post"]["responses"]["429"]
+        assert "Retry-After" in refused["headers"]
+        exceeded = models["ExceededBody"]
+        assert {"window", "resets_at", "retry_after_seconds"} <= set(exceeded["required"])
+        assert exceeded["properties"]["resets_at"]["format"] == "date-time"
+        assert exceeded["properties"]["window"]["enum"] == ["hour", "day", "week", "month"]
+        assert models["HoldBody"]["properties"]["held_at"]["anyOf"][0]["format"] == "date-time"
+        assert models["ReservationAnswer"]["properties"]["held_at"]["format"] == "date-time"
+        report = {p["name"] for p in schema["paths"]["/report"]["get"]["parameters"]}
+        assert report == {"top", "window", "period"}
+        usage = {p["name"] for p in schema["paths"]["/usage/{user_id}"]["get"]["parameters"]}
+        assert usage == {"user_id", "project_id", "window"}
+        assert models["LimitBody"]["properties"]["scope"]["enum"] == [
+            "user", "project", "model", "global"
+        ]  # fmt: skip
 
     def test_answers_keep_their_shape(self, api: TestClient) -> None:
         r = api.post("/reservations", json={"user_id": "u", "estimate": 1, "project_id": "p"})
         rid = r.json()["reservation_id"]
-        assert set(r.json()) == {"reservation_id", "state", "estimate_usd", "day"}
+        assert set(r.json()) == {"reservation_id", "state", "estimate_usd", "held_at"}
         info = api.get(f"/reservations/{rid}").json()
         assert (info["project_id"], info["model"]) == ("p", None)
         assert set(api.post(f"/reservations/{rid}/commit", json={"actual_cost": 0.5}).json()) == {

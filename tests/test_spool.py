@@ -258,18 +258,20 @@ class TestFiles:
         label, store_id = store_identity(BudgetConfig(redis_url=url))  # type: ignore[misc]
         spool_dir.mkdir(parents=True, exist_ok=True)
         path = spool_dir / f"{store_id}-999999999.spool"
-        header = json.dumps({"spool": "coreason-budget", "v": 1, "store": label})
+        header = json.dumps({"spool": "coreason-budget", "v": 2, "store": label})
         path.write_bytes(("\n".join([header, *lines]) + "\n").encode() + tail)
         return path
 
     @staticmethod
-    def spend(seq: int, op: str, amount: int, day: int, fields: list[str]) -> str:
-        entry = {"seq": seq, "kind": "spend", "op": op, "day": day, "fields": fields}
+    def spend(seq: int, op: str, amount: int, at: int, fields: list[str]) -> str:
+        entry = {"seq": seq, "kind": "spend", "op": op, "at": at, "fields": fields}
         return json.dumps({**entry, "amount": amount})
 
     @staticmethod
     def today(client: redis.Redis) -> int:
-        return int(client.time()[0]) // 86400
+        """The store's time now, ms (what a spooled entry is dated with)."""
+        seconds, micros = client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     def test_torn_last_line_is_skipped_and_corrupt_lines_quarantined(
         self,
@@ -281,9 +283,9 @@ class TestFiles:
         day = self.today(redis_client)
         lines = [
             self.spend(1, "a", 100, day, ["u:alice", "g"]),
-            '{"seq": 2, "kind": "spend", "op": "b", "day"',  # cut short, then appended to
+            '{"seq": 2, "kind": "spend", "op": "b", "at"',  # cut short, then appended to
             self.spend(3, "c", 30, day, ["u:alice", "g"]),
-            '{"seq": 4, "kind": "spend", "op": "d", "day": 1, "fields": [], "amount": 5}',
+            '{"seq": 4, "kind": "spend", "op": "d", "at": 1, "fields": [], "amount": 5}',
         ]
         torn = self.spend(5, "e", 7, day, ["u:alice", "g"]).encode()[:-9]
         self.write_spool(spool_dir, redis_url, lines, tail=torn)
@@ -304,7 +306,7 @@ class TestFiles:
         day = self.today(redis_client)
         manager = managers(redis_url)
         held = manager.reserve("alice", 2.0, reservation_id="r1")
-        settle = {"seq": 2, "kind": "settle", "op": "r1", "day": held.day, "fields": ["u:alice"]}
+        settle = {"seq": 2, "kind": "settle", "op": "r1", "at": held.held_at_ms, "fields": ["u:alice"]}
         lines = [
             self.spend(1, "k1", 5 * NANO, day, ["u:alice", "g"]),
             json.dumps({**settle, "amount": NANO // 2, "state": "committed"}),
@@ -643,19 +645,21 @@ def dead_spool(spool_dir: Path, url: str, lines: list[str], tail: bytes = b"") -
     label, store_id = store_identity(BudgetConfig(redis_url=url))  # type: ignore[misc]
     spool_dir.mkdir(parents=True, exist_ok=True)
     path = spool_dir / f"{store_id}-999999999.spool"
-    header = json.dumps({"spool": "coreason-budget", "v": 1, "store": label})
+    header = json.dumps({"spool": "coreason-budget", "v": 2, "store": label})
     path.write_bytes(("\n".join([header, *lines]) + "\n").encode() + tail)
     return path
 
 
-def spend_line(seq: int, op: str, amount: int, day: int, fields: list[str] | None = None) -> str:
+def spend_line(seq: int, op: str, amount: int, at: int, fields: list[str] | None = None) -> str:
     fields = ["u:alice", "g"] if fields is None else fields
-    doc = {"seq": seq, "kind": "spend", "op": op, "day": day, "fields": fields, "amount": amount}
+    doc = {"seq": seq, "kind": "spend", "op": op, "at": at, "fields": fields, "amount": amount}
     return json.dumps(doc)
 
 
 def server_day(client: redis.Redis) -> int:
-    return int(client.time()[0]) // 86400
+    """The store's time now, ms (what a spooled entry is dated with)."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def quarantine_files(spool_dir: Path) -> list[Path]:
@@ -686,11 +690,12 @@ class TestQuarantine:
 
     # Each is written as seq 2, between two good spends (seq 1 and 3).
     BAD: ClassVar[dict[str, Callable[[int], str]]] = {
-        "day 1e10": lambda day: spend_line(2, "bad", 5, 10**10),
-        "day 1e10 as a float": lambda day: spend_line(2, "bad", 5, 0).replace(
-            '"day": 0', '"day": 1e10'
+        "at 1e15": lambda day: spend_line(2, "bad", 5, 10**15),
+        "at 1e12 as a float": lambda day: spend_line(2, "bad", 5, 0).replace(
+            '"at": 0', '"at": 1e12'
         ),
-        "day -800000": lambda day: spend_line(2, "bad", 5, -800_000),
+        "at -1": lambda day: spend_line(2, "bad", 5, -1),
+        "spend at null": lambda day: spend_line(2, "bad", 5, 0).replace('"at": 0', '"at": null'),
         "amount 1e20": lambda day: spend_line(2, "bad", 10**20, day),
         "amount above the largest charge": lambda day: spend_line(2, "bad", 10**15 + 1, day),
         "negative amount": lambda day: spend_line(2, "bad", -5, day),
@@ -762,14 +767,14 @@ class TestQuarantine:
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         """
-        A settlement naming a reservation of another day ("belongs to day"): the
+        A settlement naming a reservation taken at another time ("was taken at"): the
         store refuses it every time, so it used to block every later entry. Now it
         is quarantined with the store's words, and the entries after it replay.
         """
         day = server_day(redis_client)
         manager = managers(redis_url)
         held = manager.reserve("alice", 2.0, reservation_id="r1")
-        settle = {"seq": 2, "kind": "settle", "op": "r1", "day": held.day - 1}
+        settle = {"seq": 2, "kind": "settle", "op": "r1", "at": held.held_at_ms - 1}
         settle.update({"fields": ["u:alice", "g"], "amount": NANO // 2, "state": "committed"})
         lines = [
             spend_line(1, "good1", self.GOOD, day),
@@ -786,9 +791,9 @@ class TestQuarantine:
         assert manager.usage("alice")["user"].spent_nano == expected
         (record,) = quarantined(spool_dir)
         assert record["entry"] == settle
-        assert "belongs to day" in record["reason"]
+        assert "was taken at" in record["reason"]
         assert any(
-            r.levelname == "ERROR" and "belongs to day" in r.getMessage() for r in caplog.records
+            r.levelname == "ERROR" and "was taken at" in r.getMessage() for r in caplog.records
         )
         assert not spool_files(spool_dir)
         assert manager.reservation("r1").state == "held"
@@ -841,7 +846,7 @@ class TestQuarantineAcrossReplays:
         day = server_day(redis_client)
         lines = [
             spend_line(1, "good1", 10, day),
-            spend_line(2, "bad", 5, 10**10),
+            spend_line(2, "bad", 5, 10**15),
             spend_line(3, "good3", 20, day),
         ]
         torn = spend_line(4, "torn", 7, day).encode()[:-9]
@@ -877,7 +882,7 @@ class TestQuarantineAcrossReplays:
     ) -> None:
         """Only a torn *last* line is a crash's normal trace; one followed by more is kept."""
         day = server_day(redis_client)
-        cut = '{"seq": 2, "kind": "spend", "op": "b", "day"'
+        cut = '{"seq": 2, "kind": "spend", "op": "b", "at"'
         lines = [spend_line(1, "a", 10, day), cut, spend_line(3, "c", 20, day)]
         dead_spool(spool_dir, redis_url, lines)
         summary = managers(redis_url).replay_spool()
@@ -929,7 +934,7 @@ class TestQuarantineAcrossReplays:
         day = server_day(redis_client)
         manager = managers(redis_url)
         manager.reserve("alice", 2.0, reservation_id="r1")
-        settle = {"seq": 3, "kind": "settle", "op": "r1", "day": day - 1, "fields": ["g"]}
+        settle = {"seq": 3, "kind": "settle", "op": "r1", "at": day - 86_400_000, "fields": ["g"]}
         refused = json.dumps({**settle, "amount": 0, "state": "released"})
         lines = [spend_line(1, "good", 10, day), nested(50), refused]
         path = dead_spool(spool_dir, redis_url, lines)

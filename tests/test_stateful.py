@@ -41,7 +41,6 @@ from coreason_budget import (
 from .redis_server import RedisServer
 
 NANO = 10**9
-DAY_MS = 86_400_000
 #: A fixed instant (2026-01-01 12:00 UTC): one day for the whole run.
 FIXED_NOW = 1_767_268_800.0
 
@@ -451,7 +450,7 @@ class BudgetMachine(RuleBasedStateMachine):
         if self.manager is None:
             return
         ledger = self.m._core.ledger
-        day_key = ledger.day_key(int(FIXED_NOW * 1000) // DAY_MS)
+        day_key = ledger.period_key(ledger.calendar.period("day", int(FIXED_NOW * 1000)))
         with redis.Redis.from_url(self.url, decode_responses=True) as r:
             for model in MODELS:
                 stored = int(r.hget(day_key, "m:" + model) or 0)
@@ -467,7 +466,7 @@ class BudgetMachine(RuleBasedStateMachine):
             return
         with redis.Redis.from_url(self.url, decode_responses=True) as r:
             for key in r.scan_iter(count=1000):
-                if not key.endswith(":limits"):
+                if ":limits:" not in key:
                     assert r.pttl(key) > 0, key
 
     @invariant()

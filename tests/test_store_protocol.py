@@ -47,7 +47,7 @@ GOOD: dict[str, bytes | None] = {
     "CLIENT": b"+OK\r\n",
     "INFO": bulk(b"# Memory\r\nused_memory:1000\r\n"),  # no maxmemory fields
     "PING": b"+PONG\r\n",
-    "EVALSHA": b":DAY\r\n",  # the day the call named: the script's "yes" (DAY: filled in)
+    "EVALSHA": b":WHEN\r\n",  # an instant in the periods the call named: the script's "yes"
 }
 #: A reply that never ends: one byte every TRICKLE_INTERVAL seconds, forever.
 TRICKLE = None
@@ -151,9 +151,11 @@ class FakeStore:
                 if name == "HELLO":
                     handshaken = reply == HELLO
                 elif name == "EVALSHA":
-                    if reply is not TRICKLE:  # ARGV[1] is "<op> <day> ...", after the keys
-                        day = command[3 + int(command[2])].split()[1]
-                        reply = reply.replace(b"DAY", day)
+                    if reply is not TRICKLE:  # ARGV[1], after the keys: 8 words, then periods
+                        words = command[3 + int(command[2])].split()
+                        # A settlement's or replay's own instant, else its first period's start.
+                        when = words[5] if words[5] != b"-" else words[8]
+                        reply = reply.replace(b"WHEN", when)
                     with self._lock:
                         self.script_calls += 1
                         self.on_half_made_connections += not handshaken
