@@ -344,8 +344,12 @@ class BudgetCore:
     ) -> H:
         """A handle for a hold the caller describes (its estimate: 0), its input checked."""
         at = at_ms(held_at)
-        if not 0 <= at <= MAX_AT:
-            raise InvalidInputError(f"held_at out of range: {held_at!r}")
+        try:
+            if not 0 <= at <= MAX_AT:
+                raise ValueError("before 1970 or after 9999")
+            self.ledger.frame(at)  # its periods: the calendar's edges are years 1 and 9999
+        except ValueError as e:
+            raise InvalidInputError(f"held_at out of range ({e}): {held_at!r}") from None
         self.scopes(user_id, project_id, model)  # validated as a reserve's would be
         held = Held(state="held", at=at, held_nano=0, known=known)
         return make(

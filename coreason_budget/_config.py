@@ -96,6 +96,8 @@ def _one_of(*choices: str) -> Any:
 
 def _timezone(_: object, a: attrs.Attribute[Any], value: str) -> None:
     _text(_, a, value)
+    if value.lower() == "localtime":  # each machine's own zone: workers would disagree
+        raise _FieldError(a.name, "must name an IANA zone (e.g. Europe/Berlin), not localtime")
     try:
         Calendar(value)
     except ValueError as e:

@@ -142,7 +142,7 @@ class Calendar:
             raise ValueError(f"timezone must be an IANA zone name (a str), got {timezone!r}")
         try:
             zone = zoneinfo.ZoneInfo(timezone)
-        except zoneinfo.ZoneInfoNotFoundError:
+        except (zoneinfo.ZoneInfoNotFoundError, IsADirectoryError):  # "America": a folder
             raise ValueError(f"unknown time zone {timezone!r}: not an IANA zone name") from None
         except (ValueError, OSError) as error:
             raise ValueError(f"invalid time zone {timezone!r}: {error}") from None
@@ -208,7 +208,7 @@ class Calendar:
         """
         key = windows if type(windows) is tuple else tuple(windows)
         entry = self._cache.get(key)
-        if entry is not None and instant_ms < entry[2]:
+        if entry is not None and entry[1] <= instant_ms < entry[2]:
             return entry[0]
         result = tuple(self.period(window, instant_ms) for window in key)
         if not result:

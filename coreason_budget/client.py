@@ -93,7 +93,10 @@ class BudgetClient:
     def check_availability(
         self, user_id: str, estimated_cost: float | Decimal, project_id: str | None = None
     ) -> None:
-        """Raise :class:`BudgetExceededError` if *estimated_cost* does not fit today (read-only)."""
+        """
+        Raise :class:`BudgetExceededError` if *estimated_cost* does not fit now, in
+        every scope and window (read-only).
+        """
         self._run(self._core.check_availability(user_id, estimated_cost, project_id))
 
     def record_spend(

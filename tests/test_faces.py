@@ -112,13 +112,13 @@ class TestReservations:
             None,
         )
         assert re.fullmatch("[0-9a-f]{32}", r.id)
-        assert r.date in today()
+        assert r.held_at.date() in today()
         assert both(face, "u", "p") == everywhere(50_000_000)
         receipt = r.commit(0.031)
         assert receipt == Receipt("recorded", "commit", r.id, 31_000_000)
         assert (r.state, r.receipt) == ("committed", receipt)
         assert both(face, "u", "p") == everywhere(31_000_000)
-        assert [(m.model, m.spent_nano) for m in face.ledger.report().models] == [
+        assert [(m.entity_id, m.spent_nano) for m in face.ledger.report().models] == [
             (MODEL, 31_000_000)
         ]
 
@@ -175,7 +175,7 @@ class TestReservations:
         """reservation(id) describes the hold as it was made, from the store."""
         r = face.reserve("u", 0.125, project_id="p", model=MODEL, reservation_id="by-id")
         found = face.reservation("by-id")
-        fields = ("id", "user_id", "project_id", "model", "state", "estimate_nano", "date")
+        fields = ("id", "user_id", "project_id", "model", "state", "estimate_nano", "held_at")
         assert [getattr(found, f) for f in fields] == [getattr(r, f) for f in fields]
         assert found.on_error == "charge"
         assert found.commit(0.1) == Receipt("recorded", "commit", "by-id", 100_000_000)
@@ -329,8 +329,15 @@ class TestErrors:
             face.check_availability("user_123", estimated_cost=0.05)
         e = caught.value
         assert str(e) == (
-            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested $0.05"
+            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested "
+            f"$0.05; resets at {e.resets_at.isoformat() if e.resets_at else None}"
         )
+        assert e.window == "day"
+        assert e.resets_at is not None and e.resets_at.time() == datetime.time()  # UTC midnight
+        assert e.resets_at.date() - datetime.timedelta(days=1) in today()
+        assert e.retry_after_seconds is not None
+        left = (e.resets_at - datetime.datetime.now(datetime.UTC)).total_seconds()
+        assert abs(e.retry_after_seconds - left) <= 5
         assert refusal(e) == ("user", "user_123", USER_LIMIT, 9_990_000_000, 50_000_000)
         assert (e.limit_usd, e.spent_usd, e.requested_usd) == (10.0, 9.99, 0.05)
         assert e.to_json() == {
@@ -339,6 +346,9 @@ class TestErrors:
             "limit_nano": USER_LIMIT,
             "spent_nano": 9_990_000_000,
             "requested_nano": 50_000_000,
+            "window": "day",
+            "resets_at": e.resets_at.isoformat(),
+            "retry_after_seconds": e.retry_after_seconds,
         }
 
     def test_a_key_reused_for_another_spend_conflicts(self, face: Face) -> None:
@@ -569,7 +579,7 @@ class TestIdempotency:
         """The same reservation_id twice returns the same hold: one charge."""
         first = face.reserve("u", 2, project_id="p", model=MODEL, reservation_id="req-1")
         again = face.reserve("u", 2, project_id="p", model=MODEL, reservation_id="req-1")
-        fields = ("id", "state", "estimate_nano", "date", "user_id", "project_id", "model")
+        fields = ("id", "state", "estimate_nano", "held_at", "user_id", "project_id", "model")
         assert [getattr(again, f) for f in fields] == [getattr(first, f) for f in fields]
         assert both(face, "u", "p") == everywhere(2 * NANO)
 
@@ -676,7 +686,7 @@ class TestIds:
             assert usage["user"].limit_nano == 3 * NANO
             assert usage == face.ledger.usage(odd, odd)
         report = face.report()
-        assert sorted(m.model for m in report.models) == sorted(ODD_IDS)
+        assert sorted(m.entity_id for m in report.models) == sorted(ODD_IDS)
         assert {u.entity_id: u.limit_nano for u in report.users} == dict.fromkeys(ODD_IDS, 3 * NANO)
 
 
@@ -747,7 +757,7 @@ class TestReport:
         """Every list is sorted by spend, largest first, with limits and the total."""
         self.spend(face)
         report = face.report()
-        assert report.day in today()
+        assert (report.window, datetime.date.fromisoformat(report.period) in today()) == ("day", True)
         assert (report.total.spent_nano, report.total.limit_nano) == (12_500_000_000, GLOBAL_LIMIT)
         assert [(u.entity_id, u.spent_nano, u.limit_nano) for u in report.users] == [
             ("bob", 5 * NANO, 7 * NANO),
@@ -759,10 +769,10 @@ class TestReport:
             ("q", 5 * NANO),
             ("p", 4 * NANO),
         ]
-        assert [(m.model, m.spent_nano) for m in report.models] == [
-            ("m2", 5 * NANO),
-            ("m1", 4 * NANO),
-            ("m3", 1_500_000_000),
+        assert [(m.entity_id, m.spent_nano, m.limit_nano) for m in report.models] == [
+            ("m2", 5 * NANO, None),
+            ("m1", 4 * NANO, None),
+            ("m3", 1_500_000_000, None),
         ]
         assert report == face.ledger.report()
 
@@ -772,7 +782,7 @@ class TestReport:
         report = face.report(top=2)
         assert [u.entity_id for u in report.users] == ["bob", "ann"]
         assert [p.entity_id for p in report.projects] == ["q", "p"]
-        assert [m.model for m in report.models] == ["m2", "m1"]
+        assert [m.entity_id for m in report.models] == ["m2", "m1"]
         assert report.total.spent_nano == 12_500_000_000
         assert report == face.ledger.report(top=2)
 

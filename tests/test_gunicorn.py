@@ -274,7 +274,7 @@ class TestGunicornDeployment:
         assert users == {k: v for k, v in expected_users.items() if v}
         assert projects == {k: v for k, v in expected_projects.items() if v}
         assert report.total.spent_nano == total
-        assert [(m.model, m.spent_nano) for m in report.models] == [("fake-llm", total)]
+        assert [(m.entity_id, m.spent_nano) for m in report.models] == [("fake-llm", total)]
 
         if overrun_rate == "0":
             # Actual <= estimate everywhere, so the reservations alone keep every scope in limit.

@@ -24,7 +24,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from coreason_budget import AsyncBudgetManager, ConfigError, server
+from coreason_budget import AsyncBudgetManager, BudgetExceededError, ConfigError, server
 from coreason_budget.cli import main
 from coreason_budget.server import MAX_BODY_BYTES, ServerSettings, create_app
 
@@ -437,6 +437,28 @@ class TestRetryAfter:
             assert r.headers["Retry-After"] == str(body["retry_after_seconds"])
             if window != "day":
                 assert body["retry_after_seconds"] != manager.seconds_until_reset()
+
+    def test_an_untimed_refusal_falls_back_to_the_days_end(
+        self, manager: AsyncBudgetManager, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A BudgetExceededError without its reset (not the store's) still answers a whole 429."""
+
+        async def refuse(*args: Any, **kwargs: Any) -> None:
+            raise BudgetExceededError(
+                scope="user", entity_id="u", limit_nano=NANO, spent_nano=NANO, requested_nano=1
+            )
+
+        monkeypatch.setattr(manager, "check_availability", refuse)
+        with TestClient(create_app(manager, SETTINGS), headers=USER) as api:
+            r = api.post("/check", json={"user_id": "u", "estimated_cost": 1})
+        assert r.status_code == 429, r.text
+        body = r.json()
+        assert r.headers["Retry-After"] == str(body["retry_after_seconds"])
+        assert abs(body["retry_after_seconds"] - manager.seconds_until_reset()) <= 2
+        resets_at = datetime.datetime.fromisoformat(body["resets_at"])
+        left = resets_at - datetime.datetime.now(datetime.UTC)
+        assert abs(left.total_seconds() - body["retry_after_seconds"]) <= 2
+        assert body["window"] == "day"
 
 
 class TestTypedAnswers:
