@@ -76,11 +76,12 @@ class BudgetExceededError(BudgetError):
         self.retry_after_seconds = retry_after_seconds
         who = scope.capitalize() if entity_id is None else f"{scope.capitalize()} {entity_id}"
         adverb = {"hour": "hourly", "day": "daily", "week": "weekly", "month": "monthly"}
-        resets = "" if resets_at is None else f"; resets at {resets_at.isoformat()}"
+        # When it resets is a field (resets_at), not words: the message stays the
+        # same all period, for logs to group and people to read.
         super().__init__(
             f"Budget exceeded for {who}: spent {format_usd(spent_nano)} of "
             f"{format_usd(limit_nano)} {adverb.get(window, window)} limit, requested "
-            f"{format_usd(requested_nano)}{resets}"
+            f"{format_usd(requested_nano)}"
         )
 
     def to_json(self) -> dict[str, object]:

@@ -370,9 +370,7 @@ class TestErrors:
                 assert e.retry_after_seconds is not None
                 left = (resets - datetime.datetime.now(datetime.UTC)).total_seconds()
                 assert abs(e.retry_after_seconds - left) < 5
-                assert str(e).endswith(
-                    f"weekly limit, requested $0.50; resets at {resets.isoformat()}"
-                )
+                assert str(e).endswith("weekly limit, requested $0.50")
                 week = await c.usage("u", window="week")
                 assert (week["user"].spent_nano, week["user"].limit_nano) == (3 * NANO // 4, NANO)
                 assert week["user"].resets_at == resets

@@ -311,8 +311,7 @@ class TestAgainstTheService:
         assert e.retry_after_seconds is not None
         assert abs(e.retry_after_seconds - (midnight - now()).total_seconds()) < 5
         assert str(e) == (
-            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested "
-            f"$0.05; resets at {midnight.isoformat()}"
+            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested $0.05"
         )
         assert (e.scope, e.entity_id, e.limit_usd, e.spent_usd, e.requested_usd) == (
             "user",
@@ -1003,8 +1002,7 @@ class TestTransport:
         assert e.resets_at is not None
         assert e.resets_at.tzinfo == datetime.UTC
         assert str(e) == (
-            "Budget exceeded for User u: spent $4.50 of $5.00 weekly limit, requested $1.00; "
-            "resets at 2026-11-30T00:00:00+00:00"
+            "Budget exceeded for User u: spent $4.50 of $5.00 weekly limit, requested $1.00"
         )
         assert e.to_json() == {
             k: v for k, v in exceeded_answer().items() if k != "detail"

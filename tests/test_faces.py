@@ -329,11 +329,11 @@ class TestErrors:
             face.check_availability("user_123", estimated_cost=0.05)
         e = caught.value
         assert str(e) == (
-            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested "
-            f"$0.05; resets at {e.resets_at.isoformat() if e.resets_at else None}"
+            "Budget exceeded for User user_123: spent $9.99 of $10.00 daily limit, requested $0.05"
         )
         assert e.window == "day"
-        assert e.resets_at is not None and e.resets_at.time() == datetime.time()  # UTC midnight
+        assert e.resets_at is not None
+        assert e.resets_at.time() == datetime.time()  # UTC midnight
         assert e.resets_at.date() - datetime.timedelta(days=1) in today()
         assert e.retry_after_seconds is not None
         left = (e.resets_at - datetime.datetime.now(datetime.UTC)).total_seconds()
@@ -757,7 +757,8 @@ class TestReport:
         """Every list is sorted by spend, largest first, with limits and the total."""
         self.spend(face)
         report = face.report()
-        assert (report.window, datetime.date.fromisoformat(report.period) in today()) == ("day", True)
+        assert report.window == "day"
+        assert datetime.date.fromisoformat(report.period) in today()
         assert (report.total.spent_nano, report.total.limit_nano) == (12_500_000_000, GLOBAL_LIMIT)
         assert [(u.entity_id, u.spent_nano, u.limit_nano) for u in report.users] == [
             ("bob", 5 * NANO, 7 * NANO),

@@ -306,7 +306,13 @@ class TestFiles:
         day = self.today(redis_client)
         manager = managers(redis_url)
         held = manager.reserve("alice", 2.0, reservation_id="r1")
-        settle = {"seq": 2, "kind": "settle", "op": "r1", "at": held.held_at_ms, "fields": ["u:alice"]}
+        settle = {
+            "seq": 2,
+            "kind": "settle",
+            "op": "r1",
+            "at": held.held_at_ms,
+            "fields": ["u:alice"],
+        }
         lines = [
             self.spend(1, "k1", 5 * NANO, day, ["u:alice", "g"]),
             json.dumps({**settle, "amount": NANO // 2, "state": "committed"}),
