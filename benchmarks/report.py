@@ -454,9 +454,14 @@ def main() -> None:
     print(f"wrote {args.output}", file=sys.stderr)
 
 
-#: Sections other scripts write (``benchmarks.async_ops --write``, ``benchmarks.service``):
+#: Sections other scripts write (``benchmarks.async_ops --write``, ``benchmarks.service``,
+#: ``benchmarks.windows --write``):
 #: a rewrite keeps them as they are.
-OTHER_SCRIPTS = ("## Async manager vs the async floor", "## Service: before and after async routes")
+OTHER_SCRIPTS = (
+    "## Async manager vs the async floor",
+    "## Service: before and after async routes",
+    "## Budget windows",
+)
 
 
 def kept_sections(old: str) -> str:
