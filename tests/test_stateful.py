@@ -82,39 +82,54 @@ class ModelReservation:
     fields: tuple[Field, ...]
 
 
+#: The windows kept: one day and one month hold every operation (the clock is fixed),
+#: so both count the same spend; each has its own limits.
+WINDOWS = ("day", "month")
+
+
 @dataclass
 class Ledger:
-    """The pure-Python model: one day's counters, limit overrides, records."""
+    """The pure-Python model: one day's (and month's) counters, limit overrides, records."""
 
-    defaults: dict[str, int]
+    #: (scope kind, window) -> default limit; -1: none
+    defaults: dict[tuple[str, str], int]
     spent: dict[Field, int] = field(default_factory=dict)
-    overrides: dict[Field, int] = field(default_factory=dict)
+    overrides: dict[tuple[Field, str], int] = field(default_factory=dict)
     reservations: dict[str, ModelReservation] = field(default_factory=dict)
     #: idempotency key -> what it paid for: (scopes, amount)
     operations: dict[str, tuple[tuple[Field, ...], int]] = field(default_factory=dict)
 
-    def limit(self, f: Field) -> int:
-        if f[0] == "model":
-            return -1
-        return self.overrides.get(f, self.defaults[f[0]])
+    def limit(self, f: Field, window: str = "day") -> int:
+        return self.overrides.get((f, window), self.defaults.get((f[0], window), -1))
 
     def fields(self, user: str, project: str | None, model: str | None) -> list[Field]:
         out: list[Field] = [("user", user)]
         if project is not None:
             out.append(("project", project))
-        out.append(("global", None))
         if model is not None:
             out.append(("model", model))
+        out.append(("global", None))
         return out
 
-    def refusal(self, fields: list[Field], amount: int) -> tuple[Field, int, int] | None:
+    def headroom(self, f: Field) -> int:
+        """What still fits in *f*, in its tightest window."""
+        spent = self.spent.get(f, 0)
+        limits = [self.limit(f, w) for w in WINDOWS if self.limit(f, w) >= 0]
+        return min(max(limit - spent, 0) for limit in limits) if limits else 10**18
+
+    def refusal(self, fields: list[Field], amount: int) -> tuple[Field, str, int, int] | None:
+        """The narrowest refusing scope, and of its refusing windows the one ending last."""
         for f in fields:
-            limit = self.limit(f)
-            if limit < 0:
-                continue
             spent = self.spent.get(f, 0)
-            if not (spent < limit and spent + amount <= limit):
-                return f, spent, limit
+            refusing = [
+                (w, limit)
+                for w in WINDOWS
+                if (limit := self.limit(f, w)) >= 0
+                and not (spent < limit and spent + amount <= limit)
+            ]
+            if refusing:
+                window, limit = refusing[-1]  # the month ends no sooner than the day
+                return f, window, spent, limit
         return None
 
     def charge(self, fields: tuple[Field, ...] | list[Field], delta: int) -> None:
@@ -138,9 +153,11 @@ def handles_of(*handles: Handle | None) -> Any:
     return multiple(*(h for h in handles if h is not None))
 
 
-def check_refusal(e: BudgetExceededError, expected: tuple[Field, int, int], amount: int) -> None:
-    (scope, entity), spent, limit = expected
-    assert (e.scope, e.entity_id) == (scope, entity)
+def check_refusal(
+    e: BudgetExceededError, expected: tuple[Field, str, int, int], amount: int
+) -> None:
+    (scope, entity), window, spent, limit = expected
+    assert (e.scope, e.entity_id, e.window) == (scope, entity, window)
     assert (e.spent_nano, e.limit_nano, e.requested_nano) == (spent, limit, amount)
 
 
@@ -161,6 +178,7 @@ class BudgetMachine(RuleBasedStateMachine):
         user_limit=st.sampled_from([0.5, 1.0, Decimal("2.5"), 5]),
         project_limit=st.sampled_from([2.0, Decimal("4")]),
         global_limit=st.sampled_from([3.0, 6.0, Decimal("10.000000001")]),
+        monthly_user_limit=st.sampled_from([None, 0.75, 3.0]),
         n_projects=st.integers(0, 2),
     )
     def start(
@@ -168,6 +186,7 @@ class BudgetMachine(RuleBasedStateMachine):
         user_limit: float | Decimal,
         project_limit: float | Decimal,
         global_limit: float | Decimal,
+        monthly_user_limit: float | None,
         n_projects: int,
     ) -> None:
         # Each example starts from an empty store.
@@ -179,18 +198,21 @@ class BudgetMachine(RuleBasedStateMachine):
                 daily_user_limit_usd=float(user_limit),
                 daily_project_limit_usd=float(project_limit),
                 daily_global_limit_usd=float(global_limit),
+                monthly_user_limit_usd=monthly_user_limit,
+                windows="month",
                 socket_timeout=10.0,
                 connect_timeout=10.0,
             ),
             clock=lambda: FIXED_NOW,
         )
-        self.model = Ledger(
-            defaults={
-                "user": nano(float(user_limit)),
-                "project": nano(float(project_limit)),
-                "global": nano(float(global_limit)),
-            }
-        )
+        defaults = {
+            ("user", "day"): nano(float(user_limit)),
+            ("project", "day"): nano(float(project_limit)),
+            ("global", "day"): nano(float(global_limit)),
+        }
+        if monthly_user_limit is not None:
+            defaults[("user", "month")] = nano(monthly_user_limit)
+        self.model = Ledger(defaults=defaults)
         self.projects = PROJECTS[:n_projects]
 
     def teardown(self) -> None:
@@ -266,7 +288,7 @@ class BudgetMachine(RuleBasedStateMachine):
         """
         project = self.project(pidx)
         fields = self.ledger.fields(user, project, None)
-        rest = min(max(self.ledger.limit(f) - self.ledger.spent.get(f, 0), 0) for f in fields)
+        rest = min(self.ledger.headroom(f) for f in fields)
         handle = self.do_reserve(user, project, None, Decimal(rest) / NANO, "charge", None)
         if not then_zero:
             return handles_of(handle)
@@ -395,20 +417,21 @@ class BudgetMachine(RuleBasedStateMachine):
         scope=st.sampled_from(["user", "project", "global"]),
         index=st.integers(0, 2),
         limit=st.none() | limit_amounts,
+        window=st.sampled_from(WINDOWS),
     )
-    def set_limit(self, scope: str, index: int, limit: Any) -> None:
+    def set_limit(self, scope: str, index: int, limit: Any, window: str) -> None:
         if scope == "user":
             entity: str | None = USERS[index]
         elif scope == "project":
             entity = PROJECTS[index % len(PROJECTS)]
         else:
             entity = None
-        self.m.set_limit(scope, entity, limit)  # type: ignore[arg-type]
+        self.m.set_limit(scope, entity, limit, window=window)  # type: ignore[arg-type]
         f: Field = (scope, entity)
         if limit is None:
-            self.ledger.overrides.pop(f, None)
+            self.ledger.overrides.pop((f, window), None)
         else:
-            self.ledger.overrides[f] = nano(limit)
+            self.ledger.overrides[(f, window)] = nano(limit)
 
     @rule(user=st.sampled_from(USERS), pidx=st.integers(0, 2))
     def usage(self, user: str, pidx: int) -> None:
@@ -418,19 +441,24 @@ class BudgetMachine(RuleBasedStateMachine):
     # -- invariants -----------------------------------------------------------
 
     def check_usage(self, user: str, project: str | None) -> None:
-        got = self.m.usage(user, project)
-        fields = self.ledger.fields(user, project, None)
-        assert list(got) == [f[0] for f in fields]
-        for (scope, entity), u in zip(fields, got.values(), strict=True):
-            spent = self.ledger.spent.get((scope, entity), 0)
-            limit = self.ledger.limit((scope, entity))
-            assert isinstance(u, ScopeUsage)
-            assert (u.scope, u.entity_id) == (scope, entity)
-            assert (u.spent_nano, u.limit_nano) == (spent, limit), (scope, entity)
-            assert u.remaining_nano == max(limit - spent, 0)
-            assert u.spent_usd == spent / NANO
-            assert u.limit_usd == limit / NANO
-            assert u.remaining_usd == max(limit - spent, 0) / NANO
+        for window in WINDOWS:
+            got = self.m.usage(user, project, window=window)
+            fields = self.ledger.fields(user, project, None)
+            assert list(got) == [f[0] for f in fields]
+            for (scope, entity), u in zip(fields, got.values(), strict=True):
+                spent = self.ledger.spent.get((scope, entity), 0)
+                limit = self.ledger.limit((scope, entity), window)
+                assert isinstance(u, ScopeUsage)
+                assert (u.scope, u.entity_id, u.window) == (scope, entity, window)
+                assert u.spent_nano == spent, (scope, entity, window)
+                assert u.spent_usd == spent / NANO
+                if limit < 0:
+                    assert (u.limit_nano, u.remaining_nano) == (None, None)
+                    continue
+                assert u.limit_nano == limit, (scope, entity, window)
+                assert u.remaining_nano == max(limit - spent, 0)
+                assert u.limit_usd == limit / NANO
+                assert u.remaining_usd == max(limit - spent, 0) / NANO
 
     @invariant()
     def every_counter_agrees(self) -> None:
