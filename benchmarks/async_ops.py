@@ -880,18 +880,6 @@ def machine(url: str) -> dict[str, str]:
     return info
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace this script's section of *path* (or append it), leaving the rest as it is."""
-    current = path.read_text(encoding="utf-8")
-    start = current.find(TITLE + "\n")
-    if start < 0:
-        path.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
-        return
-    end = current.find("\n## ", start + len(TITLE))
-    rest = current[end + 1 :] if end >= 0 else ""
-    path.write_text(current[:start] + text + ("\n" + rest if rest else ""), encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=0.3, help="per run")
@@ -928,7 +916,9 @@ def main() -> None:
     text = section(res, info, extra)
     print(text)
     if args.write:
-        write_section(text)
+        from benchmarks.report import write_section
+
+        write_section(TITLE, text, RESULTS)
         print(f"wrote the section to {RESULTS}", file=sys.stderr)
 
 

@@ -464,6 +464,21 @@ OTHER_SCRIPTS = (
 )
 
 
+def write_section(title: str, text: str, path: Path = HERE / "RESULTS.md") -> None:
+    """
+    Replace the section *title* of *path* with *text* (appended when absent),
+    leaving every other section as it is: for the scripts in OTHER_SCRIPTS.
+    """
+    current = path.read_text(encoding="utf-8")
+    start = current.find(title + "\n")
+    if start < 0:
+        path.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+        return
+    end = current.find("\n## ", start + len(title))
+    rest = current[end + 1 :] if end >= 0 else ""
+    path.write_text(current[:start] + text + ("\n" + rest if rest else ""), encoding="utf-8")
+
+
 def kept_sections(old: str) -> str:
     """The sections of *old* that other scripts own, each up to the next ``## `` heading."""
     kept = []

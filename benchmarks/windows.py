@@ -143,18 +143,6 @@ def section(res: dict[tuple[str, str], list[Sample]], info: dict[str, str], n: i
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace this script's section of *path* (or append it), leaving the rest as it is."""
-    current = path.read_text(encoding="utf-8")
-    start = current.find(TITLE + "\n")
-    if start < 0:
-        path.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
-        return
-    end = current.find("\n## ", start + len(TITLE))
-    rest = current[end + 1 :] if end >= 0 else ""
-    path.write_text(current[:start] + text + ("\n" + rest if rest else ""), encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1500, help="per run")
@@ -163,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-    from benchmarks.report import machine
+    from benchmarks.report import machine, write_section
     from tests.redis_server import RedisServer
 
     server = RedisServer()
@@ -177,7 +165,7 @@ def main() -> None:
     text = section(res, info, args.calls)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(TITLE, text, RESULTS)
         print(f"wrote the section to {RESULTS}", file=sys.stderr)
 
 

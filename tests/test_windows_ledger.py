@@ -85,6 +85,18 @@ def charged(client: redis.Redis, prefix: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def every_window(url: str, zone: str) -> BudgetConfig:
+    """Every window kept in *zone*, under prefix "w", retained a year (the clock goes back)."""
+    return BudgetConfig(
+        redis_url=url,
+        spool_dir="off",
+        timezone=zone,
+        windows=ALL_WINDOWS,
+        key_prefix="w",
+        retention_seconds=366 * 86400,
+    )
+
+
 class TestChargesLandInTheirPeriods:
     """With the clock injected, a charge lands in exactly the periods holding its instant."""
 
@@ -99,14 +111,7 @@ class TestChargesLandInTheirPeriods:
     ) -> None:
         zone, at = moment
         redis_client.flushall()
-        config = BudgetConfig(
-            redis_url=redis_url,
-            spool_dir="off",
-            timezone=zone,
-            windows=ALL_WINDOWS,
-            key_prefix="w",
-            retention_seconds=366 * 86400,
-        )
+        config = every_window(redis_url, zone)
         with BudgetManager(config, clock=lambda: at / 1000) as budget:
             budget.record_spend("alice", amount / NANO, project_id="p")
         calendar = Calendar(zone)
@@ -133,14 +138,7 @@ class TestChargesLandInTheirPeriods:
         zone, at = moment
         redis_client.flushall()
         now = [at]
-        config = BudgetConfig(
-            redis_url=redis_url,
-            spool_dir="off",
-            timezone=zone,
-            windows=ALL_WINDOWS,
-            key_prefix="w",
-            retention_seconds=366 * 86400,
-        )
+        config = every_window(redis_url, zone)
         with BudgetManager(config, clock=lambda: now[0] / 1000) as budget:
             r = budget.reserve("alice", 3.0)
             now[0] = at + later
