@@ -390,7 +390,9 @@ def _skewed(url: str, start: Any, results: Any, skew: float) -> None:
     """A worker whose own clock is *skew* seconds off: it charges the store's periods."""
     real = time.time
     time.time = lambda: real() + skew  # type: ignore[assignment]
-    config = BudgetConfig(redis_url=url, spool_dir="off", key_prefix="skew", windows="hour")
+    config = BudgetConfig(
+        redis_url=url, spool_dir="off", key_prefix="skew", windows="hour,week,month"
+    )
     with BudgetManager(config) as budget:
         start.wait(60)
         for _ in range(20):
@@ -401,12 +403,16 @@ def _skewed(url: str, start: Any, results: Any, skew: float) -> None:
 
 
 class TestWorkersAgree:
-    """Workers whose clocks disagree (across an hour and a day boundary) charge one period."""
+    """
+    Workers whose clocks disagree across every boundary (an hour, a day, a week, a
+    month) charge the one period of each window that the store's clock is in.
+    """
 
     def test_by_the_store_clock(self, redis_url: str, redis_client: redis.Redis) -> None:
         redis_client.delete(*redis_client.keys("{skew}:*") or ["-"])
         ctx = multiprocessing.get_context("spawn")
-        skews = [-86_400.0 - 1_800, -2_400.0, 0.0, 2_400.0, 86_400.0 + 1_800]
+        day = 86_400.0
+        skews = [-32 * day, -8 * day, -day - 1_800, -2_400.0, 0.0, 2_400.0, day + 1_800, 32 * day]
         start = ctx.Barrier(len(skews))
         results = ctx.Queue()
         procs = [ctx.Process(target=_skewed, args=(redis_url, start, results, s)) for s in skews]
@@ -421,10 +427,13 @@ class TestWorkersAgree:
         calendar = Calendar()
         served = {
             f"{{skew}}:{w}:{calendar.period(w, int(s) * 1000).label}"
-            for w in ("hour", "day")
+            for w in WINDOWS
             for s, _ in (before, after)
         }
         charged_keys = set(charged(redis_client, "skew"))
         assert charged_keys <= served  # nothing in a period only a skewed clock believed
-        total = sum(v["g"] for k, v in charged(redis_client, "skew").items() if ":day:" in k)
-        assert total == len(skews) * 20 * 20_000_000
+        for window in WINDOWS:  # every window counted every charge
+            total = sum(
+                v["g"] for k, v in charged(redis_client, "skew").items() if f":{window}:" in k
+            )
+            assert total == len(skews) * 20 * 20_000_000, window
