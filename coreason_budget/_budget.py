@@ -70,6 +70,7 @@ class BudgetCore:
             idempotency_ttl_seconds=config.idempotency_ttl_seconds,
             calendar=config.calendar(),
             windows=config.kept_windows(),
+            record_buckets=config.record_buckets,
             clock=clock,
         )
         #: Default limits: scope kind -> one per kept window (UNLIMITED: none).

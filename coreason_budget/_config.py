@@ -208,6 +208,12 @@ class BudgetConfig:
     #: How long an operation id is remembered at least, so its retry is not charged
     #: twice. It is remembered as long as the day it charged is kept, too.
     idempotency_ttl_seconds: int = attrs.field(default=2 * 86400, validator=_count(1, 366 * 86400))
+    #: Hashes per UTC day that operation-id markers are spread over. Redis keeps a
+    #: hash of up to 128 fields compactly (``hash-max-listpack-entries``): about
+    #: your record_spend calls per day / 64 keeps them so (the default suits a
+    #: million a day; beyond 128 a bucket takes about 3x the memory, nothing
+    #: breaks). Changing it forgets the markers already made: set it once.
+    record_buckets: int = attrs.field(default=16384, validator=_count(1, 1 << 22))
     #: Where the server and CLI log, besides stderr; "off": stderr only. Importing the
     #: library never writes there.
     log_path: str = attrs.field(default="logs/app.log", validator=_text)

@@ -10,8 +10,10 @@ collide with another kind of key, whatever characters it holds.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib.resources import files
@@ -32,6 +34,7 @@ from .exceptions import (
 )
 
 UNLIMITED = -1
+DAY_MS = 86_400_000
 #: The last instant (ms) a hold or a spooled charge may name: 9999-12-31T23:59:59.999Z.
 MAX_AT = 253_402_300_799_999
 #: user, project, model and global.
@@ -115,6 +118,36 @@ class Held:
 
 
 @attrs.frozen
+class Marker:
+    """
+    Where an operation id's marker lives, and what it says: a field (9 bytes of
+    the id's digest, 72 bits: a clash among the ids of one bucket and day is
+    beyond any volume) of one of *count* small hashes per UTC day (the bucket:
+    4 more bytes of the digest), holding a 6-byte digest of what the id paid
+    for; both in base64, so that any client (and redis-cli) reads them as text.
+    Redis keeps a hash of up to 128 short fields in one compact block
+    (listpack): about 25 bytes a marker where a key per id cost about 240.
+    """
+
+    bucket: int
+    field: bytes
+    paid: bytes
+
+    @classmethod
+    def of(cls, operation_id: str, amount: int, scopes: Scopes, count: int) -> Marker:
+        digest = hashlib.blake2b(operation_id.encode(), digest_size=13).digest()
+        paid = hashlib.blake2b(b"%d " % amount + scopes.record, digest_size=6).digest()
+        return cls(
+            int.from_bytes(digest[:4], "big") % count,
+            base64.urlsafe_b64encode(digest[4:]),
+            base64.urlsafe_b64encode(paid),
+        )
+
+    def buckets(self, tag: str, first: int, last: int) -> list[bytes]:
+        return [f"{tag}:ops:{day}:{self.bucket}".encode() for day in range(first, last + 1)]
+
+
+@attrs.frozen
 class Frame:
     """The periods a call names: the kept windows' periods of one instant, as keys and words."""
 
@@ -148,6 +181,7 @@ class Ledger:
         idempotency_ttl_seconds: int,
         calendar: Calendar | None = None,
         windows: Sequence[str] = ("day",),
+        record_buckets: int = 16384,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._tag = "{" + prefix + "}"
@@ -158,6 +192,9 @@ class Ledger:
         # Constant arguments go over the wire as bytes: redis-py sends bytes as they are.
         self._limits_wire = tuple(self._limits_keys[w].encode() for w in self.windows)
         self._ttls = f"{retention_seconds * 1000} {idempotency_ttl_seconds * 1000}"
+        self._buckets = record_buckets
+        #: The UTC days a retried spend's marker may be on: as many as the TTL spans.
+        self._marker_days = idempotency_ttl_seconds * 1000 // DAY_MS + 1
         self._clock = clock
         self._skew_ms = 0
         self._frame: Frame | None = None
@@ -188,8 +225,13 @@ class Ledger:
     def reservation_key(self, reservation_id: str) -> str:
         return f"{self._tag}:res:{reservation_id}"
 
-    def operation_key(self, operation_id: str) -> str:
-        return f"{self._tag}:op:{operation_id}"
+    def marker_key(self, operation_id: str, day: int) -> str:
+        """The bucket a spend's marker of *day* (UTC) is kept in."""
+        return (
+            Marker.of(operation_id, 0, NO_SCOPES, self._buckets)
+            .buckets(self._tag, day, day)[0]
+            .decode()
+        )
 
     # -- operations ----------------------------------------------------------
 
@@ -260,8 +302,8 @@ class Ledger:
         "duplicate": this id already paid for exactly this; the same id for
         another payment raises IdempotencyConflictError, writing nothing.
         """
-        record = self.operation_key(operation_id).encode()
-        reply = yield from self._call("spend", amount, scopes, record)
+        marker = Marker.of(operation_id, amount, scopes, self._buckets)
+        reply = yield from self._call("spend", amount, scopes, None, marker=marker)
         if type(reply) is int:
             return "recorded"
         with _decoding(reply):
@@ -278,8 +320,8 @@ class Ledger:
         the store (only its reply was lost) is not charged again. Returns
         "recorded", "duplicate", or "expired" (its periods are past retention).
         """
-        record = self.operation_key(operation_id).encode()
-        reply = yield from self._call("replay", amount, scopes, record, at=at)
+        marker = Marker.of(operation_id, amount, scopes, self._buckets)
+        reply = yield from self._call("replay", amount, scopes, None, at=at, marker=marker)
         if type(reply) is int:
             return "recorded"
         with _decoding(reply):
@@ -397,14 +439,17 @@ class Ledger:
         at: int | None = None,
         guess: bool = False,
         windows: Sequence[str] | None = None,
+        marker: Marker | None = None,
     ) -> Steps[Any]:
         """
         One script call: its reply, an int (the instant booked) or a list.
 
-        *record*: the reservation or marker key (writes). *limits*: the
+        *record*: the reservation key (reserve, settle). *limits*: the
         operation reads limits (sent with the default limits and the limits
         keys). *at*: a settlement's or a replay's instant, whose periods are
         named; *guess*: settling by the record alone, naming now's periods.
+        *marker*: a spend's or replay's operation-id marker, whose buckets are
+        named for the days a retry of it may come (see :class:`Marker`).
         """
         # Twice is enough: the second attempt uses the time the server named.
         now: int | None = None
@@ -417,9 +462,19 @@ class Ledger:
                 moment = self.now() if now is None else now
                 frame = self.frame(moment, windows)
             keys = list(frame.keys)
+            if marker is None:
+                buckets = "0 - -"
+            else:
+                # Marked on its UTC day (a replay: the day it was made); a retry may find
+                # it from any day of the idempotency TTL (a replay: a day either side).
+                day = moment // DAY_MS
+                first = day - self._marker_days + 1
+                last = day + 1 if op == "replay" else day
+                keys += marker.buckets(self._tag, first, last)
+                buckets = f"{last - first + 1} {day - first + 1} {day}"
             header = (
-                f"{op} {stamp} {amount} {self._ttls} "
-                f"{'-' if at is None else at} {len(scopes.wire)} {len(frame.periods)} {frame.words}"
+                f"{op} {stamp} {amount} {self._ttls} {'-' if at is None else at} "
+                f"{len(scopes.wire)} {len(frame.periods)} {buckets} {frame.words}"
             )
             if limits:
                 keys += self._limits_wire
@@ -429,6 +484,8 @@ class Ledger:
             args: list[str | bytes] = [header, *scopes.wire]
             if record is not None:
                 args.append(scopes.record)
+            elif marker is not None:
+                args += (marker.paid, marker.field)
             reply: Any = yield Script(keys, args)
             # Success is an instant in the periods the call named, nothing else:
             # any other integer (a proxy's or an impostor's ":0") is no "yes".

@@ -9,8 +9,8 @@
 --                     "m:<model>", "g")
 --   KEYS[k+1 .. 2k]   for reserve, check and usage: each window's limits hash (per-entity
 --                     limit overrides, same field names, no TTL)
---   then              for writes, the record: a reservation (reserve, commit, release)
---                     or an operation-id marker (spend, replay)
+--   then              for reserve, commit and release, the reservation record; for
+--                     spend and replay, m operation-id marker buckets (see below)
 --
 -- ARGV[1]  space-separated words (one argument, not twenty, for the same reason):
 --            op         reserve | commit | release | spend | replay | check | usage | now
@@ -25,20 +25,26 @@
 --            at         ms: when a settled hold was taken or a replayed spend made;
 --                       "-" when not known (settling by the record alone) or not used
 --            n k        the number of scopes (at most 4) and of windows (at most 4)
+--            m s d      spend and replay: the number of marker buckets after the counters,
+--                       which of them the marker goes in, and that bucket's UTC day
+--                       (days since 1970-01-01); other ops: 0 - -
 --            then       k pairs "start end": the periods KEYS[1 .. k] count, which the
 --                       client chose for the instant it believed it was (or for `at`)
 --            then       for reserve, check and usage: n x k default limits, scope by
 --                       scope (-1: tracked, never limited)
 -- ARGV[2 .. n+1]  the scopes' fields, narrowest first (ids may hold any character)
--- ARGV[n+2]       for every write: the same scopes as a record keeps them,
+-- ARGV[n+2]       reserve, commit, release: the same scopes as a record keeps them,
 --                 "<n> <len 1> .. <len n>\n" then the fields back to back (lengths
---                 in bytes)
+--                 in bytes); spend, replay: a digest of the amount and scopes paid for
+-- ARGV[n+3]       spend, replay: a digest of the operation id (a field of its bucket)
 --
 -- A reservation is a string, "<state> <at> <held> " then its scopes as ARGV[n+2]
 -- gives them. One SET NX both creates it with its expiry and refuses a second.
 -- A tombstone (a settlement whose reservation the store had lost) holds "-".
--- An operation-id marker is "<amount> " then the scopes: what the id paid for,
--- so that the id reused for another payment is refused, not taken for a retry.
+-- An operation-id marker is a field of a small hash (a bucket of one UTC day,
+-- chosen by the id's digest): the id's digest -> a digest of what it paid for, so
+-- that the id reused for another payment is refused, not taken for a retry. About
+-- 25 bytes each, where a key per id cost about 240.
 --
 -- Replies: the instant (ms) the operation was booked at (an integer) when it
 -- did what was asked; otherwise a list whose first word says why (NO: refused,
@@ -65,7 +71,7 @@ end
 -- True when instant t lies in every period the header names.
 local function within(head, k, t)
     for j = 1, k do
-        if not (tonumber(head[7 + 2 * j]) <= t and t < tonumber(head[8 + 2 * j])) then
+        if not (tonumber(head[10 + 2 * j]) <= t and t < tonumber(head[11 + 2 * j])) then
             return false
         end
     end
@@ -75,8 +81,8 @@ end
 -- ms until the soonest-ending period expires: negative once it is past
 -- retention (a charge lands in all of its windows, or in none).
 local function expiry(head, k, retention, now)
-    local soonest = tonumber(head[10])
-    for j = 2, k do soonest = math.min(soonest, tonumber(head[8 + 2 * j])) end
+    local soonest = tonumber(head[13])
+    for j = 2, k do soonest = math.min(soonest, tonumber(head[11 + 2 * j])) end
     return soonest + tonumber(retention) - now
 end
 
@@ -85,7 +91,7 @@ end
 -- nil. Fits when spent + amount <= limit and spent < limit: an exhausted
 -- scope refuses even a zero estimate.
 local function refusal(head, n, k, amount, spent, overrides, now)
-    local base = 8 + 2 * k
+    local base = 11 + 2 * k
     for i = 1, n do
         local no
         for j = 1, k do
@@ -150,7 +156,7 @@ end
 local function arm(head, k, fresh, retention, now)
     for j = 1, k do
         if fresh[j] then
-            redis.call('PEXPIRE', KEYS[j], tonumber(head[8 + 2 * j]) + tonumber(retention) - now)
+            redis.call('PEXPIRE', KEYS[j], tonumber(head[11 + 2 * j]) + tonumber(retention) - now)
         end
     end
 end
@@ -159,8 +165,8 @@ local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
 local head = {}
 for word in string.gmatch(ARGV[1], '%S+') do head[#head + 1] = word end
 local op, stamp, amount_s, retention, op_ttl, at_s = head[1], head[2], head[3], head[4], head[5], head[6]
-local n, k = tonumber(head[7]), tonumber(head[8])
-if not (op and n and k and #head >= 8 + 2 * k) then
+local n, k, m = tonumber(head[7]), tonumber(head[8]), tonumber(head[9])
+if not (op and n and k and m and #head >= 11 + 2 * k) then
     return redis.error_reply('malformed ledger header')
 end
 local amount = tonumber(amount_s)
@@ -198,7 +204,7 @@ if op == 'check' then
     return refusal(head, n, k, amount, spent, overrides, now) or now
 
 elseif op == 'usage' then
-    local base = 8 + 2 * k
+    local base = 11 + 2 * k
     local reply = {'OK', string.format('%d', now)}
     for i = 1, n do
         for j = 1, k do
@@ -218,17 +224,30 @@ elseif op == 'spend' or op == 'replay' then
     -- Only a replay can name a period past retention: its counters are gone, so is the charge.
     local ttl = expiry(head, k, retention, now)
     if ttl <= 0 then return {'GONE', 'expired'} end
-    -- The marker outlives the charge it guards: a spool replayed days later
-    -- (a crashed job's, picked up on its next run) must still find it.
-    local paid = amount_s .. ' ' .. ARGV[n + 2]
-    if not redis.call('SET', record, paid, 'NX', 'PX', math.max(ttl, tonumber(op_ttl))) then
-        if redis.call('GET', record) ~= paid then return {'CONFLICT'} end
-        return {'DUP'}
+    -- Its marker: ARGV[n+3] (the id's digest) -> ARGV[n+2] (what it paid for, digested),
+    -- in the hash bucket of one UTC day, KEYS[k+1 .. k+m] the days a retry of it may find
+    -- it in (the idempotency TTL's). A spend is marked on the store's day, a replay on
+    -- the day it was made; the marker outlives the charge it guards: a spool replayed
+    -- days later (a crashed job's, picked up on its next run) must still find it.
+    local day, store = tonumber(head[11]), tonumber(head[10])
+    if op == 'spend' and math.floor(now / 86400000) ~= day then
+        return {'NOW', string.format('%d', now)}
+    end
+    local field, paid = ARGV[n + 3], ARGV[n + 2]
+    for i = 1, m do
+        local v = redis.call('HGET', KEYS[k + i], field)
+        if v then
+            if v ~= paid then return {'CONFLICT'} end
+            return {'DUP'}
+        end
     end
     local fresh, big, err = charge(k, ARGV, 2, n + 1, amount, amount_s)
-    if big then
-        redis.call('DEL', record)  -- the marker of a charge not made
-        return too_big(big, err)
+    if big then return too_big(big, err) end
+    local bucket = KEYS[k + store]
+    redis.call('HSET', bucket, field, paid)
+    if redis.call('HLEN', bucket) == 1 then  -- made by this call: its expiry
+        redis.call('PEXPIRE', bucket,
+            (day + 1) * 86400000 + math.max(tonumber(retention), tonumber(op_ttl)) - now)
     end
     arm(head, k, fresh, retention, now)
     return op == 'replay' and tonumber(at_s) or now

@@ -118,3 +118,13 @@ def day_key(budget: Any) -> str:
     """The key of the day period a call made now by *budget* (a manager) would charge."""
     ledger = budget._core.ledger
     return str(ledger.period_key(ledger.calendar.period("day", ledger.now())))
+
+
+def marked(client: redis.Redis, budget: Any, operation_id: str, at_ms: int) -> bool:
+    """Whether the store holds *operation_id*'s spend marker, made at *at_ms*."""
+    from coreason_budget._ledger import DAY_MS, NO_SCOPES, Marker
+
+    ledger = budget._core.ledger
+    marker = Marker.of(operation_id, 0, NO_SCOPES, ledger._buckets)
+    (bucket,) = marker.buckets(ledger._tag, at_ms // DAY_MS, at_ms // DAY_MS)
+    return bool(client.hexists(bucket, marker.field))

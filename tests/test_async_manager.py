@@ -43,7 +43,7 @@ from coreason_budget import (
 from coreason_budget._money import to_nano
 from coreason_budget._spool import Spool
 
-from .conftest import ManagerFactory
+from .conftest import ManagerFactory, marked
 from .redis_server import free_port
 from .tcp_proxy import TcpProxy
 from .test_fail_closed import Blackhole
@@ -594,7 +594,7 @@ class TestCancellation:
                 state, amount = job.expected()
                 total += amount
                 if job.kind == "spend":
-                    landed = redis_client.exists(f"{{coreason_budget}}:op:{job.key}") == 1
+                    landed = marked(redis_client, sync, job.key, int(FIXED_NOW * 1000))
                     assert landed == (state == "landed"), job
                 elif state is None:
                     with pytest.raises(UnknownReservationError):

@@ -172,7 +172,7 @@ class TestSlots:
     ) -> None:
         exercise(make_manager(key_prefix="acme"))
         keys = [k for ks in keys_by_port(cluster).values() for k in ks]
-        assert {k.split(":")[1] for k in keys} == {"day", "limits", "res", "op"}
+        assert {k.split(":")[1] for k in keys} == {"day", "limits", "res", "ops"}
         assert {cluster.keyslot(k) for k in keys} == {cluster.keyslot("{acme}")}
 
     def test_prefixes_spread_over_the_masters(

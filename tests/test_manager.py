@@ -259,7 +259,7 @@ class TestUsageAndLimits:
         budget.record_spend("alice", 1.0)
         ttls = {k.split(":")[1]: redis_client.pttl(k) for k in redis_client.keys("*")}
         assert ttls.pop("limits") == -1
-        assert set(ttls) == {"day", "res", "op"}
+        assert set(ttls) == {"day", "res", "ops"}
         assert all(ttl > 0 for ttl in ttls.values())
 
 

@@ -325,6 +325,9 @@ class TestOneRoundTrip:
             "cmdstat_get",
             "cmdstat_time",
             "cmdstat_pexpire",
+            "cmdstat_hget",
+            "cmdstat_hset",
+            "cmdstat_hlen",
             "cmdstat_info",
         }
 
