@@ -299,6 +299,10 @@ class BudgetCore:
             # Lost by the store (or it cannot be asked now): the hold as the caller knows it.
             return self._handle(make, rid, user_id, project_id, model, held_at, known=True)
         held, fields = found
+        if not fields and held.state != "held":
+            # Settled and folded away: it holds nothing, and its scopes are gone with its
+            # amounts; settling this handle answers "duplicate".
+            return make(rid, held, user_id="", project_id=None, model=None, on_error="charge")
         try:
             ids = dict(describe(f) for f in fields)
         except ValueError:

@@ -134,8 +134,9 @@ class Marker:
     paid: bytes
 
     @classmethod
-    def of(cls, operation_id: str, amount: int, scopes: Scopes, count: int) -> Marker:
-        digest = hashlib.blake2b(operation_id.encode(), digest_size=13).digest()
+    def of(cls, kind: bytes, record_id: str, amount: int, scopes: Scopes, count: int) -> Marker:
+        """*kind*: b"s" (a spend's operation id) or b"r" (a reservation id): two id spaces."""
+        digest = hashlib.blake2b(kind + b":" + record_id.encode(), digest_size=13).digest()
         paid = hashlib.blake2b(b"%d " % amount + scopes.record, digest_size=6).digest()
         return cls(
             int.from_bytes(digest[:4], "big") % count,
@@ -143,8 +144,9 @@ class Marker:
             base64.urlsafe_b64encode(paid),
         )
 
-    def buckets(self, tag: str, first: int, last: int) -> list[bytes]:
-        return [f"{tag}:ops:{day}:{self.bucket}".encode() for day in range(first, last + 1)]
+    def buckets(self, tag: str, first: int, count: int) -> list[bytes]:
+        """The bucket keys of *count* UTC days from day *first*."""
+        return [f"{tag}:ops:{day}:{self.bucket}".encode() for day in range(first, first + count)]
 
 
 @attrs.frozen
@@ -225,14 +227,6 @@ class Ledger:
     def reservation_key(self, reservation_id: str) -> str:
         return f"{self._tag}:res:{reservation_id}"
 
-    def marker_key(self, operation_id: str, day: int) -> str:
-        """The bucket a spend's marker of *day* (UTC) is kept in."""
-        return (
-            Marker.of(operation_id, 0, NO_SCOPES, self._buckets)
-            .buckets(self._tag, day, day)[0]
-            .decode()
-        )
-
     # -- operations ----------------------------------------------------------
 
     def reserve(self, scopes: Scopes, amount: int, reservation_id: str) -> Steps[Held]:
@@ -244,7 +238,8 @@ class Ledger:
         id with other scopes or another amount raises IdempotencyConflictError.
         """
         record = self.reservation_key(reservation_id).encode()
-        reply = yield from self._call("reserve", amount, scopes, record, limits=True)
+        marker = Marker.of(b"r", reservation_id, amount, scopes, self._buckets)
+        reply = yield from self._call("reserve", amount, scopes, record, limits=True, marker=marker)
         if type(reply) is int:
             return Held(state="held", at=reply, held_nano=amount)
         with _decoding(reply):
@@ -278,9 +273,12 @@ class Ledger:
         """
         op = _SETTLE_OPS[state]
         record = self.reservation_key(reservation_id).encode()
+        marker = Marker.of(b"r", reservation_id, 0, scopes, self._buckets)
         guessed = at is None
         for _ in range(2):
-            reply = yield from self._call(op, actual, scopes, record, at=at, guess=guessed)
+            reply = yield from self._call(
+                op, actual, scopes, record, at=at, guess=guessed, marker=marker
+            )
             if type(reply) is int:
                 return ("OK", state)
             with _decoding(reply):
@@ -302,7 +300,7 @@ class Ledger:
         "duplicate": this id already paid for exactly this; the same id for
         another payment raises IdempotencyConflictError, writing nothing.
         """
-        marker = Marker.of(operation_id, amount, scopes, self._buckets)
+        marker = Marker.of(b"s", operation_id, amount, scopes, self._buckets)
         reply = yield from self._call("spend", amount, scopes, None, marker=marker)
         if type(reply) is int:
             return "recorded"
@@ -320,7 +318,7 @@ class Ledger:
         the store (only its reply was lost) is not charged again. Returns
         "recorded", "duplicate", or "expired" (its periods are past retention).
         """
-        marker = Marker.of(operation_id, amount, scopes, self._buckets)
+        marker = Marker.of(b"s", operation_id, amount, scopes, self._buckets)
         reply = yield from self._call("replay", amount, scopes, None, at=at, marker=marker)
         if type(reply) is int:
             return "recorded"
@@ -397,15 +395,29 @@ class Ledger:
             return {f: int(v) for f, v in zip(fields, values, strict=True) if v is not None}
 
     def lookup(self, reservation_id: str) -> Steps[tuple[Held, list[str]] | None]:
-        """A reservation's state and the counter fields it holds in, or None if unknown."""
+        """
+        A reservation's state and the counter fields it holds in, or None if
+        unknown. One settled yesterday or today (and folded into its day's
+        bucket) says only how it was settled: no fields, held 0, at its day.
+        """
         record = yield Command("get", (self.reservation_key(reservation_id),))
         self.on_reached()
         if record is None:
+            marker = Marker.of(b"r", reservation_id, 0, NO_SCOPES, self._buckets)
+            today = self.now() // DAY_MS
+            for day, key in zip(
+                (today, today - 1), reversed(marker.buckets(self._tag, today - 1, 2)), strict=True
+            ):
+                value = yield Command("hget", (key, marker.field))
+                if value is not None:
+                    with _decoding(value):
+                        state = {"c": "committed", "r": "released"}[value[0]]
+                    return Held(state=state, at=day * DAY_MS, held_nano=0), []
             return None
         with _decoding(record):
-            # "<state> <at> <held> " + Scopes.record: "<n> <byte lengths>\n<fields>".
+            # "<state> <at> <held> <digest> " + Scopes.record: "<n> <byte lengths>\n<fields>".
             head, _, body = record.partition("\n")
-            state, at, held, _, *lengths = head.split(" ")
+            state, at, held, _, _, *lengths = head.split(" ")
             data, fields, start = body.encode(), [], 0
             for length in map(int, lengths):
                 fields.append(data[start : start + length].decode())
@@ -463,15 +475,10 @@ class Ledger:
                 frame = self.frame(moment, windows)
             keys = list(frame.keys)
             if marker is None:
-                buckets = "0 - -"
+                buckets = "0 -"
             else:
-                # Marked on its UTC day (a replay: the day it was made); a retry may find
-                # it from any day of the idempotency TTL (a replay: a day either side).
-                day = moment // DAY_MS
-                first = day - self._marker_days + 1
-                last = day + 1 if op == "replay" else day
-                keys += marker.buckets(self._tag, first, last)
-                buckets = f"{last - first + 1} {day - first + 1} {day}"
+                first, count = self._bucket_days(op, moment // DAY_MS, guess)
+                buckets = f"{count} {first}"
             header = (
                 f"{op} {stamp} {amount} {self._ttls} {'-' if at is None else at} "
                 f"{len(scopes.wire)} {len(frame.periods)} {buckets} {frame.words}"
@@ -482,10 +489,16 @@ class Ledger:
             if record is not None:
                 keys.append(record)
             args: list[str | bytes] = [header, *scopes.wire]
-            if record is not None:
+            if marker is not None:
+                keys += marker.buckets(self._tag, first, count)
+                if record is None:  # a spend's marker: what it paid for
+                    args += (marker.paid, marker.field)
+                else:  # a reservation: its scopes, its id, and (reserve) its hold's digest
+                    args += (scopes.record, marker.field)
+                    if op == "reserve":
+                        args.append(marker.paid)
+            elif record is not None:
                 args.append(scopes.record)
-            elif marker is not None:
-                args += (marker.paid, marker.field)
             reply: Any = yield Script(keys, args)
             # Success is an instant in the periods the call named, nothing else:
             # any other integer (a proxy's or an impostor's ":0") is no "yes".
@@ -508,6 +521,22 @@ class Ledger:
             if at is not None:  # a replay dated in the future by a fast clock: now then
                 at = min(at, now)
         raise BudgetUnavailableError("could not agree with the budget store on the time")
+
+    def _bucket_days(self, op: str, day: int, guess: bool) -> tuple[int, int]:
+        """
+        The first UTC day and the number of days of the record buckets *op*
+        names, *day* being the day of the moment it names: a spend's marker may
+        be on any day of the idempotency TTL (a replay's, a day either side of
+        when it was made: the store's clock booked it); a reservation settled
+        and folded away is looked for yesterday and today, or on its own day.
+        """
+        if op == "spend":
+            return day - self._marker_days + 1, self._marker_days
+        if op == "replay":
+            return day - self._marker_days + 1, self._marker_days + 1
+        if op == "reserve" or guess:
+            return day - 1, 2
+        return day, 1
 
     def _refuse(self, reply: list[Any], scopes: Scopes, amount: int) -> NoReturn:
         name, entity = describe(scopes.fields[int(reply[1]) - 1])

@@ -25,9 +25,9 @@
 --            at         ms: when a settled hold was taken or a replayed spend made;
 --                       "-" when not known (settling by the record alone) or not used
 --            n k        the number of scopes (at most 4) and of windows (at most 4)
---            m s d      spend and replay: the number of marker buckets after the counters,
---                       which of them the marker goes in, and that bucket's UTC day
---                       (days since 1970-01-01); other ops: 0 - -
+--            m f        writes: the number of record buckets (after the other keys) and
+--                       the UTC day of the first (days since 1970-01-01), one day each;
+--                       other ops: 0 -
 --            then       k pairs "start end": the periods KEYS[1 .. k] count, which the
 --                       client chose for the instant it believed it was (or for `at`)
 --            then       for reserve, check and usage: n x k default limits, scope by
@@ -38,14 +38,20 @@
 --                 in bytes); spend, replay: a digest of the amount and scopes paid for
 -- ARGV[n+3]       spend, replay: a digest of the operation id (a field of its bucket)
 --
--- A reservation is a string, "<state> <at> <held> " then its scopes as ARGV[n+2]
--- gives them. One SET NX both creates it with its expiry and refuses a second.
--- A tombstone (a settlement whose reservation the store had lost) holds "-".
--- An operation-id marker is a field of a small hash (a bucket of one UTC day,
--- chosen by the id's digest): the id's digest -> a digest of what it paid for, so
--- that the id reused for another payment is refused, not taken for a retry. About
--- 25 bytes each, where a key per id cost about 240.
---
+-- An open reservation is a string, "<state> <at> <held> <digest> " then its
+-- scopes as ARGV[n+2] gives them (<digest>: of its estimate and scopes). One SET
+-- NX both creates it with its expiry and refuses a second. Settled, it needs no
+-- scopes or amounts: the record is deleted and its id's digest becomes a field of
+-- a small hash, the bucket of its UTC day, holding "c" or "r" and that digest.
+-- A tombstone (a settlement whose reservation the store had lost) is a record
+-- holding "-" for the amount and the digest.
+-- An operation-id marker is a field of a bucket too (of the day it was made):
+-- the id's digest -> a digest of what it paid for, so that the id reused for
+-- another payment is refused, not taken for a retry. A bucket is one of
+-- `record_buckets` hashes per day, chosen by the id's digest: Redis keeps a hash
+-- of up to 128 short fields in one compact block, about 25 bytes a record where
+-- a key per record took about 250.
+
 -- Replies: the instant (ms) the operation was booked at (an integer) when it
 -- did what was asked; otherwise a list whose first word says why (NO: refused,
 -- naming the scope, the window, spent, limit and now; DUP, DONE, GONE, NOW: the
@@ -71,7 +77,7 @@ end
 -- True when instant t lies in every period the header names.
 local function within(head, k, t)
     for j = 1, k do
-        if not (tonumber(head[10 + 2 * j]) <= t and t < tonumber(head[11 + 2 * j])) then
+        if not (tonumber(head[9 + 2 * j]) <= t and t < tonumber(head[10 + 2 * j])) then
             return false
         end
     end
@@ -81,8 +87,8 @@ end
 -- ms until the soonest-ending period expires: negative once it is past
 -- retention (a charge lands in all of its windows, or in none).
 local function expiry(head, k, retention, now)
-    local soonest = tonumber(head[13])
-    for j = 2, k do soonest = math.min(soonest, tonumber(head[11 + 2 * j])) end
+    local soonest = tonumber(head[12])
+    for j = 2, k do soonest = math.min(soonest, tonumber(head[10 + 2 * j])) end
     return soonest + tonumber(retention) - now
 end
 
@@ -91,7 +97,7 @@ end
 -- nil. Fits when spent + amount <= limit and spent < limit: an exhausted
 -- scope refuses even a zero estimate.
 local function refusal(head, n, k, amount, spent, overrides, now)
-    local base = 11 + 2 * k
+    local base = 10 + 2 * k
     for i = 1, n do
         local no
         for j = 1, k do
@@ -156,9 +162,24 @@ end
 local function arm(head, k, fresh, retention, now)
     for j = 1, k do
         if fresh[j] then
-            redis.call('PEXPIRE', KEYS[j], tonumber(head[11 + 2 * j]) + tonumber(retention) - now)
+            redis.call('PEXPIRE', KEYS[j], tonumber(head[10 + 2 * j]) + tonumber(retention) - now)
         end
     end
+end
+
+-- Write a settled record into the bucket of UTC day `day` (made with its expiry
+-- by its first write: it outlives the day by the retention and the idempotency TTL).
+local function put(bucket, field, value, day, retention, op_ttl, now)
+    redis.call('HSET', bucket, field, value)
+    if redis.call('HLEN', bucket) == 1 then
+        redis.call('PEXPIRE', bucket,
+            (day + 1) * 86400000 + math.max(tonumber(retention), tonumber(op_ttl)) - now)
+    end
+end
+
+-- A settled reservation's entry ("c" or "r", then the digest of its hold) as a state.
+local function settled(v)
+    return string.sub(v, 1, 1) == 'c' and 'committed' or 'released'
 end
 
 local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
@@ -166,7 +187,7 @@ local head = {}
 for word in string.gmatch(ARGV[1], '%S+') do head[#head + 1] = word end
 local op, stamp, amount_s, retention, op_ttl, at_s = head[1], head[2], head[3], head[4], head[5], head[6]
 local n, k, m = tonumber(head[7]), tonumber(head[8]), tonumber(head[9])
-if not (op and n and k and m and #head >= 11 + 2 * k) then
+if not (op and n and k and m and #head >= 10 + 2 * k) then
     return redis.error_reply('malformed ledger header')
 end
 local amount = tonumber(amount_s)
@@ -204,7 +225,7 @@ if op == 'check' then
     return refusal(head, n, k, amount, spent, overrides, now) or now
 
 elseif op == 'usage' then
-    local base = 11 + 2 * k
+    local base = 10 + 2 * k
     local reply = {'OK', string.format('%d', now)}
     for i = 1, n do
         for j = 1, k do
@@ -224,13 +245,15 @@ elseif op == 'spend' or op == 'replay' then
     -- Only a replay can name a period past retention: its counters are gone, so is the charge.
     local ttl = expiry(head, k, retention, now)
     if ttl <= 0 then return {'GONE', 'expired'} end
-    -- Its marker: ARGV[n+3] (the id's digest) -> ARGV[n+2] (what it paid for, digested),
-    -- in the hash bucket of one UTC day, KEYS[k+1 .. k+m] the days a retry of it may find
-    -- it in (the idempotency TTL's). A spend is marked on the store's day, a replay on
-    -- the day it was made; the marker outlives the charge it guards: a spool replayed
-    -- days later (a crashed job's, picked up on its next run) must still find it.
-    local day, store = tonumber(head[11]), tonumber(head[10])
-    if op == 'spend' and math.floor(now / 86400000) ~= day then
+    -- Its marker: ARGV[n+3] (the id's digest) -> ARGV[n+2] (what it paid for,
+    -- digested), in the bucket of one UTC day; KEYS[k+1 .. k+m] are the days a
+    -- retry of it may find it in (the idempotency TTL's). A spend is marked on
+    -- the store's day (the last bucket), a replay on the day it was made; the
+    -- marker outlives the charge it guards: a spool replayed days later (a
+    -- crashed job's, picked up on its next run) must still find it.
+    local first = tonumber(head[10])
+    local day = math.floor((op == 'replay' and tonumber(at_s) or now) / 86400000)
+    if day < first or day > first + m - 1 or (op == 'spend' and day ~= first + m - 1) then
         return {'NOW', string.format('%d', now)}
     end
     local field, paid = ARGV[n + 3], ARGV[n + 2]
@@ -243,16 +266,25 @@ elseif op == 'spend' or op == 'replay' then
     end
     local fresh, big, err = charge(k, ARGV, 2, n + 1, amount, amount_s)
     if big then return too_big(big, err) end
-    local bucket = KEYS[k + store]
-    redis.call('HSET', bucket, field, paid)
-    if redis.call('HLEN', bucket) == 1 then  -- made by this call: its expiry
-        redis.call('PEXPIRE', bucket,
-            (day + 1) * 86400000 + math.max(tonumber(retention), tonumber(op_ttl)) - now)
-    end
+    put(KEYS[k + day - first + 1], field, paid, day, retention, op_ttl, now)
     arm(head, k, fresh, retention, now)
     return op == 'replay' and tonumber(at_s) or now
 
 elseif op == 'reserve' then
+    -- An open hold is a record of its own (ARGV[n+3]: its id's digest, ARGV[n+4]:
+    -- a digest of its estimate and scopes); a settled one is folded into the
+    -- bucket of its UTC day, KEYS[2k+2 ..]: yesterday's and today's are read here.
+    local first, field, paid = tonumber(head[10]), ARGV[n + 3], ARGV[n + 4]
+    if math.floor(now / 86400000) ~= first + m - 1 then
+        return {'NOW', string.format('%d', now)}
+    end
+    for i = 1, m do
+        local v = redis.call('HGET', KEYS[2 * k + 1 + i], field)
+        if v then  -- settled: this id holds nothing now
+            if string.sub(v, 2) ~= paid then return {'CONFLICT'} end
+            return {'DUP', settled(v), string.format('%d', (first + i - 1) * 86400000), '-'}
+        end
+    end
     -- Refused, or already made (a retry whose first reply was lost): the hold
     -- it took is the answer, even if no second one would fit now.
     local no = refusal(head, n, k, amount, spent, overrides, now)
@@ -260,7 +292,8 @@ elseif op == 'reserve' then
     if no and not prior then return no end
     if not prior then
         local ttl = expiry(head, k, retention, now)
-        local value = 'held ' .. string.format('%d', now) .. ' ' .. amount_s .. ' ' .. ARGV[n + 2]
+        local value = 'held ' .. string.format('%d', now) .. ' ' .. amount_s .. ' ' .. paid ..
+            ' ' .. ARGV[n + 2]
         if redis.call('SET', record, value, 'NX', 'PX', ttl) then
             local fresh, big, err = charge(k, ARGV, 2, n + 1, amount, amount_s)
             if big then
@@ -273,7 +306,7 @@ elseif op == 'reserve' then
         prior = redis.call('GET', record)
     end
     -- The same id for another hold (other scopes, another estimate) is no retry.
-    local state, held_at, held, scopes = string.match(prior, '^(%a+) (%d+) (%S+) ()')
+    local state, held_at, held, scopes = string.match(prior, '^(%a+) (%d+) (%S+) %S+ ()')
     if string.sub(prior, scopes) ~= ARGV[n + 2] or (held ~= '-' and held ~= amount_s) then
         return {'CONFLICT'}
     end
@@ -281,7 +314,15 @@ elseif op == 'reserve' then
 
 elseif op == 'commit' or op == 'release' then
     local state = op == 'commit' and 'committed' or 'released'
+    local first, field = tonumber(head[10]), ARGV[n + 3]
     local rec = redis.call('GET', record)
+    if not rec then
+        -- Settled before, and folded into the bucket of its day?
+        for i = 1, m do
+            local v = redis.call('HGET', KEYS[k + 1 + i], field)
+            if v then return {'DONE', settled(v)} end
+        end
+    end
     if not rec and n == 0 then
         return {'NONE'}  -- settled by id alone (no scopes to record it in): unknown
     end
@@ -303,16 +344,19 @@ elseif op == 'commit' or op == 'release' then
             arm(head, k, fresh, retention, now)
         end
         -- The tombstone keeps the scopes, so the id still names whose it was.
-        redis.call('SET', record, state .. ' ' .. at_s .. ' - ' .. ARGV[n + 2], 'PX', ttl)
+        redis.call('SET', record, state .. ' ' .. at_s .. ' - - ' .. ARGV[n + 2], 'PX', ttl)
         return {'GONE', 'recorded'}
     end
-    local was, held_at, held, scopes = string.match(rec, '^(%a+) (%d+) (%S+) ()')
+    local was, held_at, held, paid, scopes = string.match(rec, '^(%a+) (%d+) (%S+) (%S+) ()')
     if was ~= 'held' then
         return {'DONE', was}
     end
-    -- Its counters are the periods it was taken in: named exactly, or (by the
-    -- record alone) among the periods the client guessed; else nothing to do here.
-    if (at_s ~= '-' and held_at ~= at_s) or (at_s == '-' and not within(head, k, tonumber(held_at))) then
+    -- Its counters are the periods it was taken in, and its bucket that day's:
+    -- named exactly, or (by the record alone) among those the client guessed;
+    -- else nothing to do here.
+    local day = math.floor(tonumber(held_at) / 86400000)
+    if (at_s ~= '-' and held_at ~= at_s) or (at_s == '-' and not within(head, k, tonumber(held_at)))
+        or day < first or day > first + m - 1 then
         return {'WHEN', held_at}
     end
     local delta = amount - tonumber(held)
@@ -332,10 +376,15 @@ elseif op == 'commit' or op == 'release' then
         fresh, big, err = charge(k, fields, 1, #fields, delta)
     end
     if big then return too_big(big, err) end
+    now = clock(stamp)
     if next(fresh) then  -- a refund never creates a field; a charge above the hold may
-        arm(head, k, fresh, retention, clock(stamp))
+        arm(head, k, fresh, retention, now)
     end
-    redis.call('SET', record, state .. string.sub(rec, #was + 1), 'KEEPTTL')
+    -- Settled, it needs no scopes or amounts: a field of its day's bucket (about 25
+    -- bytes, where the record took about 250) says how, and what it held.
+    redis.call('DEL', record)
+    put(KEYS[k + 1 + day - first + 1], field, string.sub(state, 1, 1) .. paid, day, retention,
+        op_ttl, now)
     return tonumber(held_at)
 end
 

@@ -125,6 +125,6 @@ def marked(client: redis.Redis, budget: Any, operation_id: str, at_ms: int) -> b
     from coreason_budget._ledger import DAY_MS, NO_SCOPES, Marker
 
     ledger = budget._core.ledger
-    marker = Marker.of(operation_id, 0, NO_SCOPES, ledger._buckets)
-    (bucket,) = marker.buckets(ledger._tag, at_ms // DAY_MS, at_ms // DAY_MS)
+    marker = Marker.of(b"s", operation_id, 0, NO_SCOPES, ledger._buckets)
+    (bucket,) = marker.buckets(ledger._tag, at_ms // DAY_MS, 1)
     return bool(client.hexists(bucket, marker.field))

@@ -191,9 +191,19 @@ def hammer(server: Gunicorn) -> list[tuple[dict[str, Any], Response]]:
 
 
 def res_states(client: redis.Redis) -> Counter[str]:
-    """How many reservation records are in each state (a record's first word)."""
+    """
+    How many reservations are in each state: open records (a record's first word),
+    and settled ones folded into their day's buckets ("c" or "r" and a 8-character
+    digest; a spend's marker is the digest alone).
+    """
     keys = list(client.scan_iter(match=f"{{{PREFIX}}}:res:*", count=1000))
-    return Counter(str(client.get(key)).split(" ", 1)[0] for key in keys)
+    states = Counter(str(client.get(key)).split(" ", 1)[0] for key in keys)
+    for bucket in client.scan_iter(match=f"{{{PREFIX}}}:ops:*", count=1000):
+        for value in client.hvals(bucket):
+            text = value if isinstance(value, str) else value.decode()
+            if len(text) == 9:
+                states["committed" if text[0] == "c" else "released"] += 1
+    return states
 
 
 class TestGunicornDeployment:

@@ -151,10 +151,10 @@ class FakeStore:
                 if name == "HELLO":
                     handshaken = reply == HELLO
                 elif name == "EVALSHA":
-                    if reply is not TRICKLE:  # ARGV[1], after the keys: 11 words, then periods
+                    if reply is not TRICKLE:  # ARGV[1], after the keys: 10 words, then periods
                         words = command[3 + int(command[2])].split()
                         # A settlement's or replay's own instant, else its first period's start.
-                        when = words[5] if words[5] != b"-" else words[11]
+                        when = words[5] if words[5] != b"-" else words[10]
                         reply = reply.replace(b"WHEN", when)
                     with self._lock:
                         self.script_calls += 1

@@ -328,6 +328,7 @@ class TestOneRoundTrip:
             "cmdstat_hget",
             "cmdstat_hset",
             "cmdstat_hlen",
+            "cmdstat_del",
             "cmdstat_info",
         }
 
