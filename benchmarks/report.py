@@ -455,12 +455,13 @@ def main() -> None:
 
 
 #: Sections other scripts write (``benchmarks.async_ops --write``, ``benchmarks.service``,
-#: ``benchmarks.windows --write``):
+#: ``benchmarks.windows --write``, ``benchmarks.memory --write``):
 #: a rewrite keeps them as they are.
 OTHER_SCRIPTS = (
     "## Async manager vs the async floor",
     "## Service: before and after async routes",
     "## Budget windows",
+    "## Memory per operation",
 )
 
 

@@ -528,13 +528,14 @@ class Ledger:
         names, *day* being the day of the moment it names: a spend's marker may
         be on any day of the idempotency TTL (a replay's, a day either side of
         when it was made: the store's clock booked it); a reservation settled
-        and folded away is looked for yesterday and today, or on its own day.
+        and folded away is looked for today (a reserve), yesterday and today (a
+        settlement by id alone), or on its own day.
         """
         if op == "spend":
             return day - self._marker_days + 1, self._marker_days
         if op == "replay":
             return day - self._marker_days + 1, self._marker_days + 1
-        if op == "reserve" or guess:
+        if guess:
             return day - 1, 2
         return day, 1
 

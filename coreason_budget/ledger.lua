@@ -169,9 +169,10 @@ end
 
 -- Write a settled record into the bucket of UTC day `day` (made with its expiry
 -- by its first write: it outlives the day by the retention and the idempotency TTL).
-local function put(bucket, field, value, day, retention, op_ttl, now)
+local function put(bucket, field, value, day, retention, op_ttl, now, stamp)
     redis.call('HSET', bucket, field, value)
     if redis.call('HLEN', bucket) == 1 then
+        now = now or clock(stamp)  -- (a settlement reads the time only when it needs it)
         redis.call('PEXPIRE', bucket,
             (day + 1) * 86400000 + math.max(tonumber(retention), tonumber(op_ttl)) - now)
     end
@@ -273,7 +274,8 @@ elseif op == 'spend' or op == 'replay' then
 elseif op == 'reserve' then
     -- An open hold is a record of its own (ARGV[n+3]: its id's digest, ARGV[n+4]:
     -- a digest of its estimate and scopes); a settled one is folded into the
-    -- bucket of its UTC day, KEYS[2k+2 ..]: yesterday's and today's are read here.
+    -- bucket of its UTC day, KEYS[2k+2]: today's is read here (an id settled today
+    -- holds nothing if reserved again; a retry finds its open record).
     local first, field, paid = tonumber(head[10]), ARGV[n + 3], ARGV[n + 4]
     if math.floor(now / 86400000) ~= first + m - 1 then
         return {'NOW', string.format('%d', now)}
@@ -376,15 +378,15 @@ elseif op == 'commit' or op == 'release' then
         fresh, big, err = charge(k, fields, 1, #fields, delta)
     end
     if big then return too_big(big, err) end
-    now = clock(stamp)
     if next(fresh) then  -- a refund never creates a field; a charge above the hold may
+        now = clock(stamp)
         arm(head, k, fresh, retention, now)
     end
     -- Settled, it needs no scopes or amounts: a field of its day's bucket (about 25
     -- bytes, where the record took about 250) says how, and what it held.
     redis.call('DEL', record)
     put(KEYS[k + 1 + day - first + 1], field, string.sub(state, 1, 1) .. paid, day, retention,
-        op_ttl, now)
+        op_ttl, now, stamp)
     return tonumber(held_at)
 end
 
