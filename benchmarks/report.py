@@ -455,13 +455,14 @@ def main() -> None:
 
 
 #: Sections other scripts write (``benchmarks.async_ops --write``, ``benchmarks.service``,
-#: ``benchmarks.windows --write``, ``benchmarks.memory --write``):
+#: ``benchmarks.windows``, ``benchmarks.memory``, ``benchmarks.user_floor``, each ``--write``):
 #: a rewrite keeps them as they are.
 OTHER_SCRIPTS = (
     "## Async manager vs the async floor",
     "## Service: before and after async routes",
     "## Budget windows",
     "## Memory per operation",
+    "## Reserve + commit as a user measures it",
 )
 
 

@@ -10,7 +10,7 @@ collide with another kind of key, whatever characters it holds.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import contextlib
 import datetime
 import hashlib
@@ -117,6 +117,10 @@ class Held:
     known: bool = True
 
 
+_blake2b = hashlib.blake2b
+_b64 = binascii.b2a_base64
+
+
 @attrs.frozen
 class Marker:
     """
@@ -134,15 +138,22 @@ class Marker:
     paid: bytes
 
     @classmethod
-    def of(cls, kind: bytes, record_id: str, amount: int, scopes: Scopes, count: int) -> Marker:
-        """*kind*: b"s" (a spend's operation id) or b"r" (a reservation id): two id spaces."""
-        digest = hashlib.blake2b(kind + b":" + record_id.encode(), digest_size=13).digest()
-        paid = hashlib.blake2b(b"%d " % amount + scopes.record, digest_size=6).digest()
-        return cls(
-            int.from_bytes(digest[:4], "big") % count,
-            base64.urlsafe_b64encode(digest[4:]),
-            base64.urlsafe_b64encode(paid),
-        )
+    def of(
+        cls, kind: bytes, record_id: str, count: int, paid: tuple[int, Scopes] | None = None
+    ) -> Marker:
+        """
+        *kind*: b"s" (a spend's operation id) or b"r" (a reservation id): two id
+        spaces. *paid*: the (amount, scopes) the id pays for or holds, when the
+        call writes or compares it (a settlement does not: its record has it).
+        """
+        digest = _blake2b(kind + b":" + record_id.encode(), digest_size=13).digest()
+        what = b""
+        if paid is not None:
+            amount, scopes = paid
+            held = _blake2b(b"%d " % amount + scopes.record, digest_size=6).digest()
+            what = _b64(held, newline=False)
+        bucket = int.from_bytes(digest[:4], "big") % count
+        return cls(bucket, _b64(digest[4:], newline=False), what)
 
     def buckets(self, tag: str, first: int, count: int) -> list[bytes]:
         """The bucket keys of *count* UTC days from day *first*."""
@@ -238,7 +249,7 @@ class Ledger:
         id with other scopes or another amount raises IdempotencyConflictError.
         """
         record = self.reservation_key(reservation_id).encode()
-        marker = Marker.of(b"r", reservation_id, amount, scopes, self._buckets)
+        marker = Marker.of(b"r", reservation_id, self._buckets, (amount, scopes))
         reply = yield from self._call("reserve", amount, scopes, record, limits=True, marker=marker)
         if type(reply) is int:
             return Held(state="held", at=reply, held_nano=amount)
@@ -273,7 +284,7 @@ class Ledger:
         """
         op = _SETTLE_OPS[state]
         record = self.reservation_key(reservation_id).encode()
-        marker = Marker.of(b"r", reservation_id, 0, scopes, self._buckets)
+        marker = Marker.of(b"r", reservation_id, self._buckets)
         guessed = at is None
         for _ in range(2):
             reply = yield from self._call(
@@ -300,7 +311,7 @@ class Ledger:
         "duplicate": this id already paid for exactly this; the same id for
         another payment raises IdempotencyConflictError, writing nothing.
         """
-        marker = Marker.of(b"s", operation_id, amount, scopes, self._buckets)
+        marker = Marker.of(b"s", operation_id, self._buckets, (amount, scopes))
         reply = yield from self._call("spend", amount, scopes, None, marker=marker)
         if type(reply) is int:
             return "recorded"
@@ -318,7 +329,7 @@ class Ledger:
         the store (only its reply was lost) is not charged again. Returns
         "recorded", "duplicate", or "expired" (its periods are past retention).
         """
-        marker = Marker.of(b"s", operation_id, amount, scopes, self._buckets)
+        marker = Marker.of(b"s", operation_id, self._buckets, (amount, scopes))
         reply = yield from self._call("replay", amount, scopes, None, at=at, marker=marker)
         if type(reply) is int:
             return "recorded"
@@ -403,7 +414,7 @@ class Ledger:
         record = yield Command("get", (self.reservation_key(reservation_id),))
         self.on_reached()
         if record is None:
-            marker = Marker.of(b"r", reservation_id, 0, NO_SCOPES, self._buckets)
+            marker = Marker.of(b"r", reservation_id, self._buckets)
             today = self.now() // DAY_MS
             for day, key in zip(
                 (today, today - 1), reversed(marker.buckets(self._tag, today - 1, 2)), strict=True

@@ -122,9 +122,9 @@ def day_key(budget: Any) -> str:
 
 def marked(client: redis.Redis, budget: Any, operation_id: str, at_ms: int) -> bool:
     """Whether the store holds *operation_id*'s spend marker, made at *at_ms*."""
-    from coreason_budget._ledger import DAY_MS, NO_SCOPES, Marker
+    from coreason_budget._ledger import DAY_MS, Marker
 
     ledger = budget._core.ledger
-    marker = Marker.of(b"s", operation_id, 0, NO_SCOPES, ledger._buckets)
+    marker = Marker.of(b"s", operation_id, ledger._buckets)
     (bucket,) = marker.buckets(ledger._tag, at_ms // DAY_MS, 1)
     return bool(client.hexists(bucket, marker.field))
