@@ -455,7 +455,8 @@ def main() -> None:
 
 
 #: Sections other scripts write (``benchmarks.async_ops --write``, ``benchmarks.service``,
-#: ``benchmarks.windows``, ``benchmarks.memory``, ``benchmarks.user_floor``, each ``--write``):
+#: ``benchmarks.windows``, ``benchmarks.memory``, ``benchmarks.user_floor``,
+#: ``benchmarks.cluster``, each ``--write``):
 #: a rewrite keeps them as they are.
 OTHER_SCRIPTS = (
     "## Async manager vs the async floor",
@@ -463,6 +464,7 @@ OTHER_SCRIPTS = (
     "## Budget windows",
     "## Memory per operation",
     "## Reserve + commit as a user measures it",
+    "## Cluster: one prefix's ceiling",
 )
 
 
