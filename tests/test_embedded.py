@@ -243,7 +243,9 @@ class TestShutdown:
         runs no exit code at all.
         """
         keeper = servers.open(ledger_path)
-        keeper.record_spend("alice", 1.0)  # both runs find the script loaded and the day begun
+        # Both runs find the script loaded and the day begun. Fixed keys: which marker
+        # bucket a spend creates (one command more) must not vary from run to run.
+        keeper.record_spend("alice", 1.0, idempotency_key="keeper")
 
         def traffic(exit: str) -> tuple[int, int]:
             before = keeper._store.client.info("stats")
@@ -306,7 +308,7 @@ _CLOSE_THEN_EXIT = """
 import os, sys
 from coreason_budget import BudgetConfig, BudgetManager
 m = BudgetManager(BudgetConfig(redis_url="embedded://" + sys.argv[1]))
-m.record_spend("alice", 1.0)
+m.record_spend("alice", 1.0, idempotency_key="exit-" + sys.argv[2])
 m.close()
 if sys.argv[2] == "abruptly":
     os._exit(0)
