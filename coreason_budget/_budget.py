@@ -39,8 +39,8 @@ from ._receipt import Kind, Receipt, Status
 from ._replay import SpoolKeeper
 from ._reservation import Hold, OnError
 from ._steps import Blocking, Detach, Steps
-from ._usage import Report, ScopeUsage, check_top
-from ._windows import WINDOWS, Period
+from ._usage import Report, ScopeUsage, check_period, check_top, check_window
+from ._windows import Period
 from .exceptions import (
     BudgetError,
     BudgetUnavailableError,
@@ -365,14 +365,13 @@ class BudgetCore:
 
     def window(self, window: object) -> str:
         """*window*, checked to be one this manager keeps."""
+        window = check_window(window)
         if window not in self.ledger.windows:
-            if window in WINDOWS:
-                raise InvalidInputError(
-                    f"the {window} window is not kept: set {_ADVERB[window]} limit in the "
-                    f"configuration, or add it to COREASON_BUDGET_WINDOWS (windows=...)"
-                )
-            raise InvalidInputError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
-        return str(window)
+            raise InvalidInputError(
+                f"the {window} window is not kept: set {_ADVERB[window]} limit in the "
+                f"configuration, or add it to COREASON_BUDGET_WINDOWS (windows=...)"
+            )
+        return window
 
     def usage(
         self, user_id: str, project_id: str | None, window: str = "day"
@@ -450,17 +449,14 @@ class BudgetCore:
     def _period(self, window: str, moment: object) -> Period:
         """The period of *window* holding *moment*: a date (its local midnight), or an instant."""
         calendar = self.ledger.calendar
+        moment = check_period(moment)
         try:
             if isinstance(moment, datetime.datetime):
                 return calendar.period(window, at_ms(moment))
-            if isinstance(moment, datetime.date):
-                midnight = calendar.labelled("day", moment.isoformat()).start_ms
-                return calendar.period(window, midnight)
+            midnight = calendar.labelled("day", moment.isoformat()).start_ms
+            return calendar.period(window, midnight)
         except (ValueError, OverflowError) as e:  # the calendar's edges (years 1 and 9999)
-            if isinstance(e, InvalidInputError):
-                raise
             raise InvalidInputError(f"no {window} period holds {moment!r}: {e}") from None
-        raise InvalidInputError(f"period must be a date or an aware datetime, got {moment!r}")
 
     def set_limit(
         self,

@@ -32,7 +32,7 @@ from ._money import MAX_LIMIT_NANO, check_id, nano_to_usd, new_id, to_nano
 from ._receipt import Kind, Receipt, Status
 from ._reservation import Hold, OnError
 from ._steps import Detach, Steps
-from ._usage import MAX_REPORT_TOP, Report, ScopeUsage, check_top
+from ._usage import MAX_REPORT_TOP, Report, ScopeUsage, check_period, check_top, check_window
 from ._windows import WINDOWS
 from .exceptions import (
     BudgetError,
@@ -312,7 +312,7 @@ class ClientCore:
     def usage(
         self, user_id: str, project_id: str | None, window: str = "day"
     ) -> Steps[dict[str, ScopeUsage]]:
-        window = _check_window(window)  # first, as the manager checks it
+        window = check_window(window)  # first, as the manager checks it
         uid = check_id(user_id, "user_id")
         params = {} if project_id is None else {"project_id": check_id(project_id, "project_id")}
         params["window"] = window
@@ -334,7 +334,7 @@ class ClientCore:
     ) -> Steps[Report]:
         top = check_top(top)
         params: dict[str, Any] = {"top": MAX_REPORT_TOP if top is None else top}
-        params["window"] = window = _check_window(window)
+        params["window"] = window = check_window(window)
         if period is not None:
             params["period"] = _period_param(period)
         answer = yield from self.call(Request("GET", "/report", params=params))
@@ -377,7 +377,7 @@ class ClientCore:
             raise InvalidInputError(
                 f"scope must be 'user', 'project', 'model' or 'global', got {scope!r}"
             )
-        window = _check_window(window)
+        window = check_window(window)
         limit = None if limit_usd is None else to_nano(limit_usd, "limit_usd", MAX_LIMIT_NANO)
         # Exact: a float cannot hold every nano-precise limit above $1M.
         body: dict[str, Any] = {"scope": scope, "entity_id": entity_id, "limit_nano": limit}
@@ -486,24 +486,9 @@ def _iso(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _check_window(window: object) -> str:
-    """
-    *window*, if it names one (with the manager's message if not). Whether the
-    service keeps it is the service's to say (a 422 with the manager's message).
-    """
-    if isinstance(window, str) and window in WINDOWS:
-        return window
-    raise InvalidInputError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
-
-
 def _period_param(period: object) -> str:
     """A report's *period*, checked as the manager checks it: a date, or an aware datetime."""
-    if isinstance(period, datetime.datetime):
-        at_ms(period)  # aware, or the manager's InvalidInputError
-        return period.isoformat()
-    if isinstance(period, datetime.date):
-        return period.isoformat()
-    raise InvalidInputError(f"period must be a date or an aware datetime, got {period!r}")
+    return check_period(period).isoformat()
 
 
 def _path_part(value: str) -> str:

@@ -12,7 +12,9 @@ from typing import Any
 
 import attrs
 
+from ._ledger import at_ms
 from ._money import nano_to_usd
+from ._windows import WINDOWS
 from .exceptions import InvalidInputError
 
 #: The longest list a report gives (per scope kind), on every face: the service's
@@ -29,6 +31,26 @@ def check_top(top: object) -> int | None:
             f"top must be None or a whole number from 0 to {MAX_REPORT_TOP}, got {top!r}"
         )
     return top
+
+
+def check_window(window: object) -> str:
+    """
+    *window*, if it names one: the same words on every face. (Whether a manager
+    keeps it is the manager's to say.)
+    """
+    if isinstance(window, str) and window in WINDOWS:
+        return window
+    raise InvalidInputError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
+
+
+def check_period(period: object) -> datetime.date:
+    """A report's *period*: a date (its local midnight), or an aware datetime."""
+    if isinstance(period, datetime.datetime):
+        at_ms(period)  # aware, or InvalidInputError
+        return period
+    if isinstance(period, datetime.date):
+        return period
+    raise InvalidInputError(f"period must be a date or an aware datetime, got {period!r}")
 
 
 @attrs.frozen
