@@ -477,13 +477,11 @@ class Ledger:
         # Twice is enough: the second attempt uses the time the server named.
         now: int | None = None
         for _ in range(2):
-            stamp = "-" if self._clock is None else str(self.now())
-            if at is not None:
-                frame = self.frame(at, windows)  # a settlement's or replay's own periods
-                moment = at
-            else:
-                moment = self.now() if now is None else now
-                frame = self.frame(moment, windows)
+            # One reading of the clock: an injected one's stamp and the periods named agree.
+            current = self.now() if now is None else now
+            stamp = "-" if self._clock is None else str(current)
+            moment = current if at is None else at  # a settlement's or replay's own periods
+            frame = self.frame(moment, windows)
             keys = list(frame.keys)
             if marker is None:
                 buckets = "0 -"
