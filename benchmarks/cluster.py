@@ -18,21 +18,17 @@ masters do; the server-time ceiling is the number that scales.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
 
 from coreason_budget import BudgetConfig, BudgetManager
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 TITLE = "## Cluster: one prefix's ceiling"
 
 
@@ -139,15 +135,13 @@ def section(rows: list[tuple[int, dict[str, float]]], info: dict[str, str], seco
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--write", action="store_true", help=f"update {RESULTS.name}")
-    args = parser.parse_args()
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-    from benchmarks.report import machine, write_section
+    from benchmarks.report import machine, publish, section_parser
     from tests.redis_cluster import RedisClusterServers
 
+    parser = section_parser(__doc__)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args()
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     cluster = RedisClusterServers(3)
     cluster.start()
     try:
@@ -159,11 +153,7 @@ def main() -> None:
             rows.append((n, run(cluster.url, cluster.ports, prefixes, args.seconds, 2)))
     finally:
         cluster.stop()
-    text = section(rows, info, args.seconds)
-    print(text)
-    if args.write:
-        write_section(TITLE, text, RESULTS)
-        print(f"wrote the section to {RESULTS}", file=sys.stderr)
+    publish(TITLE, section(rows, info, args.seconds), args.write)
 
 
 if __name__ == "__main__":

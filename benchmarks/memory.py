@@ -23,11 +23,8 @@ average at a steady rate), for 10 million operations a day.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -35,8 +32,6 @@ import redis
 from coreason_budget import BudgetConfig, BudgetManager
 from coreason_budget._steps import Script
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 TITLE = "## Memory per operation"
 KINDS = ("record_spend", "reserve + commit", "reserve + release")
 BATCH = 1000
@@ -152,31 +147,16 @@ def section(res: dict[tuple[str, int], float], info: dict[str, str], retention_d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    from benchmarks.report import on_a_server, publish, section_parser
+
+    parser = section_parser(__doc__)
     parser.add_argument(
         "--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[100_000, 1_000_000]
     )
-    parser.add_argument("--write", action="store_true", help=f"update {RESULTS.name}")
     args = parser.parse_args()
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-    from benchmarks.report import machine, write_section
-    from tests.redis_server import RedisServer
-
-    server = RedisServer()
-    server.start()
-    try:
-        info = machine(server.url)
-        print("memory...", file=sys.stderr)
-        res = measure(server.url, args.sizes)
-    finally:
-        server.stop()
+    res, info = on_a_server("memory", lambda url: measure(url, args.sizes))
     days = BudgetConfig().retention_seconds / 86400 + 1
-    text = section(res, info, days)
-    print(text)
-    if args.write:
-        write_section(TITLE, text, RESULTS)
-        print(f"wrote the section to {RESULTS}", file=sys.stderr)
+    publish(TITLE, section(res, info, days), args.write)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.utils
@@ -40,6 +40,7 @@ from benchmarks._subjects import (
 from tests.redis_server import RedisServer
 
 HERE = Path(__file__).resolve().parent
+T = TypeVar("T")
 THREADS = (1, 4, 16)
 #: The spec's targets.
 MAX_FLOOR_RATIO = 1.25
@@ -466,6 +467,38 @@ OTHER_SCRIPTS = (
     "## Reserve + commit as a user measures it",
     "## Cluster: one prefix's ceiling",
 )
+
+
+def section_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The command line of a script owning one section of RESULTS.md: --write, and its own."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="update RESULTS.md")
+    return parser
+
+
+def on_a_server(what: str, measure: Callable[[str], T]) -> tuple[T, dict[str, str]]:
+    """
+    Start a redis-server, read the machine's facts, run *measure* on its URL,
+    stop it: what each section-owning script does. (litellm never downloads.)
+    """
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    server = RedisServer()
+    server.start()
+    try:
+        info = machine(server.url)
+        print(f"{what}...", file=sys.stderr)
+        return measure(server.url), info
+    finally:
+        server.stop()
+
+
+def publish(title: str, text: str, write: bool) -> None:
+    """Print a section; with *write*, put it in RESULTS.md in place of the old one."""
+    print(text)
+    if write:
+        path = HERE / "RESULTS.md"
+        write_section(title, text, path)
+        print(f"wrote the section to {path}", file=sys.stderr)
 
 
 def write_section(title: str, text: str, path: Path = HERE / "RESULTS.md") -> None:

@@ -21,21 +21,15 @@ to them.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import redis
 
 from coreason_budget import BudgetConfig, BudgetManager
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 TITLE = "## Reserve + commit as a user measures it"
 THREADS = (1, 8)
 #: The spec's target for ours / floor.
@@ -134,29 +128,14 @@ def section(res: dict[tuple[str, int], list[tuple[float, float]]], info: dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    from benchmarks.report import on_a_server, publish, section_parser
+
+    parser = section_parser(__doc__)
     parser.add_argument("--pairs", type=int, default=2400, help="per run (over all threads)")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--write", action="store_true", help=f"update {RESULTS.name}")
     args = parser.parse_args()
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-    from benchmarks.report import machine, write_section
-    from tests.redis_server import RedisServer
-
-    server = RedisServer()
-    server.start()
-    try:
-        info = machine(server.url)
-        print("user floor...", file=sys.stderr)
-        res = measure(server.url, args.pairs, args.rounds)
-    finally:
-        server.stop()
-    text = section(res, info)
-    print(text)
-    if args.write:
-        write_section(TITLE, text, RESULTS)
-        print(f"wrote the section to {RESULTS}", file=sys.stderr)
+    res, info = on_a_server("user floor", lambda url: measure(url, args.pairs, args.rounds))
+    publish(TITLE, section(res, info), args.write)
 
 
 if __name__ == "__main__":

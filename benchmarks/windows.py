@@ -17,13 +17,9 @@ call, never a round trip.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import attrs
 import redis
@@ -31,8 +27,6 @@ import redis
 from benchmarks._subjects import ACTUAL, COST, ESTIMATE, PROJECT, config, same_pool_client
 from coreason_budget import BudgetManager
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 TITLE = "## Budget windows"
 OPS = {"check": ("check_availability", 1), "reserve_commit": ("reserve + commit", 2)}
 SUBJECTS = ("floor", "day only", "day + month")
@@ -144,29 +138,14 @@ def section(res: dict[tuple[str, str], list[Sample]], info: dict[str, str], n: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    from benchmarks.report import on_a_server, publish, section_parser
+
+    parser = section_parser(__doc__)
     parser.add_argument("--calls", type=int, default=1500, help="per run")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--write", action="store_true", help=f"update {RESULTS.name}")
     args = parser.parse_args()
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-    from benchmarks.report import machine, write_section
-    from tests.redis_server import RedisServer
-
-    server = RedisServer()
-    server.start()
-    try:
-        info = machine(server.url)
-        print("windows...", file=sys.stderr)
-        res = measure(server.url, args.calls, args.rounds)
-    finally:
-        server.stop()
-    text = section(res, info, args.calls)
-    print(text)
-    if args.write:
-        write_section(TITLE, text, RESULTS)
-        print(f"wrote the section to {RESULTS}", file=sys.stderr)
+    res, info = on_a_server("windows", lambda url: measure(url, args.calls, args.rounds))
+    publish(TITLE, section(res, info, args.calls), args.write)
 
 
 if __name__ == "__main__":
