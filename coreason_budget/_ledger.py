@@ -73,12 +73,12 @@ class Scopes:
 
     The manager builds one per (user, project, model) and reuses it, so that
     the hot path only reads what is precomputed here: the fields already
-    encoded for the wire, the header words that carry the limits, and the
+    encoded for the wire, the words that carry the limits, and the
     scopes as a reservation record keeps them.
     """
 
     fields: tuple[str, ...]
-    limits: str  # the header's tail: n x k default limits, scope by scope, window by window
+    limits: tuple[str, ...]  # n x k default limits, scope by scope, window by window
     wire: tuple[bytes, ...]
     record: bytes  # as a reservation record keeps them: "n len1 .. lenn\n" + the fields
 
@@ -86,7 +86,7 @@ class Scopes:
     def of(cls, pairs: Sequence[tuple[str, Sequence[int]]]) -> Scopes:
         """From (field, default limit per kept window in nano-dollars or UNLIMITED) pairs."""
         fields = tuple(field for field, _ in pairs)
-        limits = " ".join(str(limit) for _, per_window in pairs for limit in per_window)
+        limits = tuple(str(limit) for _, per_window in pairs for limit in per_window)
         wire = tuple(f.encode() for f in fields)
         head = " ".join([str(len(wire)), *(str(len(w)) for w in wire)])  # n, byte lengths
         return cls(fields, limits, wire, head.encode() + b"\n" + b"".join(wire))
@@ -166,7 +166,7 @@ class Frame:
 
     periods: tuple[Period, ...]
     keys: tuple[bytes, ...]  # the counters of each period
-    words: str  # "start end" per period, for the script's header
+    words: tuple[str, ...]  # start, end per period, for the script's arguments
 
     def holds(self, at: int) -> bool:
         return all(p.start_ms <= at < p.end_ms for p in self.periods)
@@ -204,7 +204,7 @@ class Ledger:
         self._limits_keys = {w: f"{self._tag}:limits:{w}" for w in WINDOWS}
         # Constant arguments go over the wire as bytes: redis-py sends bytes as they are.
         self._limits_wire = tuple(self._limits_keys[w].encode() for w in self.windows)
-        self._ttls = f"{retention_seconds * 1000} {idempotency_ttl_seconds * 1000}"
+        self._ttls = (str(retention_seconds * 1000), str(idempotency_ttl_seconds * 1000))
         self._buckets = record_buckets
         #: The UTC days a retried spend's marker may be on: as many as the TTL spans.
         self._marker_days = idempotency_ttl_seconds * 1000 // DAY_MS + 1
@@ -229,7 +229,7 @@ class Ledger:
         frame = Frame(
             periods,
             tuple(self.period_key(p).encode() for p in periods),
-            " ".join(f"{p.start_ms} {p.end_ms}" for p in periods),
+            tuple(str(ms) for p in periods for ms in (p.start_ms, p.end_ms)),
         )
         if windows is None:
             self._frame = frame
@@ -484,20 +484,27 @@ class Ledger:
             frame = self.frame(moment, windows)
             keys = list(frame.keys)
             if marker is None:
-                buckets = "0 -"
+                buckets = ("0", "-")
             else:
                 first, count = self._bucket_days(op, moment // DAY_MS, guess)
-                buckets = f"{count} {first}"
-            header = (
-                f"{op} {stamp} {amount} {self._ttls} {'-' if at is None else at} "
-                f"{len(scopes.wire)} {len(frame.periods)} {buckets} {frame.words}"
-            )
+                buckets = (str(count), str(first))
+            args: list[str | bytes] = [
+                op,
+                stamp,
+                str(amount),
+                *self._ttls,
+                "-" if at is None else str(at),
+                str(len(scopes.wire)),
+                str(len(frame.periods)),
+                *buckets,
+                *frame.words,
+            ]
             if limits:
                 keys += self._limits_wire
-                header += " " + scopes.limits
+                args += scopes.limits
             if record is not None:
                 keys.append(record)
-            args: list[str | bytes] = [header, *scopes.wire]
+            args += scopes.wire
             if marker is not None:
                 keys += marker.buckets(self._tag, first, count)
                 if record is None:  # a spend's marker: what it paid for

@@ -12,34 +12,38 @@
 --   then              for reserve, commit and release, the reservation record; for
 --                     spend and replay, m operation-id marker buckets (see below)
 --
--- ARGV[1]  space-separated words (one argument, not twenty, for the same reason):
---            op         reserve | commit | release | spend | replay | check | usage | now
---                       (now: only the time, by the shared clock)
---                       (replay: a spend from a client's local spool, made at `at`)
---            stamp      injected time in ms, or "-" for the server's clock (the
---                       one clock all workers share)
---            amount     nano-dollars: the estimate, the spend or the actual cost
---            retention  ms counters and reservations live after their period ends
---            op_ttl     ms an operation-id marker lives at least (it also lives as
---                       long as the periods it charged)
---            at         ms: when a settled hold was taken or a replayed spend made;
---                       "-" when not known (settling by the record alone) or not used
---            n k        the number of scopes (at most 4) and of windows (at most 4)
---            m f        writes: the number of record buckets (after the other keys) and
---                       the UTC day of the first (days since 1970-01-01), one day each;
---                       other ops: 0 -
---            then       k pairs "start end": the periods KEYS[1 .. k] count, which the
---                       client chose for the instant it believed it was (or for `at`)
---            then       for reserve, check and usage: n x k default limits, scope by
---                       scope (-1: tracked, never limited)
--- ARGV[2 .. n+1]  the scopes' fields, narrowest first (ids may hold any character)
--- ARGV[n+2]       reserve, commit, release: the same scopes as a record keeps them,
---                 "<n> <len 1> .. <len n>\n" then the fields back to back (lengths
---                 in bytes); spend, replay: a digest of the amount and scopes paid for
--- ARGV[n+3]       spend, replay: a digest of the operation id (a field of its bucket)
+-- ARGV, one word each (Redis hands a script its arguments as strings ready
+-- made; splitting one argument into words in Lua cost 2 us of server time a call):
+--   1 .. 10    op         reserve | commit | release | spend | replay | check | usage | now
+--                         (now: only the time, by the shared clock)
+--                         (replay: a spend from a client's local spool, made at `at`)
+--              stamp      injected time in ms, or "-" for the server's clock (the
+--                         one clock all workers share)
+--              amount     nano-dollars: the estimate, the spend or the actual cost
+--              retention  ms counters and reservations live after their period ends
+--              op_ttl     ms an operation-id marker lives at least (it also lives as
+--                         long as the periods it charged)
+--              at         ms: when a settled hold was taken or a replayed spend made;
+--                         "-" when not known (settling by the record alone) or not used
+--              n k        the number of scopes (at most 4) and of windows (at most 4)
+--              m f        writes: the number of record buckets (after the other keys) and
+--                         the UTC day of the first (days since 1970-01-01), one day each;
+--                         other ops: 0 -
+--   then       k pairs "start", "end": the periods KEYS[1 .. k] count, which the
+--              client chose for the instant it believed it was (or for `at`)
+--   then       for reserve, check and usage: n x k default limits, scope by
+--              scope (-1: tracked, never limited)
+--   then       the n scopes' fields, narrowest first (ids may hold any character),
+--              from ARGV[s] (s: the first index past the words above)
+--   ARGV[s+n]    reserve, commit, release: the same scopes as a record keeps them,
+--                "<n> <len 1> .. <len n>\n" then the fields back to back (lengths
+--                in bytes); spend, replay: a digest of the amount and scopes paid for
+--   ARGV[s+n+1]  spend, replay, and reservations: a digest of the operation or
+--                reservation id (a field of its bucket)
+--   ARGV[s+n+2]  reserve: a digest of its estimate and scopes
 --
 -- An open reservation is a string, "<state> <at> <held> <digest> " then its
--- scopes as ARGV[n+2] gives them (<digest>: of its estimate and scopes). One SET
+-- scopes as ARGV[s+n] gives them (<digest>: of its estimate and scopes). One SET
 -- NX both creates it with its expiry and refuses a second. Settled, it needs no
 -- scopes or amounts: the record is deleted and its id's digest becomes a field of
 -- a small hash, the bucket of its UTC day, holding "c" or "r" and that digest.
@@ -184,16 +188,17 @@ local function settled(v)
 end
 
 local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
-local head = {}
-for word in string.gmatch(ARGV[1], '%S+') do head[#head + 1] = word end
+local head = ARGV
 local op, stamp, amount_s, retention, op_ttl, at_s = head[1], head[2], head[3], head[4], head[5], head[6]
 local n, k, m = tonumber(head[7]), tonumber(head[8]), tonumber(head[9])
-if not (op and n and k and m and #head >= 10 + 2 * k) then
-    return redis.error_reply('malformed ledger header')
+local reads = op == 'check' or op == 'usage' or op == 'reserve'
+local s = k and n and 11 + 2 * k + (reads and n * k or 0)
+if not (op and m and s and #head >= s + n - 1) then
+    return redis.error_reply('malformed ledger arguments')
 end
 local amount = tonumber(amount_s)
 local record = KEYS[k + 1]
-if op == 'check' or op == 'usage' or op == 'reserve' then
+if reads then
     record = KEYS[2 * k + 1]
 end
 
@@ -217,8 +222,8 @@ end
 local spent, overrides = {}, {}
 if n > 0 and (op == 'check' or op == 'reserve' or op == 'usage') then
     for j = 1, k do
-        overrides[j] = redis.call('HMGET', KEYS[k + j], unpack(ARGV, 2, n + 1))
-        spent[j] = redis.call('HMGET', KEYS[j], unpack(ARGV, 2, n + 1))
+        overrides[j] = redis.call('HMGET', KEYS[k + j], unpack(ARGV, s, s + n - 1))
+        spent[j] = redis.call('HMGET', KEYS[j], unpack(ARGV, s, s + n - 1))
     end
 end
 
@@ -246,7 +251,7 @@ elseif op == 'spend' or op == 'replay' then
     -- Only a replay can name a period past retention: its counters are gone, so is the charge.
     local ttl = expiry(head, k, retention, now)
     if ttl <= 0 then return {'GONE', 'expired'} end
-    -- Its marker: ARGV[n+3] (the id's digest) -> ARGV[n+2] (what it paid for,
+    -- Its marker: ARGV[s+n+1] (the id's digest) -> ARGV[s+n] (what it paid for,
     -- digested), in the bucket of one UTC day; KEYS[k+1 .. k+m] are the days a
     -- retry of it may find it in (the idempotency TTL's). A spend is marked on
     -- the store's day (the last bucket), a replay on the day it was made; the
@@ -257,7 +262,7 @@ elseif op == 'spend' or op == 'replay' then
     if day < first or day > first + m - 1 or (op == 'spend' and day ~= first + m - 1) then
         return {'NOW', string.format('%d', now)}
     end
-    local field, paid = ARGV[n + 3], ARGV[n + 2]
+    local field, paid = ARGV[s + n + 1], ARGV[s + n]
     for i = 1, m do
         local v = redis.call('HGET', KEYS[k + i], field)
         if v then
@@ -265,18 +270,18 @@ elseif op == 'spend' or op == 'replay' then
             return {'DUP'}
         end
     end
-    local fresh, big, err = charge(k, ARGV, 2, n + 1, amount, amount_s)
+    local fresh, big, err = charge(k, ARGV, s, s + n - 1, amount, amount_s)
     if big then return too_big(big, err) end
     put(KEYS[k + day - first + 1], field, paid, day, retention, op_ttl, now)
     arm(head, k, fresh, retention, now)
     return op == 'replay' and tonumber(at_s) or now
 
 elseif op == 'reserve' then
-    -- An open hold is a record of its own (ARGV[n+3]: its id's digest, ARGV[n+4]:
+    -- An open hold is a record of its own (ARGV[s+n+1]: its id's digest, ARGV[s+n+2]:
     -- a digest of its estimate and scopes); a settled one is folded into the
     -- bucket of its UTC day, KEYS[2k+2]: today's is read here (an id settled today
     -- holds nothing if reserved again; a retry finds its open record).
-    local first, field, paid = tonumber(head[10]), ARGV[n + 3], ARGV[n + 4]
+    local first, field, paid = tonumber(head[10]), ARGV[s + n + 1], ARGV[s + n + 2]
     if math.floor(now / 86400000) ~= first + m - 1 then
         return {'NOW', string.format('%d', now)}
     end
@@ -295,9 +300,9 @@ elseif op == 'reserve' then
     if not prior then
         local ttl = expiry(head, k, retention, now)
         local value = 'held ' .. string.format('%d', now) .. ' ' .. amount_s .. ' ' .. paid ..
-            ' ' .. ARGV[n + 2]
+            ' ' .. ARGV[s + n]
         if redis.call('SET', record, value, 'NX', 'PX', ttl) then
-            local fresh, big, err = charge(k, ARGV, 2, n + 1, amount, amount_s)
+            local fresh, big, err = charge(k, ARGV, s, s + n - 1, amount, amount_s)
             if big then
                 redis.call('DEL', record)  -- the hold not taken
                 return too_big(big, err)
@@ -309,14 +314,14 @@ elseif op == 'reserve' then
     end
     -- The same id for another hold (other scopes, another estimate) is no retry.
     local state, held_at, held, scopes = string.match(prior, '^(%a+) (%d+) (%S+) %S+ ()')
-    if string.sub(prior, scopes) ~= ARGV[n + 2] or (held ~= '-' and held ~= amount_s) then
+    if string.sub(prior, scopes) ~= ARGV[s + n] or (held ~= '-' and held ~= amount_s) then
         return {'CONFLICT'}
     end
     return {'DUP', state, held_at, held}
 
 elseif op == 'commit' or op == 'release' then
     local state = op == 'commit' and 'committed' or 'released'
-    local first, field = tonumber(head[10]), ARGV[n + 3]
+    local first, field = tonumber(head[10]), ARGV[s + n + 1]
     local rec = redis.call('GET', record)
     if not rec then
         -- Settled before, and folded into the bucket of its day?
@@ -341,12 +346,12 @@ elseif op == 'commit' or op == 'release' then
         if ttl <= 0 then return {'GONE', 'expired'} end
         if at_s == '-' then at_s = string.format('%d', now) end
         if op == 'commit' then
-            local fresh, big, err = charge(k, ARGV, 2, n + 1, amount, amount_s)
+            local fresh, big, err = charge(k, ARGV, s, s + n - 1, amount, amount_s)
             if big then return too_big(big, err) end
             arm(head, k, fresh, retention, now)
         end
         -- The tombstone keeps the scopes, so the id still names whose it was.
-        redis.call('SET', record, state .. ' ' .. at_s .. ' - - ' .. ARGV[n + 2], 'PX', ttl)
+        redis.call('SET', record, state .. ' ' .. at_s .. ' - - ' .. ARGV[s + n], 'PX', ttl)
         return {'GONE', 'recorded'}
     end
     local was, held_at, held, paid, scopes = string.match(rec, '^(%a+) (%d+) (%S+) (%S+) ()')
@@ -363,8 +368,8 @@ elseif op == 'commit' or op == 'release' then
     end
     local delta = amount - tonumber(held)
     local fresh, big, err
-    if string.sub(rec, scopes) == ARGV[n + 2] then
-        fresh, big, err = charge(k, ARGV, 2, n + 1, delta)  -- the usual case: no cutting up
+    if string.sub(rec, scopes) == ARGV[s + n] then
+        fresh, big, err = charge(k, ARGV, s, s + n - 1, delta)  -- the usual case: no cutting up
     else
         -- Settled naming other scopes than it holds (never by this library's
         -- client, or by the record alone): the record's own fields are the ones to settle.

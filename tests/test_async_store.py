@@ -104,8 +104,10 @@ async def dropped_after(
 
 
 async def evalsha(client: redis.asyncio.Redis) -> object:
-    """A script call as FakeStore reads it (ARGV[1]'s sixth word, "at"): it answers 7."""
-    return await client.evalsha("0" * 40, 1, "k", "op - 0 0 0 7 0 1 0 - 7 8")
+    """A script call as FakeStore reads it (ARGV[6], "at"): it answers 7."""
+    return await client.evalsha(
+        "0" * 40, 1, "k", *["op", "-", "0", "0", "0", "7", "0", "1", "0", "-", "7", "8"]
+    )
 
 
 @pytest.fixture

@@ -151,8 +151,8 @@ class FakeStore:
                 if name == "HELLO":
                     handshaken = reply == HELLO
                 elif name == "EVALSHA":
-                    if reply is not TRICKLE:  # ARGV[1], after the keys: 10 words, then periods
-                        words = command[3 + int(command[2])].split()
+                    if reply is not TRICKLE:  # ARGV, after the keys: 10 words, then periods
+                        words = command[3 + int(command[2]) :]
                         # A settlement's or replay's own instant, else its first period's start.
                         when = words[5] if words[5] != b"-" else words[10]
                         reply = reply.replace(b"WHEN", when)
