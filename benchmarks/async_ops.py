@@ -575,24 +575,24 @@ async def ladder(url: str, op: str, n: int = 400, rounds: int = 9) -> Ladder:
         await _public(ours, op)
         await _public(offline, op)
         driver: Any = ours._driver
-        real = driver._script
+        real = driver._evalsha
         seen: dict[str, Any] = {}
 
         async def spy(keys: list[Any], args: list[Any]) -> Any:
             seen.update(keys=list(keys), args=list(args))
-            reply = await real(keys=keys, args=args)
+            reply = await real(keys, args)
             seen["reply"] = reply
             return reply
 
-        driver._script = spy
+        driver._evalsha = spy
         await _public(ours, op)
-        driver._script = real
+        driver._evalsha = real
 
         async def stub(keys: list[Any], args: list[Any]) -> Any:
             return seen["reply"]  # the day booked: every op's success (commit's too)
 
         offline_driver: Any = offline._driver
-        offline_driver._script = stub
+        offline_driver._evalsha = stub
         trivial = floor.register_script("return 1")
         calls = FLOOR_CALLS[op]
 
@@ -603,7 +603,7 @@ async def ladder(url: str, op: str, n: int = 400, rounds: int = 9) -> Ladder:
         steps: dict[str, Callable[[], Awaitable[object]]] = {"floor": floor_op}
         if calls == 1:  # replaying a reserve's args would take the retry path: not the same
             steps["floor, ours' args"] = lambda: trivial(keys=seen["keys"], args=seen["args"])
-            steps["our script, direct"] = lambda: real(keys=seen["keys"], args=seen["args"])
+            steps["our script, direct"] = lambda: real(seen["keys"], seen["args"])
         steps["driver, unshielded"] = lambda: _unshielded(ours, op)
         steps["ours"] = lambda: _public(ours, op)
         steps["driver, no I/O"] = lambda: _unshielded(offline, op)

@@ -51,25 +51,25 @@ class Ladder:
 def _captured(manager: BudgetManager, call: Callable[[BudgetManager], object]) -> Any:
     """The exact keys and args ours sends for *call* (the last of them)."""
     ledger: Any = manager._driver
-    real = ledger._script
+    real = ledger._evalsha
     seen: dict[str, Any] = {}
 
     def spy(keys: list[str], args: list[str]) -> Any:
         seen.update(keys=list(keys), args=list(args))
-        return real(keys=keys, args=args)
+        return real(keys, args)
 
-    ledger._script = spy
+    ledger._evalsha = spy
     try:
         call(manager)
     finally:
-        ledger._script = real
+        ledger._evalsha = real
     return seen
 
 
 def _stubbed(manager: BudgetManager, reply: list[Any]) -> BudgetManager:
     """A manager whose ledger never leaves the process: times our Python alone."""
     ledger: Any = manager._driver
-    ledger._script = lambda keys, args: reply
+    ledger._evalsha = lambda keys, args: reply
     return manager
 
 
@@ -100,14 +100,14 @@ def ladder(url: str, op: str, n: int = 400, rounds: int = 9) -> Ladder:
     try:
         call = CALLS[op]
         sent = _captured(ours.manager, call)
-        real_reply = ours.manager._driver._script(keys=sent["keys"], args=sent["args"])
+        real_reply = ours.manager._driver._evalsha(sent["keys"], sent["args"])
         _stubbed(offline.manager, real_reply)
         trivial = client.register_script("return 1")
-        script: Any = ours.manager._driver._script
+        script: Any = ours.manager._driver._evalsha
         steps: dict[str, Callable[[], object]] = {
             "floor": lambda: trivial(),
             "floor, ours' args": lambda: trivial(keys=sent["keys"], args=sent["args"]),
-            "our script, direct": lambda: script(keys=sent["keys"], args=sent["args"]),
+            "our script, direct": lambda: script(sent["keys"], sent["args"]),
             "ours": lambda: call(ours.manager),
             "ours, no I/O": lambda: call(offline.manager),
         }

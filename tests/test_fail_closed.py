@@ -341,7 +341,7 @@ class TestMalformedReply:
     def test_operation(
         self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, name: str, reply: object
     ) -> None:
-        monkeypatch.setattr(budget._driver, "_script", lambda keys, args: reply)
+        monkeypatch.setattr(budget._driver, "_evalsha", lambda keys, args: reply)
         with pytest.raises(BudgetUnavailableError, match="malformed reply"):
             SCRIPTED[name](budget)
 
@@ -350,7 +350,7 @@ class TestMalformedReply:
         self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, reply: object
     ) -> None:
         held = budget.reserve("alice", 1.0)
-        monkeypatch.setattr(budget._driver, "_script", lambda keys, args: reply)
+        monkeypatch.setattr(budget._driver, "_evalsha", lambda keys, args: reply)
         with pytest.raises(BudgetUnavailableError, match="malformed reply"):
             held.commit(0.5)
         assert held.state == "held"
@@ -360,7 +360,7 @@ class TestMalformedReply:
         self, budget: BudgetManager, monkeypatch: pytest.MonkeyPatch, reply: int
     ) -> None:
         """A server answering ":0" to EVALSHA must not pass $5 on a $1 limit."""
-        monkeypatch.setattr(budget._driver, "_script", lambda keys, args: reply)
+        monkeypatch.setattr(budget._driver, "_evalsha", lambda keys, args: reply)
         with pytest.raises(BudgetUnavailableError):
             budget.check_availability("alice", 5.0)
         with pytest.raises(BudgetUnavailableError):
@@ -373,11 +373,11 @@ class TestMalformedReply:
     ) -> None:
         """With a spool, the spend answered by an impostor's ":0" is saved, not taken as done."""
         budget = make_manager()
-        real = budget._driver._script
-        monkeypatch.setattr(budget._driver, "_script", lambda keys, args: 0)
+        real = budget._driver._evalsha
+        monkeypatch.setattr(budget._driver, "_evalsha", lambda keys, args: 0)
         receipt = budget.record_spend("alice", 5.0, idempotency_key="k")
         assert receipt.status == "spooled"
-        monkeypatch.setattr(budget._driver, "_script", real)
+        monkeypatch.setattr(budget._driver, "_evalsha", real)
         assert budget.replay_spool().recorded == 1
         assert budget.usage("alice")["user"].spent_nano == 5_000_000_000
 

@@ -151,16 +151,16 @@ class TestInterruptedReserve:
         self, budget: BudgetManager, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         ledger: Any = budget._driver
-        script = ledger._script
+        script = ledger._evalsha
 
-        def taken_then_interrupted(**kwargs: Any) -> Any:
-            script(**kwargs)
+        def taken_then_interrupted(*args: Any) -> Any:
+            script(*args)
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(ledger, "_script", taken_then_interrupted)
+        monkeypatch.setattr(ledger, "_evalsha", taken_then_interrupted)
         with pytest.raises(KeyboardInterrupt):
             budget.reserve("alice", 2.0, reservation_id="r1")
-        monkeypatch.setattr(ledger, "_script", script)
+        monkeypatch.setattr(ledger, "_evalsha", script)
         assert counters(redis_client)["u:alice"] == 2 * NANO  # the store took it
         assert budget.replay_spool().recorded == 1
         assert counters(redis_client)["u:alice"] == 0
