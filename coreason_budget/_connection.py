@@ -441,8 +441,35 @@ class _AsyncGuarded(aconnection.AbstractConnection):
             # A later command's send and reply are each bounded by redis-py already
             # (socket_timeout around the whole reply): no second timer on the hot path.
             self._reply_by = self._reply_by if first else math.inf
+            if not first and (writer := self._writer) is not None:
+                await self._send_now(writer, command)
+                return
         work = super().send_packed_command(command, check_health)
         await (self._in_window(work, disconnect=True) if first else work)
+
+    async def _send_now(self, writer: asyncio.StreamWriter, command: Any) -> None:
+        """
+        A command on a connection in use, as redis-py sends it but without its
+        ``asyncio.wait_for`` (a task, and a turn of the loop, for every
+        command): the transport takes the bytes at once unless its buffer is
+        full, and only then is the wait for it to drain bounded by socket_timeout.
+        """
+        if isinstance(command, str):
+            command = command.encode()
+        try:
+            writer.writelines([command] if isinstance(command, bytes) else command)
+            if writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(self.socket_timeout):
+                    await writer.drain()
+        except TimeoutError:
+            await self.disconnect(nowait=True)
+            raise redis.TimeoutError("Timeout writing to socket") from None
+        except OSError as e:
+            await self.disconnect(nowait=True)
+            raise redis.ConnectionError(f"Error while writing to socket: {e}") from e
+        except BaseException:
+            await self.disconnect(nowait=True)
+            raise
 
     async def read_response(
         self,
