@@ -391,6 +391,25 @@ class TestBoundedCalls:
 
         run(main())
 
+    @pytest.mark.timeout(30)
+    def test_a_store_that_stops_reading_bounds_the_send(self) -> None:
+        """
+        A command sent on a connection in use is written at once; when the
+        store stops reading and the buffers fill, the wait for them to drain
+        ends at socket_timeout, and the connection drops.
+        """
+
+        async def main() -> None:
+            async with SlowStore({"ECHO": 2.0}) as server:
+                conn = server.connection(connect_timeout=0.05, socket_timeout=0.3)
+                await conn.send_command("PING")
+                assert await conn.read_response() == "PONG"
+                await conn.send_command("ECHO", "hi")  # read; then the store reads nothing
+                big = conn.send_command("SET", "k", b"x" * (64 << 20))
+                await dropped_after(conn, big, 0.25, 0.3 + 0.5)
+
+        run(main())
+
     def test_a_closed_port_fails_fast(self) -> None:
         async def main() -> None:
             async with store_on(f"redis://127.0.0.1:{free_port()}", **FAST) as store:
