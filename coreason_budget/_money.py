@@ -129,12 +129,24 @@ def format_usd(nano: int) -> str:
     return f"${whole}.{frac.ljust(2, '0')}"
 
 
+#: Ids drawn from the OS ahead, 64 at a time: a system call per id cost a
+#: microsecond or two of every reserve and spend. Emptied in a forked child,
+#: which must never hand out its parent's.
+_ids: list[str] = []
+os.register_at_fork(after_in_child=_ids.clear)
+
+
 def new_id() -> str:
     """
-    A fresh reservation or operation id: 128 random bits straight from the OS,
-    so forked workers can never repeat each other's (and 5x cheaper than uuid4).
+    A fresh reservation or operation id: 128 random bits from the OS (its
+    cryptographic source, as uuid4's), so workers can never repeat each other's.
     """
-    return os.urandom(16).hex()
+    try:
+        return _ids.pop()  # atomic: two threads never get the same one
+    except IndexError:
+        fresh = os.urandom(16 * 64).hex()
+        _ids.extend(fresh[i : i + 32] for i in range(32, len(fresh), 32))
+        return fresh[:32]
 
 
 def check_id(value: object, what: str) -> str:

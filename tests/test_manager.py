@@ -4,8 +4,10 @@ BudgetManager's behaviour, one promise at a time, against a real redis-server.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import math
+import os
 import subprocess
 import sys
 from decimal import Decimal
@@ -23,7 +25,7 @@ from coreason_budget import (
     InvalidInputError,
     ScopeUsage,
 )
-from coreason_budget._money import MAX_ID_LENGTH, format_usd, to_nano
+from coreason_budget._money import MAX_ID_LENGTH, format_usd, new_id, to_nano
 
 from .conftest import ManagerFactory
 
@@ -356,6 +358,37 @@ class TestBadInput:
 
     def test_longest_id_is_fine(self, budget: BudgetManager) -> None:
         budget.reserve("x" * MAX_ID_LENGTH, 1.0, project_id="é" * MAX_ID_LENGTH)
+
+
+class TestNewIds:
+    """Ids the library makes are drawn ahead of need: never twice, nor in a forked child."""
+
+    def test_unique_across_threads(self) -> None:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            ids = [
+                i
+                for batch in pool.map(lambda _: [new_id() for _ in range(500)], range(8))
+                for i in batch
+            ]
+        assert len(set(ids)) == len(ids) == 4000
+        assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+    def test_a_forked_child_draws_its_own(self) -> None:
+        new_id()  # the parent holds ids drawn ahead
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            os.write(write, "".join(new_id() for _ in range(64)).encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read) as fh:
+            text = fh.read()
+        child = {text[i : i + 32] for i in range(0, len(text), 32)}
+        parent = {new_id() for _ in range(64)}
+        assert len(child) == 64
+        assert not child & parent
 
 
 class TestKeys:
