@@ -133,7 +133,8 @@ def format_usd(nano: int) -> str:
 #: microsecond or two of every reserve and spend. Emptied in a forked child,
 #: which must never hand out its parent's.
 _ids: list[str] = []
-os.register_at_fork(after_in_child=_ids.clear)
+if hasattr(os, "register_at_fork"):  # no fork (Windows), no hook
+    os.register_at_fork(after_in_child=_ids.clear)
 
 
 def new_id() -> str:
