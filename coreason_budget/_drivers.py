@@ -18,10 +18,19 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis.utils import HIREDIS_AVAILABLE
 
 from ._ledger import LUA, store_unavailable
 from ._steps import Blocking, Command, Detach, Script, Steps, T
 from .exceptions import BudgetError
+
+#: hiredis' packer (redis[hiredis] is a dependency, but an install may lack it);
+#: typed by hand, to take any number of arguments.
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None = None
+if HIREDIS_AVAILABLE:
+    import hiredis
+
+    _hiredis_pack = hiredis.pack_command
 
 log = logging.getLogger("coreason_budget")
 #: Times a script call loads the script again when the store says it has none.
@@ -107,12 +116,22 @@ class SyncDriver(SyncRunner):
             return self._script(keys=keys, args=args)
         conn = pool.get_connection()
         try:
-            packed = conn.pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            packed = _pack(conn, self._script.sha, keys, args)
             return conn.retry.call_with_retry(
                 lambda: _exchange(conn, packed), lambda _error: conn.disconnect()
             )
         finally:
             pool.release(conn)
+
+
+def _pack(conn: Any, sha: str, keys: list[bytes], args: list[str | bytes]) -> Any:
+    """
+    An EVALSHA's bytes. Our arguments are all str or bytes, so hiredis packs
+    them as they are: redis-py's packer first looks at each one in Python.
+    """
+    if _hiredis_pack is None:
+        return conn.pack_command("EVALSHA", sha, len(keys), *keys, *args)
+    return [_hiredis_pack(("EVALSHA", sha, len(keys), *keys, *args))]
 
 
 def _exchange(conn: Any, packed: Any) -> Any:
@@ -339,7 +358,7 @@ class AsyncDriver(AsyncRunner):
             return await self._script(keys=keys, args=args)
         conn = await pool.get_connection()
         try:
-            packed = conn.pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            packed = _pack(conn, self._script.sha, keys, args)
             return await conn.retry.call_with_retry(
                 lambda: _async_exchange(conn, packed), lambda _error: conn.disconnect()
             )
