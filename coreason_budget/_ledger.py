@@ -81,6 +81,7 @@ class Scopes:
     limits: tuple[str, ...]  # n x k default limits, scope by scope, window by window
     wire: tuple[bytes, ...]
     record: bytes  # as a reservation record keeps them: "n len1 .. lenn\n" + the fields
+    count: str  # how many, for the script's arguments
 
     @classmethod
     def of(cls, pairs: Sequence[tuple[str, Sequence[int]]]) -> Scopes:
@@ -89,7 +90,7 @@ class Scopes:
         limits = tuple(str(limit) for _, per_window in pairs for limit in per_window)
         wire = tuple(f.encode() for f in fields)
         head = " ".join([str(len(wire)), *(str(len(w)) for w in wire)])  # n, byte lengths
-        return cls(fields, limits, wire, head.encode() + b"\n" + b"".join(wire))
+        return cls(fields, limits, wire, head.encode() + b"\n" + b"".join(wire), str(len(wire)))
 
     @classmethod
     def tracked(cls, fields: Sequence[str]) -> Scopes:
@@ -166,10 +167,30 @@ class Frame:
 
     periods: tuple[Period, ...]
     keys: tuple[bytes, ...]  # the counters of each period
-    words: tuple[str, ...]  # start, end per period, for the script's arguments
+    #: The script's last header words, the same for every call in these periods: the
+    #: server's clock ("-"), the TTLs, the number of periods, then start, end of each.
+    words: tuple[str, ...]
+    #: The instants in every period: [latest start, earliest end).
+    first: int
+    last: int
+
+    @classmethod
+    def of(
+        cls, periods: tuple[Period, ...], keys: tuple[bytes, ...], ttls: tuple[str, str]
+    ) -> Frame:
+        words = ["-", *ttls, str(len(periods))]
+        for p in periods:
+            words += (str(p.start_ms), str(p.end_ms))
+        return cls(
+            periods,
+            keys,
+            tuple(words),
+            max(p.start_ms for p in periods),
+            min(p.end_ms for p in periods),
+        )
 
     def holds(self, at: int) -> bool:
-        return all(p.start_ms <= at < p.end_ms for p in self.periods)
+        return self.first <= at < self.last
 
 
 class Ledger:
@@ -226,11 +247,7 @@ class Ledger:
         cached = self._frame
         if cached is not None and cached.periods is periods:
             return cached  # the same periods as the last call: most calls
-        frame = Frame(
-            periods,
-            tuple(self.period_key(p).encode() for p in periods),
-            tuple(str(ms) for p in periods for ms in (p.start_ms, p.end_ms)),
-        )
+        frame = Frame.of(periods, tuple(self.period_key(p).encode() for p in periods), self._ttls)
         if windows is None:
             self._frame = frame
         return frame
@@ -479,7 +496,6 @@ class Ledger:
         for _ in range(2):
             # One reading of the clock: an injected one's stamp and the periods named agree.
             current = self.now() if now is None else now
-            stamp = "-" if self._clock is None else str(current)
             moment = current if at is None else at  # a settlement's or replay's own periods
             frame = self.frame(moment, windows)
             keys = list(frame.keys)
@@ -490,15 +506,14 @@ class Ledger:
                 buckets = (str(count), str(first))
             args: list[str | bytes] = [
                 op,
-                stamp,
                 str(amount),
-                *self._ttls,
                 "-" if at is None else str(at),
-                str(len(scopes.wire)),
-                str(len(frame.periods)),
+                scopes.count,
                 *buckets,
                 *frame.words,
             ]
+            if self._clock is not None:  # the injected clock's time, not the server's
+                args[6] = str(current)
             if limits:
                 keys += self._limits_wire
                 args += scopes.limits
@@ -518,7 +533,9 @@ class Ledger:
             reply: Any = yield Script(keys, args)
             # Success is an instant in the periods the call named, nothing else:
             # any other integer (a proxy's or an impostor's ":0") is no "yes".
-            if type(reply) is int and (reply == at or (at is None and frame.holds(reply))):
+            if type(reply) is int and (
+                reply == at or (at is None and frame.first <= reply < frame.last)
+            ):
                 self.on_reached()
                 return reply
             if not isinstance(reply, list) or not reply or not _ANSWERS[op](reply):

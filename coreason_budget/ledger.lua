@@ -17,18 +17,21 @@
 --   1 .. 10    op         reserve | commit | release | spend | replay | check | usage | now
 --                         (now: only the time, by the shared clock)
 --                         (replay: a spend from a client's local spool, made at `at`)
---              stamp      injected time in ms, or "-" for the server's clock (the
---                         one clock all workers share)
 --              amount     nano-dollars: the estimate, the spend or the actual cost
---              retention  ms counters and reservations live after their period ends
---              op_ttl     ms an operation-id marker lives at least (it also lives as
---                         long as the periods it charged)
 --              at         ms: when a settled hold was taken or a replayed spend made;
 --                         "-" when not known (settling by the record alone) or not used
---              n k        the number of scopes (at most 4) and of windows (at most 4)
+--              n          the number of scopes (at most 4)
 --              m f        writes: the number of record buckets (after the other keys) and
 --                         the UTC day of the first (days since 1970-01-01), one day each;
 --                         other ops: 0 -
+--              stamp      injected time in ms, or "-" for the server's clock (the
+--                         one clock all workers share)
+--              retention  ms counters and reservations live after their period ends
+--              op_ttl     ms an operation-id marker lives at least (it also lives as
+--                         long as the periods it charged)
+--              k          the number of windows (at most 4)
+--              (the words that vary from call to call first; the rest are the same
+--              for every call in the same periods, and the client keeps them ready)
 --   then       k pairs "start", "end": the periods KEYS[1 .. k] count, which the
 --              client chose for the instant it believed it was (or for `at`)
 --   then       for reserve, check and usage: n x k default limits, scope by
@@ -189,8 +192,8 @@ end
 
 local unpack = unpack or table.unpack  -- Lua 5.1 (Redis) or later (fakeredis)
 local head = ARGV
-local op, stamp, amount_s, retention, op_ttl, at_s = head[1], head[2], head[3], head[4], head[5], head[6]
-local n, k, m = tonumber(head[7]), tonumber(head[8]), tonumber(head[9])
+local op, amount_s, at_s, stamp, retention, op_ttl = head[1], head[2], head[3], head[7], head[8], head[9]
+local n, m, k = tonumber(head[4]), tonumber(head[5]), tonumber(head[10])
 local reads = op == 'check' or op == 'usage' or op == 'reserve'
 local s = k and n and 11 + 2 * k + (reads and n * k or 0)
 if not (op and m and s and #head >= s + n - 1) then
@@ -257,7 +260,7 @@ elseif op == 'spend' or op == 'replay' then
     -- the store's day (the last bucket), a replay on the day it was made; the
     -- marker outlives the charge it guards: a spool replayed days later (a
     -- crashed job's, picked up on its next run) must still find it.
-    local first = tonumber(head[10])
+    local first = tonumber(head[6])
     local day = math.floor((op == 'replay' and tonumber(at_s) or now) / 86400000)
     if day < first or day > first + m - 1 or (op == 'spend' and day ~= first + m - 1) then
         return {'NOW', string.format('%d', now)}
@@ -281,7 +284,7 @@ elseif op == 'reserve' then
     -- a digest of its estimate and scopes); a settled one is folded into the
     -- bucket of its UTC day, KEYS[2k+2]: today's is read here (an id settled today
     -- holds nothing if reserved again; a retry finds its open record).
-    local first, field, paid = tonumber(head[10]), ARGV[s + n + 1], ARGV[s + n + 2]
+    local first, field, paid = tonumber(head[6]), ARGV[s + n + 1], ARGV[s + n + 2]
     if math.floor(now / 86400000) ~= first + m - 1 then
         return {'NOW', string.format('%d', now)}
     end
@@ -321,7 +324,7 @@ elseif op == 'reserve' then
 
 elseif op == 'commit' or op == 'release' then
     local state = op == 'commit' and 'committed' or 'released'
-    local first, field = tonumber(head[10]), ARGV[s + n + 1]
+    local first, field = tonumber(head[6]), ARGV[s + n + 1]
     local rec = redis.call('GET', record)
     if not rec then
         -- Settled before, and folded into the bucket of its day?

@@ -104,9 +104,9 @@ async def dropped_after(
 
 
 async def evalsha(client: redis.asyncio.Redis) -> object:
-    """A script call as FakeStore reads it (ARGV[6], "at"): it answers 7."""
+    """A script call as FakeStore reads it (ARGV[3], "at"): it answers 7."""
     return await client.evalsha(
-        "0" * 40, 1, "k", *["op", "-", "0", "0", "0", "7", "0", "1", "0", "-", "7", "8"]
+        "0" * 40, 1, "k", *["op", "0", "7", "0", "0", "-", "-", "0", "0", "1", "7", "8"]
     )
 
 

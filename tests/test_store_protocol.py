@@ -154,7 +154,7 @@ class FakeStore:
                     if reply is not TRICKLE:  # ARGV, after the keys: 10 words, then periods
                         words = command[3 + int(command[2]) :]
                         # A settlement's or replay's own instant, else its first period's start.
-                        when = words[5] if words[5] != b"-" else words[10]
+                        when = words[2] if words[2] != b"-" else words[10]
                         reply = reply.replace(b"WHEN", when)
                     with self._lock:
                         self.script_calls += 1
