@@ -17,7 +17,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib.resources import files
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NamedTuple, NoReturn
 
 import attrs
 import redis
@@ -122,8 +122,7 @@ _blake2b = hashlib.blake2b
 _b64 = binascii.b2a_base64
 
 
-@attrs.frozen
-class Marker:
+class Marker(NamedTuple):
     """
     Where an operation id's marker lives, and what it says: a field (9 bytes of
     the id's digest, 72 bits: a clash among the ids of one bucket and day is
@@ -141,7 +140,7 @@ class Marker:
     @classmethod
     def of(
         cls, kind: bytes, record_id: str, count: int, paid: tuple[int, Scopes] | None = None
-    ) -> Marker:
+    ) -> Marker:  # (a NamedTuple: one is made for every write)
         """
         *kind*: b"s" (a spend's operation id) or b"r" (a reservation id): two id
         spaces. *paid*: the (amount, scopes) the id pays for or holds, when the
@@ -243,6 +242,9 @@ class Ledger:
 
     def frame(self, at: int, windows: Sequence[str] | None = None) -> Frame:
         """The periods of *at* in *windows* (default: every kept one), ready for the wire."""
+        cached = self._frame
+        if windows is None and cached is not None and cached.first <= at < cached.last:
+            return cached  # in the same periods as the last call: most calls
         periods = self.calendar.periods(self.windows if windows is None else windows, at)
         cached = self._frame
         if cached is not None and cached.periods is periods:

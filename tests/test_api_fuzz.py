@@ -379,13 +379,23 @@ class TestIds:
                 lambda: m.check_availability(user_id, 0.01, project_id=project_id),
                 valid_id(user_id) and optional(project_id),
             ),
+            # The seeded ids, used again for another amount ($0.01, not $1.50 or $0.50),
+            # are refused as conflicts: InvalidInputErrors that write nothing.
             "record_spend": (
                 lambda: m.record_spend(user_id, 0.01, project_id, model, idempotency_key=key),
-                valid_id(user_id) and optional(project_id) and optional(model) and optional(key),
+                valid_id(user_id)
+                and optional(project_id)
+                and optional(model)
+                and optional(key)
+                and key != "seed",
             ),
             "reserve": (
                 lambda: m.reserve(user_id, 0.01, project_id, model, reservation_id=key),
-                valid_id(user_id) and optional(project_id) and optional(model) and optional(key),
+                valid_id(user_id)
+                and optional(project_id)
+                and optional(model)
+                and optional(key)
+                and key != SEED_RESERVATION,
             ),
             "usage": (
                 lambda: m.usage(user_id, project_id),
