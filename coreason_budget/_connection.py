@@ -456,6 +456,9 @@ class _AsyncGuarded(aconnection.AbstractConnection):
         """
         if isinstance(command, str):
             command = command.encode()
+        if writer.transport.is_closing():  # (it would drop the bytes without a word)
+            await self.disconnect(nowait=True)
+            raise redis.ConnectionError("Error while writing to socket: the connection is closed")
         try:
             writer.writelines([command] if isinstance(command, bytes) else command)
             if writer.transport.get_write_buffer_size():

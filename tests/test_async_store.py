@@ -410,6 +410,21 @@ class TestBoundedCalls:
 
         run(main())
 
+    def test_a_closed_transport_fails_the_send(self) -> None:
+        """A connection whose transport is closing refuses the write, rather than drop it."""
+
+        async def main() -> None:
+            async with SlowStore({}) as server:
+                conn = server.connection(connect_timeout=0.5, socket_timeout=0.5)
+                await conn.send_command("PING")
+                assert await conn.read_response() == "PONG"
+                conn._writer.transport.close()  # type: ignore[union-attr]
+                with pytest.raises(redis.ConnectionError, match="closed"):
+                    await conn.send_command("PING")
+                assert not conn.is_connected
+
+        run(main())
+
     def test_a_closed_port_fails_fast(self) -> None:
         async def main() -> None:
             async with store_on(f"redis://127.0.0.1:{free_port()}", **FAST) as store:
