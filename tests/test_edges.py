@@ -6,15 +6,19 @@ was lost, and amounts that are numbers of other types.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import redis
 
 from coreason_budget import (
+    AsyncBudgetManager,
+    BudgetConfig,
     BudgetManager,
     BudgetUnavailableError,
     IdempotencyConflictError,
@@ -249,6 +253,41 @@ class TestReserveWhoseRepliesAreLost:
         assert summary.recorded == 1
         assert counters(redis_client)["u:alice"] == 0
         assert manager.reservation("r1").state == "released"
+
+    def test_the_connections_retry_resends_it_and_it_holds_once(
+        self, proxy: TcpProxy, managers: Callable[..., BudgetManager], redis_client: redis.Redis
+    ) -> None:
+        """
+        With retries, the lost reply is a timeout that the connection's retry
+        policy answers by sending the reserve again on a new connection: the
+        store finds the hold it took, and the caller gets it, held once.
+        """
+        manager = managers(proxy.url, **{**FAST, "retries": 1})
+        manager.usage("alice")
+        proxy.drop_replies(1)
+        held = manager.reserve("alice", 2.0, reservation_id="r1")
+        assert (held.state, held.estimate_nano) == ("held", 2 * NANO)
+        assert counters(redis_client)["u:alice"] == 2 * NANO
+        assert held.commit(1.0).status == "recorded"
+        assert counters(redis_client)["u:alice"] == NANO
+
+    def test_the_async_retry_resends_it_too(
+        self, proxy: TcpProxy, redis_client: redis.Redis, tmp_path: Path
+    ) -> None:
+        """:meth:`test_the_connections_retry_resends_it_and_it_holds_once`, awaited."""
+
+        async def main() -> None:
+            config = BudgetConfig(
+                redis_url=proxy.url, spool_dir=str(tmp_path), **{**FAST, "retries": 1}
+            )
+            async with AsyncBudgetManager(config) as manager:
+                await manager.usage("alice")
+                proxy.drop_replies(1)
+                held = await manager.reserve("alice", 2.0, reservation_id="r1")
+                assert (held.state, held.estimate_nano) == ("held", 2 * NANO)
+                assert counters(redis_client)["u:alice"] == 2 * NANO
+
+        asyncio.run(main())
 
     def test_without_a_spool_it_is_released_directly(
         self, proxy: TcpProxy, managers: Callable[..., BudgetManager], redis_client: redis.Redis

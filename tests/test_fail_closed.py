@@ -11,6 +11,7 @@ retried without charging twice.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 import redis
 
 from coreason_budget import (
+    AsyncBudgetManager,
     BudgetConfig,
     BudgetError,
     BudgetExceededError,
@@ -408,6 +410,45 @@ class TestRetrySafety:
         budget.record_spend("alice", 1.0)
         budget.record_spend("alice", 1.0)
         assert self.spent(budget) == 4.0
+
+    @pytest.mark.parametrize("face", ["sync", "async"])
+    def test_a_dropped_connection_is_retried_and_charges_once(
+        self, make_manager: ManagerFactory, redis_client: redis.Redis, face: str
+    ) -> None:
+        """
+        Script calls go straight to a pooled connection, with its retry policy:
+        a connection the server dropped is retried on a new one, transparently,
+        and every operation charges once.
+        """
+
+        def drop_ours() -> None:
+            for client in redis_client.client_list():
+                if client["name"] == "coreason-budget":
+                    redis_client.client_kill_filter(_id=client["id"])
+
+        if face == "sync":
+            budget = make_manager(retries=1)
+            for _ in range(3):
+                assert budget.record_spend("alice", 1.0).status == "recorded"
+                drop_ours()
+            with budget.reserve("alice", 1.0) as r:
+                drop_ours()
+                assert r.commit(0.5).status == "recorded"
+            assert budget.usage("alice")["user"].spent_usd == 3.5
+            return
+
+        async def main() -> None:
+            config = BudgetConfig(redis_url=make_manager().config.redis_url, retries=1)
+            async with AsyncBudgetManager(config) as budget:
+                for _ in range(3):
+                    assert (await budget.record_spend("alice", 1.0)).status == "recorded"
+                    drop_ours()
+                async with budget.reserve("alice", 1.0) as r:
+                    drop_ours()
+                    assert (await r.commit(0.5)).status == "recorded"
+                assert (await budget.usage("alice"))["user"].spent_usd == 3.5
+
+        asyncio.run(main())
 
     def test_reserve_with_the_same_id_holds_once(self, budget: BudgetManager) -> None:
         first = budget.reserve("alice", 3.0, project_id="p", reservation_id="r1")
