@@ -243,12 +243,9 @@ class Ledger:
     def frame(self, at: int, windows: Sequence[str] | None = None) -> Frame:
         """The periods of *at* in *windows* (default: every kept one), ready for the wire."""
         cached = self._frame
-        if windows is None and cached is not None and cached.first <= at < cached.last:
+        if windows is None and cached is not None and cached.holds(at):
             return cached  # in the same periods as the last call: most calls
         periods = self.calendar.periods(self.windows if windows is None else windows, at)
-        cached = self._frame
-        if cached is not None and cached.periods is periods:
-            return cached  # the same periods as the last call: most calls
         frame = Frame.of(periods, tuple(self.period_key(p).encode() for p in periods), self._ttls)
         if windows is None:
             self._frame = frame
@@ -365,7 +362,7 @@ class Ledger:
     def seconds_to_reset(self, window: str = "day") -> int:
         """Seconds until *window*'s current period ends, by the clock deciding it (at least 1)."""
         now = self.now()
-        end = self.calendar.periods((window,), now)[0].end_ms  # (cached; period() is not)
+        end = self.calendar.period(window, now).end_ms
         return max(1, -(-(end - now) // 1000))
 
     def check(self, scopes: Scopes, amount: int) -> Steps[None]:
@@ -391,8 +388,7 @@ class Ledger:
                 (values[2 * (i * k + j)], values[2 * (i * k + j) + 1])
                 for i in range(len(scopes.fields))
             ]
-            # (The periods of the kept windows are cached by frame(): computing one costs 20 µs.)
-            return self.frame(int(reply[1])).periods[j], pairs
+            return self.calendar.period(window, int(reply[1])), pairs
 
     def now_by_store(self) -> Steps[int]:
         """The time (ms) by the store's clock (the one every worker shares)."""
@@ -513,10 +509,9 @@ class Ledger:
                 "-" if at is None else str(at),
                 scopes.count,
                 *buckets,
-                *frame.words,
+                # The server's clock ("-" leads the frame's words), or the injected one's time.
+                *(frame.words if self._clock is None else (str(current), *frame.words[1:])),
             ]
-            if self._clock is not None:  # the injected clock's time, not the server's
-                args[6] = str(current)
             if limits:
                 keys += self._limits_wire
                 args += scopes.limits
@@ -536,9 +531,7 @@ class Ledger:
             reply: Any = yield Script(keys, args)
             # Success is an instant in the periods the call named, nothing else:
             # any other integer (a proxy's or an impostor's ":0") is no "yes".
-            if type(reply) is int and (
-                reply == at or (at is None and frame.first <= reply < frame.last)
-            ):
+            if type(reply) is int and (reply == at or (at is None and frame.holds(reply))):
                 self.on_reached()
                 return reply
             if not isinstance(reply, list) or not reply or not _ANSWERS[op](reply):
@@ -579,7 +572,7 @@ class Ledger:
         name, entity = describe(scopes.fields[int(reply[1]) - 1])
         window = self.windows[int(reply[2]) - 1]
         now = int(reply[5])
-        end = self.calendar.periods((window,), now)[0].end_ms  # (cached: refusals come in runs)
+        end = self.calendar.period(window, now).end_ms
         raise BudgetExceededError(
             scope=name,
             entity_id=entity,

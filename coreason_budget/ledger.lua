@@ -223,7 +223,7 @@ end
 
 -- Now's spent and limit overrides of each scope in each window, for the ops that read them.
 local spent, overrides = {}, {}
-if n > 0 and (op == 'check' or op == 'reserve' or op == 'usage') then
+if n > 0 and reads then
     for j = 1, k do
         overrides[j] = redis.call('HMGET', KEYS[k + j], unpack(ARGV, s, s + n - 1))
         spent[j] = redis.call('HMGET', KEYS[j], unpack(ARGV, s, s + n - 1))
