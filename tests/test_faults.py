@@ -342,3 +342,47 @@ class TestPoolExhaustion:
 
         proxy.pass_through()
         manager.check_availability("alice", 1.0)  # the pool has its connections back
+
+
+class TestTheLane:
+    """
+    The sync manager keeps one pooled connection between script calls for the
+    next caller (skipping the pool's checkout); it must never cost a caller
+    its turn at the pool, nor a retry.
+    """
+
+    @pytest.mark.timeout(30)
+    def test_a_caller_waiting_on_a_full_pool_gets_the_lanes_connection(
+        self, redis_url: str, managers: Callable[..., BudgetManager]
+    ) -> None:
+        """
+        With every other connection out, the lane hands its connection back to
+        the pool after its call: a caller waiting there gets it at once, not
+        after pool_timeout.
+        """
+        manager = managers(redis_url, pool_size=2, pool_timeout=10)
+        manager.check_availability("alice", 1.0)  # the lane now holds one of the two
+        pool = manager._store.client.connection_pool
+        other = pool.get_connection()  # the other one: another caller's
+        got: list[Any] = []
+        waiter = threading.Thread(target=lambda: got.append(pool.get_connection()))
+        waiter.start()
+        manager.check_availability("alice", 1.0)
+        waiter.join(timeout=5)
+        assert got, "a caller was kept waiting for a connection idle in the lane"
+        pool.release(got[0])
+        pool.release(other)
+        manager.record_spend("alice", 1.0)  # and the lane takes one again
+        assert manager.usage("alice")["user"].spent_usd == 1.0
+
+    def test_a_connection_the_server_dropped_is_started_afresh_without_a_retry(
+        self, make_manager: Callable[..., BudgetManager], redis_client: redis.Redis
+    ) -> None:
+        """As the pool's checkout does: a hung-up connection is noticed before sending on it."""
+        manager = make_manager(retries=0)
+        for _ in range(3):
+            assert manager.record_spend("alice", 1.0).status == "recorded"
+            for client in redis_client.client_list():
+                if client["name"] == "coreason-budget":
+                    redis_client.client_kill_filter(_id=client["id"])
+        assert manager.usage("alice")["user"].spent_usd == 3.0
