@@ -78,7 +78,7 @@ class SyncDriver(SyncRunner):
         self._bounds = (pool_size, pool_timeout)
         #: A plain client's pool, which the script calls go to directly (see _evalsha).
         self._pool = _direct_pool(client)
-        self._lane = _Lane()
+        self._lane = _Lane(self._pool)
 
     def _do(self, step: Any) -> Any:
         kind = type(step)
@@ -92,12 +92,14 @@ class SyncDriver(SyncRunner):
                         # ran. Loaded and sent again (twice: flushed again meanwhile).
                         if not reloads:
                             raise
+                        self._vacate()
                         self._client.script_load(LUA)
             except Exception as e:
                 # Whatever the client library raises (redis-py's errors, and its own
                 # bugs on a peer's garbage): the store could not answer.
                 raise store_unavailable(e, *self._bounds) from e
         if kind is Command:
+            self._vacate()
             try:
                 return getattr(self._client, step.name)(*step.args, **step.kwargs)
             except Exception as e:
@@ -118,52 +120,87 @@ class SyncDriver(SyncRunner):
         pool = self._pool
         if pool is None:
             return self._script(keys=keys, args=args)
-        lane = self._lane
-        if lane.pid != os.getpid():  # a forked child: the parent's connection is not ours
-            lane = self._lane = _Lane()
-        if not lane.lock.acquire(blocking=False):
+        lane = self._here()
+        conn = lane.take()
+        if conn is None:  # another thread is on the lane
             conn = pool.get_connection()
             try:
                 return _send(conn, self._script.sha, keys, args)
             finally:
                 pool.release(conn)
         try:
-            conn = lane.conn
-            if conn is None:
-                conn = lane.conn = pool.get_connection()
-            elif _stale(conn):
-                conn.disconnect()  # sent on, it reconnects
-            try:
-                return _send(conn, self._script.sha, keys, args)
-            finally:
-                if pool.pool.empty():  # every other connection is out: one may be awaited
-                    lane.conn = None
-                    pool.release(conn)
+            return _send(conn, self._script.sha, keys, args)
         finally:
-            lane.lock.release()
+            lane.put()
+
+    def _vacate(self) -> None:
+        """Empty the lane before a command through the client: it takes a pooled connection."""
+        lane = self._here()
+        if lane.conn is not None and lane.lock.acquire(blocking=False):
+            try:
+                lane.vacate()
+            finally:
+                lane.lock.release()
+
+    def _here(self) -> _Lane:
+        """This process's lane (a forked child's is its own: the parent's connection is not)."""
+        lane = self._lane
+        if lane.pid != os.getpid():
+            lane = self._lane = _Lane(self._pool)
+        return lane
 
 
 class _Lane:
     """
-    One of the pool's connections, kept checked out between calls for
-    whichever thread calls next while no other is using it.
+    One of the pool's connections, kept checked out between script calls for
+    whichever thread calls next while no other is on it.
 
     redis-py's checkout and return cost about 8 us of CPU a call (observability
     hooks on every state change, a queue behind a condition variable); at one
     thread that is about 20 us of wall time a call, the largest part of a
     reserve + commit's distance from the floor. The pool still makes, bounds
     and (after a fork) forgets every connection; the lane only skips the
-    checkout. It gives its connection back whenever the pool has none left,
-    so that no caller waits on the pool for a connection idle in the lane; a
-    forked child starts a lane of its own.
+    checkout. No caller waits on the pool for a connection idle in the lane:
+    the lane gives it back after a call that leaves the pool with none, and
+    before any other command (those go through the pool).
     """
 
-    __slots__ = ("conn", "lock", "pid")
+    __slots__ = ("conn", "lock", "pid", "pool")
 
-    def __init__(self) -> None:
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
         self.conn: Any = None
         self.lock = threading.Lock()
         self.pid = os.getpid()
+
+    def take(self) -> Any:
+        """The lane's connection, ready to send on; None if another thread is on it."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            conn = self.conn
+            if conn is None:
+                conn = self.conn = self.pool.get_connection()
+            elif _stale(conn):
+                conn.disconnect()  # sent on, it reconnects
+        except BaseException:
+            self.lock.release()
+            raise
+        return conn
+
+    def put(self) -> None:
+        """Leave the lane, handing its connection to the pool if the pool has none left."""
+        try:
+            if self.pool.pool.empty():  # every other connection is out: one may be awaited
+                self.vacate()
+        finally:
+            self.lock.release()
+
+    def vacate(self) -> None:
+        """The lane's connection back to the pool (the caller holds the lane, or nobody does)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self.pool.release(conn)
 
 
 def _stale(conn: Any) -> bool:
@@ -329,6 +366,63 @@ class AsyncRunner:
             await asyncio.sleep(0)  # the done callbacks (which may detach a release) run
 
 
+class _AsyncLane:
+    """
+    :class:`_Lane` for one event loop's pool: the connection kept checked out
+    between script calls for whichever task calls next while no other is on
+    it. The driver's gate lets at most ``pool_size`` tasks at the store, and
+    one on the lane leaves the pool's other connections to the rest, so
+    nobody waits on the pool for a connection idle in the lane, as long as
+    other commands (which go through the pool) empty the lane first.
+    """
+
+    __slots__ = ("busy", "conn", "pool")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.conn: Any = None
+        self.busy = False
+
+    async def take(self) -> Any:
+        """The lane's connection, ready to send on; None if another task is on it."""
+        if self.busy:
+            return None
+        self.busy = True
+        try:
+            conn = self.conn
+            if conn is None:
+                conn = self.conn = await self.pool.get_connection()
+            elif await _async_stale(conn):
+                await conn.disconnect()  # sent on, it reconnects
+        except BaseException:
+            self.busy = False
+            raise
+        return conn
+
+    async def vacate(self) -> None:
+        """The lane's connection back to the pool, unless a task is on it."""
+        conn = self.conn
+        if conn is not None and not self.busy:
+            self.conn = None
+            await self.pool.release(conn)
+
+
+async def _async_stale(conn: Any) -> bool:
+    """:func:`_stale` for an asyncio connection."""
+    try:
+        return bool(await conn.can_read())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return True
+
+
+async def _async_send(conn: Any, sha: str, keys: list[bytes], args: list[str | bytes]) -> Any:
+    """:func:`_send` on an asyncio connection."""
+    packed = _pack(conn, sha, keys, args)
+    return await conn.retry.call_with_retry(
+        lambda: _async_exchange(conn, packed), lambda _error: conn.disconnect()
+    )
+
+
 async def _async_exchange(conn: Any, packed: Any) -> Any:
     await conn.send_packed_command(packed)
     return await conn.read_response()
@@ -359,6 +453,7 @@ class AsyncDriver(AsyncRunner):
         self._client: Any = None
         self._script: Any = None
         self._pool: Any = None
+        self._lane = _AsyncLane(None)
         self._opening: asyncio.Task[Any] | None = None
         # First come, first served: redis.asyncio's pool gives a freed connection to
         # whichever task asks next, so with more tasks than connections some would
@@ -378,6 +473,7 @@ class AsyncDriver(AsyncRunner):
                         except redis.exceptions.NoScriptError:
                             if not reloads:
                                 raise
+                            await self._lane.vacate()  # (as a command, below)
                             await self._client.script_load(LUA)
                 finally:
                     self._gate.release()
@@ -390,6 +486,7 @@ class AsyncDriver(AsyncRunner):
                 await self._ready()
                 await self._enter()
                 try:
+                    await self._lane.vacate()  # (a command takes its connection from the pool)
                     return await getattr(self._client, step.name)(*step.args, **step.kwargs)
                 finally:
                     self._gate.release()
@@ -417,14 +514,18 @@ class AsyncDriver(AsyncRunner):
         pool = self._pool
         if pool is None:
             return await self._script(keys=keys, args=args)
-        conn = await pool.get_connection()
+        lane = self._lane
+        conn = await lane.take()
+        if conn is None:  # another task is on the lane
+            conn = await pool.get_connection()
+            try:
+                return await _async_send(conn, self._script.sha, keys, args)
+            finally:
+                await pool.release(conn)
         try:
-            packed = _pack(conn, self._script.sha, keys, args)
-            return await conn.retry.call_with_retry(
-                lambda: _async_exchange(conn, packed), lambda _error: conn.disconnect()
-            )
+            return await _async_send(conn, self._script.sha, keys, args)
         finally:
-            await pool.release(conn)
+            lane.busy = False
 
     async def _ready(self) -> Any:
         """The script, registered on a client of the running loop."""
@@ -454,4 +555,5 @@ class AsyncDriver(AsyncRunner):
         if self._client is not client:
             self._client, self._script = client, client.register_script(LUA)
             self._pool = _direct_pool(client)
+            self._lane = _AsyncLane(self._pool)
         return self._script

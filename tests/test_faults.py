@@ -11,6 +11,7 @@ clear error).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,13 @@ from typing import Any
 import pytest
 import redis
 
-from coreason_budget import BudgetConfig, BudgetManager, BudgetUnavailableError, Receipt
+from coreason_budget import (
+    AsyncBudgetManager,
+    BudgetConfig,
+    BudgetManager,
+    BudgetUnavailableError,
+    Receipt,
+)
 
 from .redis_server import RedisServer
 from .tcp_proxy import TcpProxy
@@ -386,3 +393,60 @@ class TestTheLane:
                 if client["name"] == "coreason-budget":
                     redis_client.client_kill_filter(_id=client["id"])
         assert manager.usage("alice")["user"].spent_usd == 3.0
+
+    @pytest.mark.timeout(30)
+    def test_a_command_does_not_wait_for_the_connection_idle_in_the_lane(
+        self, redis_url: str, managers: Callable[..., BudgetManager]
+    ) -> None:
+        """Commands (set_limit, report, lookups) take the pool's: the lane empties first."""
+        manager = managers(redis_url, pool_size=2, pool_timeout=10)
+        manager.check_availability("alice", 1.0)  # the lane now holds one of the two
+        pool = manager._store.client.connection_pool
+        other = pool.get_connection()  # the other one: another caller's
+        began = time.monotonic()
+        manager.set_limit("user", "alice", 5.0)
+        assert time.monotonic() - began < 5, "a command waited for the lane's connection"
+        pool.release(other)
+        assert manager.usage("alice")["user"].limit_usd == 5.0
+
+    @pytest.mark.timeout(30)
+    def test_async_one_connection_serves_script_calls_and_commands_in_turn(
+        self, redis_url: str
+    ) -> None:
+        """
+        The async manager's lane holds its pool's only connection between
+        script calls; a command empties the lane rather than wait pool_timeout.
+        """
+
+        async def main() -> None:
+            config = BudgetConfig(redis_url=redis_url, pool_size=1, pool_timeout=2.0)
+            async with AsyncBudgetManager(config) as budget:
+                for _ in range(2):
+                    await budget.check_availability("alice", 1.0)
+                    await budget.set_limit("user", "alice", 5.0)
+                    await budget.record_spend("alice", 1.0)
+                usage = await budget.usage("alice")
+                assert usage["user"].spent_usd == 2.0
+                assert usage["user"].limit_usd == 5.0
+
+        asyncio.run(main())
+
+    def test_async_a_connection_the_server_dropped_is_started_afresh_without_a_retry(
+        self, redis_url: str, redis_client: redis.Redis
+    ) -> None:
+        """
+        As redis.asyncio's checkout does: a connection the loop saw hung up is
+        started afresh before sending on it.
+        """
+
+        async def main() -> None:
+            async with AsyncBudgetManager(BudgetConfig(redis_url=redis_url, retries=0)) as budget:
+                for _ in range(3):
+                    assert (await budget.record_spend("alice", 1.0)).status == "recorded"
+                    for client in redis_client.client_list():
+                        if client["name"] == "coreason-budget":
+                            redis_client.client_kill_filter(_id=client["id"])
+                    await asyncio.sleep(0.05)  # the loop sees the hang-up (as between real calls)
+                assert (await budget.usage("alice"))["user"].spent_usd == 3.0
+
+        asyncio.run(main())
