@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -79,6 +80,7 @@ class SyncDriver(SyncRunner):
         #: A plain client's pool, which the script calls go to directly (see _evalsha).
         self._pool = _direct_pool(client)
         self._lane = _Lane(self._pool)
+        _drivers.add(self)
 
     def _do(self, step: Any) -> Any:
         kind = type(step)
@@ -120,7 +122,7 @@ class SyncDriver(SyncRunner):
         pool = self._pool
         if pool is None:
             return self._script(keys=keys, args=args)
-        lane = self._here()
+        lane = self._lane
         conn = lane.take()
         if conn is None:  # another thread is on the lane
             conn = pool.get_connection()
@@ -135,19 +137,16 @@ class SyncDriver(SyncRunner):
 
     def _vacate(self) -> None:
         """Empty the lane before a command through the client: it takes a pooled connection."""
-        lane = self._here()
+        lane = self._lane
         if lane.conn is not None and lane.lock.acquire(blocking=False):
             try:
                 lane.vacate()
             finally:
                 lane.lock.release()
 
-    def _here(self) -> _Lane:
-        """This process's lane (a forked child's is its own: the parent's connection is not)."""
-        lane = self._lane
-        if lane.pid != os.getpid():
-            lane = self._lane = _Lane(self._pool)
-        return lane
+    def _after_fork(self) -> None:
+        """In a forked child: a lane of its own (the parent's connection is not the child's)."""
+        self._lane = _Lane(self._pool)
 
 
 class _Lane:
@@ -165,13 +164,12 @@ class _Lane:
     before any other command (those go through the pool).
     """
 
-    __slots__ = ("conn", "lock", "pid", "pool")
+    __slots__ = ("conn", "lock", "pool")
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.conn: Any = None
         self.lock = threading.Lock()
-        self.pid = os.getpid()
 
     def take(self) -> Any:
         """The lane's connection, ready to send on; None if another thread is on it."""
@@ -201,6 +199,19 @@ class _Lane:
         conn, self.conn = self.conn, None
         if conn is not None:
             self.pool.release(conn)
+
+
+#: Every SyncDriver, so that a forked child gives each a lane of its own.
+_drivers: weakref.WeakSet[SyncDriver] = weakref.WeakSet()
+
+
+def _forget_lanes() -> None:
+    for driver in list(_drivers):
+        driver._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forget_lanes)
 
 
 def _stale(conn: Any) -> bool:

@@ -12,6 +12,7 @@ clear error).
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable
@@ -351,6 +352,11 @@ class TestPoolExhaustion:
         manager.check_availability("alice", 1.0)  # the pool has its connections back
 
 
+def _spend_often(manager: BudgetManager, times: int) -> None:
+    for _ in range(times):
+        assert manager.record_spend("alice", 0.01).status == "recorded"
+
+
 class TestTheLane:
     """
     The sync manager keeps one pooled connection between script calls for the
@@ -393,6 +399,24 @@ class TestTheLane:
                 if client["name"] == "coreason-budget":
                     redis_client.client_kill_filter(_id=client["id"])
         assert manager.usage("alice")["user"].spent_usd == 3.0
+
+    @pytest.mark.timeout(60)
+    @pytest.mark.filterwarnings("ignore:This process:DeprecationWarning")
+    def test_a_forked_child_never_sends_on_the_parents_lane(
+        self, redis_url: str, managers: Callable[..., BudgetManager]
+    ) -> None:
+        """Children forked while the lane holds a connection each make their own."""
+        manager = managers(redis_url)
+        manager.check_availability("alice", 1.0)  # the lane holds a connection now
+        ctx = multiprocessing.get_context("fork")
+        children = [ctx.Process(target=_spend_often, args=(manager, 50)) for _ in range(3)]
+        for child in children:
+            child.start()
+        _spend_often(manager, 50)
+        for child in children:
+            child.join(timeout=30)
+            assert child.exitcode == 0
+        assert manager.usage("alice")["user"].spent_nano == 4 * 50 * 10_000_000
 
     @pytest.mark.timeout(30)
     def test_a_command_does_not_wait_for_the_connection_idle_in_the_lane(
